@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the two virtual environments this project needs; safe to run again.
+#   .venv       the project with its test extras (apache-beam, mesh-client, mesh-sandbox, ...)
+#   .venv-fhir  the local FHIR R4 test server, sekmet-fhir: it pins a FastAPI that mesh-sandbox
+#               cannot share, so it lives apart (see ../shared/FHIR_SERVER.md).
+# Sourced by run_tests.sh and run_local.sh; needs only python3 (3.11+) on PATH.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+SEKMET_VERSION="0.1.1"
+
+_stamp() { sha256sum "$ROOT/setup.py" | cut -c1-16; }
+
+if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$ROOT/.venv/.ndop-stamp" 2>/dev/null)" != "$(_stamp)" ]; then
+  echo "setting up $ROOT/.venv (first time: about two minutes)" >&2
+  "$PYTHON" -m venv "$ROOT/.venv"
+  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$ROOT/.venv/bin/python" -c "import apache_beam, mesh_client, mesh_sandbox, nhs_number, fhir.resources, pipeline" \
+    || { echo "setup failed: $ROOT/.venv is incomplete" >&2; exit 1; }
+  _stamp > "$ROOT/.venv/.ndop-stamp"
+fi
+
+if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ]; then
+  echo "setting up $ROOT/.venv-fhir (the local FHIR server, sekmet-fhir==$SEKMET_VERSION)" >&2
+  "$PYTHON" -m venv "$ROOT/.venv-fhir"
+  "$ROOT/.venv-fhir/bin/python" -m pip install -q --disable-pip-version-check "sekmet-fhir==$SEKMET_VERSION" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  [ -x "$ROOT/.venv-fhir/bin/sekmet" ] || { echo "setup failed: no sekmet in $ROOT/.venv-fhir" >&2; exit 1; }
+fi

@@ -1,0 +1,1 @@
+"""ndop-sync: the non-Beam half (request builder, MESH driver, CLI) and pipeline assembly."""

@@ -1,0 +1,106 @@
+"""Reading a cohort (the NHS numbers to check) from text, CSV or Parquet, column-wise.
+
+Every value comes back with the line (or row) it came from, so a reject can be traced to the
+exact place in the user's file.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, at
+
+FORMATS = ("auto", "text", "csv", "parquet")
+DEFAULT_COLUMN = "nhs_number"
+_BY_SUFFIX = {".txt": "text", ".text": "text", ".lst": "text", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_DIGITS = re.compile(r"\d[\d -]{8,}\d")
+
+
+@dataclass
+class Cohort:
+    values: pa.Array  # raw values as strings
+    lines: pa.Array  # 1-based source line (text, CSV) or row (Parquet) of each value
+    format: str
+
+
+def redact(message: str) -> str:
+    """Mask anything that looks like an NHS number in a library's error text before we show it."""
+    from pipeline.nhs import mask, normalise
+
+    return _DIGITS.sub(lambda m: mask(normalise(m.group())), message)
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return _BY_SUFFIX[path.suffix.lower()]
+    except KeyError:
+        raise InputError(
+            f"{path}: unknown cohort format {path.suffix or '(no extension)'!r}; "
+            "use .txt, .csv or .parquet, or --format"
+        ) from None
+
+
+def read_cohort(path: str | os.PathLike[str], column: str = DEFAULT_COLUMN, fmt: str = "auto") -> Cohort:
+    """Read the cohort column as strings with their line numbers; raise InputError naming the file."""
+    source = Path(path)
+    kind = detect_format(source, fmt)
+    if not source.is_file():
+        raise InputError(f"{source}: no such file" if not source.exists() else f"{source}: not a file")
+    if not os.access(source, os.R_OK):
+        raise InputError(f"{source}: cannot read file (permission denied)")
+    try:
+        if kind == "parquet":
+            return _read_parquet(source, column)
+        return _read_delimited(source, column, header=(kind == "csv"))
+    except InputError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{source}: cannot read as {kind}: {redact(str(err).splitlines()[0])}") from None
+
+
+def _read_delimited(source: Path, column: str, header: bool) -> Cohort:
+    if source.stat().st_size == 0:
+        return Cohort(pa.array([], pa.string()), pa.array([], pa.int64()), "csv" if header else "text")
+    if header:
+        read = pacsv.ReadOptions(block_size=64 << 20)
+        parse = pacsv.ParseOptions(ignore_empty_lines=False, newlines_in_values=False)
+        names = _header(source)
+        if column not in names:
+            shown = ", ".join(names[:10]) or "(empty)"
+            raise InputError(f"{at(source, 1)}: no column {column!r} in the header (found: {shown}); use --column")
+        convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
+                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
+        table = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert)
+        first = 2
+    else:
+        read = pacsv.ReadOptions(column_names=[column], block_size=64 << 20)
+        parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False)
+        convert = pacsv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=False)
+        table = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert)
+        first = 1
+    values = table.column(column).combine_chunks()
+    return Cohort(values, pa.array(range(first, first + len(values)), pa.int64()), "csv" if header else "text")
+
+
+def _header(source: Path) -> list[str]:
+    with open(source, newline="") as handle:
+        line = handle.readline()
+    return [name.strip().strip('"') for name in line.rstrip("\r\n").split(",")] if line.strip() else []
+
+
+def _read_parquet(source: Path, column: str) -> Cohort:
+    schema = pq.read_schema(source)
+    if column not in schema.names:
+        shown = ", ".join(schema.names[:10]) or "(none)"
+        raise InputError(f"{source}: no column {column!r} in the Parquet schema (found: {shown}); use --column")
+    values = pq.read_table(source, columns=[column]).column(column).combine_chunks()
+    values = values.cast(pa.string())  # an integer column is fine too: NHS numbers have no leading zero
+    return Cohort(values, pa.array(range(1, len(values) + 1), pa.int64()), "parquet")

@@ -1,0 +1,33 @@
+"""Packaging for ndop-sync.
+
+Also what Dataflow stages with ``--setup_file ./setup.py``: the workers install the
+``pipeline`` and ``transforms`` packages with these requirements.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ndop-sync",
+    version="0.1.0",
+    description=(
+        "Keep FHIR R4 Consent resources in step with England's National Data Opt-out "
+        "(NDOP) via MESH and Apache Beam."
+    ),
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    install_requires=[
+        "apache-beam[gcp]>=2.60,<3",
+        "fhir.resources>=8,<9",
+        "requests>=2.31,<3",
+        "pyarrow>=15,<26",
+        "numpy>=1.26,<3",
+        "mesh-client>=5,<6",
+        "nhs-number>=2.2,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "mesh-sandbox>=1.0.130,<2",
+        ],
+    },
+    entry_points={"console_scripts": ["ndop=pipeline.cli:main"]},
+)
