@@ -51,9 +51,9 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 def read_cohort(path: str | os.PathLike[str], column: str = DEFAULT_COLUMN, fmt: str = "auto") -> Cohort:
     """Read the cohort column as strings with their line numbers; raise InputError naming the file."""
     source = Path(path)
-    kind = detect_format(source, fmt)
     if not source.is_file():
         raise InputError(f"{source}: no such file" if not source.exists() else f"{source}: not a file")
+    kind = detect_format(source, fmt)
     if not os.access(source, os.R_OK):
         raise InputError(f"{source}: cannot read file (permission denied)")
     try:

@@ -1,0 +1,47 @@
+"""The .dat format both ways: what requests are written as, and how replies are read."""
+from __future__ import annotations
+
+from pipeline import datfile, nhs
+
+NUMBERS = nhs.synthetic_numbers(4, seed=5)
+
+
+def test_encode_then_parse_round_trips_for_both_line_endings() -> None:
+    for ending in ("crlf", "lf"):
+        parsed = datfile.parse(datfile.encode(NUMBERS, ending))
+        assert parsed.numbers.to_pylist() == NUMBERS.to_pylist()
+        assert parsed.bad_lines == [] and parsed.blank_lines == 0
+
+
+def test_empty_reply_is_valid_and_empty() -> None:
+    parsed = datfile.parse(b"")
+    assert len(parsed.numbers) == 0 and parsed.bad_lines == []
+
+
+def test_header_only_at_the_top_blank_lines_anywhere_and_bad_lines_named() -> None:
+    a, b, c, d = NUMBERS.to_pylist()
+    wrong = a[:9] + str((int(a[9]) + 1) % 10)
+    body = f"NHS_NUMBER,\r\n{a},\r\n\r\n{b}\r\n{wrong},\r\nNHS_NUMBER,\r\n{c},extra\r\n{d},".encode()
+    parsed = datfile.parse(body)
+    assert parsed.numbers.to_pylist() == [a, b, d]
+    assert parsed.header_lines == 1 and parsed.blank_lines == 1
+    assert parsed.bad_lines == [
+        (5, nhs.REASON_CHECK_DIGIT), (6, "not an NHSNUMBER, line"), (7, "not an NHSNUMBER, line"),
+    ]
+
+
+def test_line_numbers_follow_first_line_and_headers_only_at_file_start() -> None:
+    parsed = datfile.parse(b"NHS_NUMBER,\nrubbish\n", first_line=101)
+    assert parsed.header_lines == 0
+    assert parsed.bad_lines == [(101, "not an NHSNUMBER, line"), (102, "not an NHSNUMBER, line")]
+
+
+def test_invalid_numbers_notice_is_recognised() -> None:
+    parsed = datfile.parse((datfile.INVALID_NUMBERS_REPLY + "\r\n").encode())
+    assert parsed.is_invalid_numbers_notice
+    assert not datfile.parse(datfile.encode(NUMBERS)).is_invalid_numbers_notice
+
+
+def test_non_ascii_is_reported_with_its_line() -> None:
+    parsed = datfile.parse(b"9434765919,\n\xff\xfe\n")
+    assert parsed.bad_lines == [(2, "not ASCII text")]
