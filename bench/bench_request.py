@@ -30,25 +30,36 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import datfile, nhs  # noqa: E402
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report the
+# parent's peak (the cohort generator's) instead of its own.
+_PEAK = """
+def peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
 _CHILD_REQUEST = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
+{peak}
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import WorkDir
 t = time.perf_counter()
 record = build_request({cohort!r}, WorkDir({work!r}), RequestSettings(mailbox="X26ABC1"))
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": peak_mib(),
                   "counts": record["counts"]}}))
 """
 
 _CHILD_BASELINE = """
-import json, resource, sys, time
+import json, sys, time
 import pyarrow.csv as pacsv
+{peak}
 t = time.perf_counter()
 table = pacsv.read_csv({cohort!r}, read_options=pacsv.ReadOptions(column_names=["v"]),
                        convert_options=pacsv.ConvertOptions(column_types={{"v": "string"}}))
 pacsv.write_csv(table, {out!r}, write_options=pacsv.WriteOptions(include_header=False))
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": peak_mib()}}))
 """
 
 
@@ -82,8 +93,8 @@ def main() -> None:
         ours, floor = [], []
         for run in range(args.runs):
             work = scratch / f"work{run}"
-            ours.append(child(_CHILD_REQUEST.format(root=str(ROOT), cohort=str(cohort), work=str(work))))
-            floor.append(child(_CHILD_BASELINE.format(cohort=str(cohort), out=str(scratch / "copy.csv"))))
+            ours.append(child(_CHILD_REQUEST.format(root=str(ROOT), cohort=str(cohort), work=str(work), peak=_PEAK)))
+            floor.append(child(_CHILD_BASELINE.format(cohort=str(cohort), out=str(scratch / "copy.csv"), peak=_PEAK)))
             shutil.rmtree(work)
         print(f"counts: {ours[-1]['counts']}")
         med = statistics.median(r["seconds"] for r in ours)

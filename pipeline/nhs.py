@@ -58,21 +58,58 @@ def normalise_array(values: pa.Array) -> pa.Array:
 
 
 def _digits_matrix(values: pa.Array) -> np.ndarray:
-    """An (n, 10) uint8 matrix of digits from a string array whose values are all 10 ASCII digits."""
-    values = pa.concat_arrays([values]) if isinstance(values, pa.Array) else values.combine_chunks()
+    """An (n, 10) uint8 matrix of digits from a string array whose values are all 10 ASCII digits.
+
+    A zero-copy view where the array allows it: national cohorts hold tens of millions of numbers.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
     if len(values) == 0:
         return np.zeros((0, LENGTH), dtype=np.uint8)
     offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
     data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return (data.reshape(-1, LENGTH) - ord("0")).astype(np.uint8)
+    return data.reshape(-1, LENGTH) - np.uint8(ord("0"))
+
+
+def _check_digit(digits: np.ndarray) -> np.ndarray:
+    """Modulus 11 check digit of each row's first nine digits (10 means no valid number exists)."""
+    total = np.zeros(len(digits), dtype=np.int32)
+    for column, weight in enumerate(_WEIGHTS):
+        total += digits[:, column].astype(np.int32) * int(weight)
+    check = 11 - total % 11
+    check[check == 11] = 0
+    return check
 
 
 def check_digits_ok(values: pa.Array) -> np.ndarray:
     """Boolean mask: Modulus 11 holds, for an array of strings that are all 10 digits."""
     digits = _digits_matrix(values)
-    check = 11 - (digits[:, :9].astype(np.int64) @ _WEIGHTS) % 11
-    check[check == 11] = 0
-    return check == digits[:, 9]  # a computed 10 never equals a digit: invalid, as the rule says
+    return _check_digit(digits) == digits[:, 9]  # a computed 10 never equals a digit: invalid, as the rule says
+
+
+def _strings(digits: np.ndarray) -> pa.Array:
+    """A string array over an (n, 10) matrix of digit values, built from buffers in one copy."""
+    count = len(digits)
+    data = pa.py_buffer((digits.astype(np.uint8, copy=False) + np.uint8(ord("0"))).tobytes())
+    offsets = pa.py_buffer((np.arange(count + 1, dtype=np.int32) * LENGTH).tobytes())
+    return pa.Array.from_buffers(pa.string(), count, [None, offsets, data])
+
+
+def unique_in_order(valid: pa.Array) -> pa.Array:
+    """Distinct valid numbers in order of first appearance.
+
+    Keys are the numbers as int64 (8 bytes, not a hashed string each): a hash set of ten million
+    strings alone costs more memory than a national cohort's whole request step should.
+    """
+    digits = _digits_matrix(valid)
+    keys = np.zeros(len(digits), dtype=np.int64)
+    for column in range(LENGTH):
+        keys *= 10
+        keys += digits[:, column]
+    _, first = np.unique(keys, return_index=True)
+    del keys
+    first.sort()
+    return _strings(digits[first])
 
 
 def validate_array(values: pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -124,12 +161,7 @@ def synthetic_numbers(count: int, seed: int = 0, prefix: str = "999") -> pa.Arra
         for i in range(8, len(prefix) - 1, -1):
             digits[:, i] = rest % 10
             rest //= 10
-        check = 11 - (digits @ _WEIGHTS) % 11
-        check[check == 11] = 0
+        check = _check_digit(digits)
         keep = check != 10
         found, digits, check = found[keep], digits[keep], check[keep]
-    digits, check = digits[:count], check[:count]
-    text = np.concatenate([digits, check[:, None]], axis=1).astype(np.uint8) + ord("0")
-    data = pa.py_buffer(text.tobytes())
-    offsets = pa.py_buffer((np.arange(count + 1, dtype=np.int32) * LENGTH).tobytes())
-    return pa.Array.from_buffers(pa.string(), count, [None, offsets, data])
+    return _strings(np.concatenate([digits[:count], check[:count, None]], axis=1))

@@ -106,7 +106,7 @@ def build_request(
     blank = pc.equal(pc.fill_null(reason, ""), nhs.REASON_BLANK)
     invalid = pc.and_(pc.is_valid(reason), pc.invert(blank))
     valid = pc.filter(normalised, pc.is_null(reason))
-    unique = pc.unique(valid)  # first occurrence order
+    unique = nhs.unique_in_order(valid)
     counts = {
         "read": len(cohort.values) - pc.sum(blank).as_py() if len(cohort.values) else 0,
         "blank": pc.sum(blank).as_py() or 0,
@@ -150,7 +150,8 @@ def build_request(
                              local_id=local_id, workflow_id=settings.workflow_id),
             )
             with atomic_writer(building / MANIFEST) as handle:
-                pq.write_table(pa.table({"nhs_number": unique}), handle)
+                # Every number is distinct: dictionary encoding would only cost memory.
+                pq.write_table(pa.table({"nhs_number": unique}), handle, use_dictionary=False)
             with atomic_writer(building / REJECTS) as handle:
                 pacsv.write_csv(rejects, handle)
             record = {
