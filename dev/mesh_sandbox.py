@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ class MeshSandbox:
         plugin_env: dict[str, str] | None = None,
         log_file: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30,
+        tls: dict[str, str] | None = None,
     ) -> None:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="mesh-sandbox-"))
@@ -83,12 +85,13 @@ class MeshSandbox:
         self.plugin_env = dict(plugin_env or {})
         self.log_file = Path(log_file) if log_file else self.store_dir.parent / f"mesh-sandbox-{self.port}.log"
         self.startup_timeout = startup_timeout
+        self.tls = dict(tls or {})  # certfile, keyfile[, ca_certs: then client certificates are required]
         self._process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "MeshSandbox":
         prepare_store(self.store_dir, self.mailboxes)
@@ -96,7 +99,8 @@ class MeshSandbox:
         self._log = open(self.log_file, "ab")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "dev.mesh_sandbox", "--port", str(self.port), "--store-dir", str(self.store_dir),
-             *[arg for m in self.mailboxes for arg in ("--mailbox", m)]],
+             *[arg for m in self.mailboxes for arg in ("--mailbox", m)],
+             *[arg for key, value in self.tls.items() for arg in (f"--ssl-{key.replace('_', '-')}", value)]],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
@@ -112,6 +116,9 @@ class MeshSandbox:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise RuntimeError(f"mesh-sandbox exited with {self._process.returncode}; see {self.log_file}")
+            if self.tls:  # a client certificate may be required: an open port is ready enough
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{self.url}/messageexchange/_ping", timeout=1).ok:
                     return
@@ -162,7 +169,8 @@ class MeshSandbox:
         self.stop()
 
 
-def serve(port: int, store_dir: Path, mailboxes: tuple[str, ...], host: str = "127.0.0.1") -> None:
+def serve(port: int, store_dir: Path, mailboxes: tuple[str, ...], host: str = "127.0.0.1",
+          tls: dict[str, str] | None = None) -> None:
     """Run the sandbox in this process, with the NDOP plugin loaded, until killed."""
     os.environ.setdefault("STORE_MODE", "file")
     os.environ.setdefault("AUTH_MODE", "full")
@@ -177,7 +185,11 @@ def serve(port: int, store_dir: Path, mailboxes: tuple[str, ...], host: str = "1
 
     if str(PLUGIN_DIR) not in mesh_sandbox.plugins.__path__:
         mesh_sandbox.plugins.__path__.append(str(PLUGIN_DIR))
-    uvicorn.run("mesh_sandbox.api:app", host=host, port=port, log_level="warning")
+    tls = tls or {}
+    options: dict[str, Any] = {f"ssl_{key}": value for key, value in tls.items()}
+    if tls.get("ca_certs"):
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED  # mutual TLS, as MESH does
+    uvicorn.run("mesh_sandbox.api:app", host=host, port=port, log_level="warning", **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opt-out-fraction", type=float, help="NDOP plugin: opt out this seeded fraction")
     parser.add_argument("--seed", type=int, help="NDOP plugin: seed of the fraction (default 0)")
     parser.add_argument("--reply-workflow-id", help="NDOP plugin: workflow id of notice and reply")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", help="... and this key")
+    parser.add_argument("--ssl-ca-certs", help="require client certificates signed by these CAs")
     parser.add_argument("--plugin-config", help="NDOP plugin: JSON settings file, re-read at every message")
     args = parser.parse_args(argv)
     for key, value in (("OPTED_OUT_FILE", args.opted_out_file), ("OPT_OUT_FRACTION", args.opt_out_fraction),
@@ -200,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[f"NDOP_SANDBOX_{key}"] = str(Path(value).resolve()) if key in ("OPTED_OUT_FILE", "CONFIG") \
                 else str(value)
     mailboxes = tuple(dict.fromkeys([NDOP_MAILBOX, *(m.upper() for m in args.mailbox)]))
-    serve(args.port, args.store_dir, mailboxes, args.host)
+    tls = {key: value for key, value in (("certfile", args.ssl_certfile), ("keyfile", args.ssl_keyfile),
+                                         ("ca_certs", args.ssl_ca_certs)) if value}
+    serve(args.port, args.store_dir, mailboxes, args.host, tls)
     return 0
 
 

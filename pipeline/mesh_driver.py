@@ -615,8 +615,14 @@ class _mesh_errors:
                     f"check MESH_MAILBOX, MESH_PASSWORD and MESH_SHARED_KEY"
                 ) from None
             raise NdopError(f"MESH {self.action} failed: HTTP {code} {_error_text(err.response)}") from None
+        if isinstance(err, requests.exceptions.SSLError):
+            raise NdopError(f"MESH {self.action} failed: TLS with {self.config.url} failed; check MESH_CLIENT_CERT, "
+                            f"MESH_CLIENT_KEY and MESH_CA_CERT") from None
         if isinstance(err, requests.RequestException):
-            raise NdopError(f"MESH {self.action} failed: cannot talk to {self.config.url} ({type(err).__name__})") from None
+            hint = ("; check MESH_CLIENT_CERT, MESH_CLIENT_KEY and MESH_CA_CERT"
+                    if isinstance(err, requests.ConnectionError) and not self.config.url.startswith("http://") else "")
+            raise NdopError(f"MESH {self.action} failed: cannot talk to {self.config.url} ({type(err).__name__}){hint}") \
+                from None
         return False
 
 
