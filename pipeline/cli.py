@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, NdopError
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir
 
 _LOGGER = logging.getLogger("ndop")
@@ -60,7 +60,104 @@ def _run_request(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mesh_options() -> argparse.ArgumentParser:
+    """MESH connection options shared by send and poll (secrets only from env or the config file)."""
+    mesh = argparse.ArgumentParser(add_help=False)
+    mesh.add_argument("--mesh-config", metavar="FILE", default=None,
+                      help="KEY=value file of MESH settings (env MESH_CONFIG); overrides the environment")
+    mesh.add_argument("--mesh-url", default=None,
+                      help="MESH URL, or int / live for mesh-client's built-in endpoints (env MESH_URL)")
+    return mesh
+
+
+def _mesh_driver(args: argparse.Namespace, **overrides: str | None):
+    from pipeline.mesh_config import load_config
+    from pipeline.mesh_driver import MeshDriver
+
+    config = load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url, **overrides})
+    return MeshDriver(config, WorkDir(args.work_dir))
+
+
+def _send(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("send", parents=[common_options(), _mesh_options()],
+                       help="upload created requests to NDOP through MESH")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--request-id", help="send this request only")
+    which.add_argument("--all", action="store_true", help="send every request due (the default)")
+    p.add_argument("--send-ctl", action="store_true", default=None,
+                   help="also send the .ctl as its own MESH message (env NDOP_SEND_CTL; off by default)")
+    p.set_defaults(handler=_run_send)
+
+
+def _run_send(args: argparse.Namespace) -> int:
+    with _mesh_driver(args, NDOP_SEND_CTL="1" if args.send_ctl else None) as driver:
+        results = driver.send(request_id=args.request_id)
+    if not results:
+        print("nothing to send")
+    for result in results:
+        print(f"request {result.request_id}: {result.outcome}: {result.detail}")
+    problems = [r for r in results if r.is_problem]
+    for result in problems:
+        print(f"ndop send: error: request {result.request_id}: {result.detail}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _poll(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("poll", parents=[common_options(), _mesh_options()],
+                       help="download NDOP's notices and replies from the MESH inbox")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="keep polling until no request is in flight, or this long (exit 3 if time runs out)")
+    p.add_argument("--interval", type=float, default=30, metavar="SECONDS", help="between polls (default %(default)s)")
+    p.set_defaults(handler=_run_poll)
+
+
+def _run_poll(args: argparse.Namespace) -> int:
+    with _mesh_driver(args) as driver:
+        report = driver.poll(wait=args.wait, interval=args.interval)
+    print(
+        f"inbox: {report.listed} NDOP message(s); {len(report.notices)} notice(s), {len(report.replies)} reply(ies), "
+        f"{len(report.rejected)} rejected, {len(report.failed)} failed, {len(report.duplicates)} duplicate(s) "
+        f"acknowledged, {len(report.unknown_local_id)} with no matching request left alone, "
+        f"{report.other_workflow} of other workflows left alone"
+    )
+    for rid in report.replies:
+        print(f"request {rid}: reply downloaded; run `ndop process`")
+    for rid in sorted(report.awaiting_processing):
+        print(f"request {rid}: reply waiting for `ndop process`")
+    for rid, reason in report.rejected:
+        print(f"ndop poll: error: request {rid} rejected by NDOP: {reason}", file=sys.stderr)
+    for rid, reason in report.failed:
+        print(f"ndop poll: error: request {rid} failed: {reason}", file=sys.stderr)
+    if report.problems:
+        return EXIT_FAILED
+    if report.timed_out:
+        print(f"ndop poll: still waiting for NDOP: {', '.join(report.in_flight)}", file=sys.stderr)
+        return EXIT_WAITING
+    return EXIT_OK
+
+
+def _status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
+    p.add_argument("--overdue-days", type=float, default=None,
+                   help="flag requests with no reply after this many days (env NDOP_OVERDUE_DAYS, default 5)")
+    p.set_defaults(handler=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from pipeline.mesh_config import load_config
+    from pipeline.mesh_driver import format_status, status_rows
+
+    overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
+               else load_config(validate=False).overdue_after)
+    for line in format_status(status_rows(WorkDir(args.work_dir), overdue)):
+        print(line)
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request]
+SUBCOMMANDS += [_send, _poll, _status]
 
 
 def build_parser() -> argparse.ArgumentParser:
