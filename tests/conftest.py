@@ -5,6 +5,8 @@ import pytest
 
 from pipeline.state import WorkDir
 
+pytest_plugins = ["tests.fixtures.fhir"]
+
 
 @pytest.fixture
 def work_dir(tmp_path) -> WorkDir:

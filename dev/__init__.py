@@ -1,0 +1,1 @@
+"""Developer and test tooling; not part of the installed package."""

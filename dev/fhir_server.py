@@ -1,0 +1,205 @@
+"""Start and stop the local FHIR R4 server (sekmet-fhir) that tests and ``run_local.sh`` write to.
+
+sekmet lives in its own venv (``<repo>/.venv-fhir``, made by ``dev/setup_env.sh``) because its FastAPI
+cannot share one with mesh-sandbox, so it runs as a child process, never imported. It only ever listens
+on 127.0.0.1; its traffic log and hospital simulator (both on by default) are switched off.
+
+    with FhirServer(data_dir) as server:
+        requests.get(server.base_url + "/metadata")
+
+or, in the foreground until killed (what ``run_local.sh`` uses):
+
+    python -m dev.fhir_server --port 8092 --data-dir .local-run/fhir
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import requests
+
+_LOGGER = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SEKMET_ENV = "NDOP_SEKMET"
+DEFAULT_SEKMET = REPO_ROOT / ".venv-fhir" / "bin" / "sekmet"
+HOST = "127.0.0.1"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def sekmet_binary() -> Path:
+    """The sekmet executable: ``$NDOP_SEKMET`` when set, else the project's own ``.venv-fhir``."""
+    path = Path(os.environ.get(SEKMET_ENV) or DEFAULT_SEKMET)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise FileNotFoundError(
+            f"sekmet not found at {path}: run dev/setup_env.sh or set {SEKMET_ENV} to the sekmet binary"
+        )
+    return path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def settings(port: int, data_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """sekmet's settings (names checked against sekmet/config.py of sekmet-fhir 0.1.1)."""
+    base: dict[str, Any] = {
+        "host": HOST,  # sekmet's default is 0.0.0.0
+        "port": port,
+        "base_url": f"http://{HOST}:{port}/fhir",
+        "data_dir": str(data_dir),
+        "own_private_key_path": str(data_dir / "keys" / "sekmet_private.pem"),
+        "log_inbound": False,
+        "simulator": {"enabled": False},
+    }
+    base.update(extra or {})
+    return base
+
+
+class FhirServer:
+    """A sekmet process on a loopback port, stopped on exit from the ``with`` block (even on error).
+
+    ``extra_settings`` are merged into the settings file, e.g. ``{"server_auth": {...}}`` for a server
+    that demands a bearer token.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int | None = None,
+        extra_settings: dict[str, Any] | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.base_url = f"http://{HOST}:{self.port}/fhir"
+        self.extra_settings = extra_settings or {}
+        self.start_timeout = start_timeout
+        self.log_path = self.data_dir / "sekmet.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "FhirServer":
+        binary = sekmet_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "settings.yaml"
+        # JSON is YAML: no YAML writer needed on this side.
+        config.write_text(json.dumps(settings(self.port, self.data_dir, self.extra_settings), indent=2))
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [str(binary), "serve", "-c", str(config)],
+                cwd=self.data_dir,  # anything sekmet writes relative to its cwd stays in data_dir
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaps any child it spawns
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        _LOGGER.info("FHIR server (sekmet) up at %s, data in %s", self.base_url, self.data_dir)
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        url = f"{self.base_url}/metadata"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"sekmet exited with code {self._process.returncode} before answering; "
+                    f"log tail:\n{self._log_tail()}"
+                )
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"sekmet did not answer {url} within {self.start_timeout:.0f} s; log tail:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _LOGGER.warning("sekmet (pid %d) ignored SIGTERM; killing it", process.pid)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def __enter__(self) -> "FhirServer":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dev.fhir_server", description="Run the local FHIR R4 server until killed."
+    )
+    parser.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+    parser.add_argument("--data-dir", required=True, help="where sekmet keeps its SQLite store and log")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    with FhirServer(args.data_dir, port=args.port or None) as server:
+        print(server.base_url, flush=True)  # run_local.sh reads the base URL from this line
+        try:
+            while server._process is not None and server._process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+        _LOGGER.error("sekmet stopped by itself; log: %s", server.log_path)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
