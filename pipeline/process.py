@@ -87,12 +87,17 @@ def fhir_config(opts: NdopOptions) -> Any:
     return FhirClientConfig.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, write: bool = True) -> dict[str, Any]:
+STAGES = ("join", "consents", "write")
+
+
+def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write") -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
-    ``write=False`` stops after BuildConsent (no FHIR server, no dead-letter file): the bench's
-    join-and-build figures.
+    ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
+    (and BuildConsent), ``write`` (the whole pipeline, with the dead-letter file).
     """
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}")
     manifest = p | "ReadManifest" >> ReadManifest(opts.manifest, opts.shards)
     reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
     joined = {MANIFEST: manifest, REPLY: reply.numbers} | "JoinAndClassify" >> JoinAndClassify()
@@ -101,14 +106,16 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, write: bool = True) -
         joined[JoinAndClassify.INTEGRITY_ERRORS],
     ) | "FlattenIntegrityErrors" >> beam.Flatten()
     error_count = errors | "CountIntegrityErrors" >> beam.combiners.Count.Globally()
-    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
     outputs: dict[str, Any] = {
         "classified": joined.classified,
         "integrity_errors": errors,
         "integrity_error_count": error_count,
-        "consents": consents,
     }
-    if not write:
+    if until == "join":
+        return outputs
+    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
+    outputs["consents"] = consents
+    if until == "consents":
         return outputs
     from transforms.write_consents import WriteConsents
 
