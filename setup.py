@@ -18,6 +18,7 @@ setup(
         "apache-beam[gcp]>=2.60,<3",
         "fhir.resources>=8,<9",
         "requests>=2.31,<3",
+        "authlib>=1.3,<2",
         "pyarrow>=15,<26",
         "numpy>=1.26,<3",
         "mesh-client>=5,<6",

@@ -1,0 +1,279 @@
+"""WriteConsents: upsert Consent resources into a FHIR R4 store in batch or transaction Bundles.
+
+Idempotent by construction: every entry is a PUT, either by the Consent's deterministic id
+(``upsert="id"``) or conditional on its business identifier (``upsert="conditional"``,
+``PUT Consent?identifier=SYSTEM|VALUE``), so a re-run, or a retried POST, never duplicates a Consent.
+
+What fails becomes data: every entry that is still refused after the retries is emitted on the
+``dead_letter`` output (NHS number, Consent id, HTTP status, the OperationOutcome text, time), which the
+pipeline writes to a 0600 file. Logs only ever show masked numbers.
+
+Retries: the session (``pipeline.fhir_client``) retries whole requests on 429 (honouring Retry-After),
+5xx and timeouts. Inside a ``batch`` response, entries that failed with one of those statuses are posted
+again (only them) with exponential backoff. A ``transaction`` refused as a whole with a 4xx (one bad
+entry rolls the lot back, or the server refuses large transactions) is posted once more as a ``batch``
+of the same entries, so the good Consents land and only the bad ones are dead-lettered; a transaction
+that still fails with 5xx/429 after the retries dead-letters all its entries with the server's reason.
+
+Integrity gate: given ``integrity_errors`` (a PCollection of one int), the writer posts nothing when it
+is above zero and counts every Consent as ``consents_refused``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlencode
+
+import apache_beam as beam
+import requests
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from pipeline import nhs
+from pipeline.fhir_client import (
+    RETRY_STATUSES,
+    FhirClientConfig,
+    open_session,
+    outcome_text,
+    post_bundle,
+    response_reason,
+    status_code,
+)
+from pipeline.state import isoformat, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+BUNDLE_TYPES = ("batch", "transaction")
+UPSERT_MODES = ("id", "conditional")
+DEFAULT_BATCH_SIZE = 500
+METRICS_NAMESPACE = "ndop"
+STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
+_TEN_DIGITS = re.compile(r"(?<!\d)\d{10}(?!\d)")
+
+
+def scrub(text: str) -> str:
+    """Mask anything that looks like an NHS number in server text before it reaches a log."""
+    return _TEN_DIGITS.sub(lambda m: nhs.mask(m.group(0)), text)
+
+
+def nhs_number_of(consent: Mapping[str, Any]) -> str:
+    return str(((consent.get("patient") or {}).get("identifier") or {}).get("value", ""))
+
+
+def request_url(consent: Mapping[str, Any], upsert: str) -> str:
+    """The entry's ``request.url``: where this Consent is PUT."""
+    if upsert == "id":
+        return f"Consent/{consent['id']}"
+    identifier = consent["identifier"][0]
+    return "Consent?" + urlencode({"identifier": f"{identifier['system']}|{identifier['value']}"})
+
+
+def build_bundle(consents: Sequence[Mapping[str, Any]], bundle_type: str, upsert: str) -> dict[str, Any]:
+    """A batch/transaction Bundle of PUTs, one per Consent, in input order.
+
+    With a conditional update the resource goes without its id: the server keeps the id of the Consent the
+    identifier matches (or assigns one), and a body id that differs from the match would be refused.
+    """
+    entries = []
+    for consent in consents:
+        resource = consent if upsert == "id" else {k: v for k, v in consent.items() if k != "id"}
+        entries.append({"resource": resource, "request": {"method": "PUT", "url": request_url(consent, upsert)}})
+    return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
+
+
+def read_entries(response_bundle: Mapping[str, Any], count: int) -> list[tuple[int, str]]:
+    """(status, reason) per entry of a batch/transaction-response, in request order."""
+    entries = list(response_bundle.get("entry") or [])
+    results = []
+    for index in range(count):
+        if index >= len(entries):
+            results.append((STATUS_NO_ANSWER, "the server's response bundle has no entry for this request"))
+            continue
+        response = entries[index].get("response") or {}
+        code = status_code(response.get("status"))
+        reason = outcome_text(response.get("outcome")) if code >= 300 or code == 0 else ""
+        results.append((code, reason or ("" if 200 <= code < 300 else f"HTTP {response.get('status')}")))
+    return results
+
+
+class _PostBundlesFn(beam.DoFn):
+    """Posts one batch of Consents as one Bundle; one session per DoFn instance."""
+
+    def __init__(self, config: FhirClientConfig, bundle_type: str, upsert: str) -> None:
+        self._config = config
+        self._bundle_type = bundle_type
+        self._upsert = upsert
+        self._session: requests.Session | None = None
+        self.created = Metrics.counter(METRICS_NAMESPACE, "consents_created")
+        self.updated = Metrics.counter(METRICS_NAMESPACE, "consents_updated")
+        self.failed = Metrics.counter(METRICS_NAMESPACE, "consents_failed")
+        self.refused = Metrics.counter(METRICS_NAMESPACE, "consents_refused")
+        self.bundles = Metrics.counter(METRICS_NAMESPACE, "bundles_posted")
+
+    def setup(self) -> None:
+        self._session = open_session(self._config)
+
+    def teardown(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def process(self, batch: Sequence[Mapping[str, Any]], integrity_errors: int = 0) -> Iterator[Any]:
+        if integrity_errors:
+            self.refused.inc(len(batch))
+            _LOGGER.error(
+                "not writing %d Consents: %d integrity errors in this run", len(batch), integrity_errors
+            )
+            yield {"created": 0, "updated": 0, "failed": 0, "refused": len(batch)}
+            return
+        outcome = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
+        dead: list[dict[str, Any]] = []
+        for code, reason, consent in self._post(list(batch)):
+            if code == 201:
+                outcome["created"] += 1
+            elif 200 <= code < 300:
+                outcome["updated"] += 1
+            else:
+                outcome["failed"] += 1
+                dead.append(
+                    {
+                        "nhs_number": nhs_number_of(consent),
+                        "consent_id": consent.get("id"),
+                        "status": code,
+                        "reason": reason,
+                        "at": isoformat(utcnow()),
+                    }
+                )
+        self.created.inc(outcome["created"])
+        self.updated.inc(outcome["updated"])
+        if dead:
+            self.failed.inc(len(dead))
+            first = dead[0]
+            _LOGGER.error(
+                "giving up on %d of %d Consents in a %s bundle; first: %s HTTP %d: %s",
+                len(dead),
+                len(batch),
+                self._bundle_type,
+                nhs.mask(first["nhs_number"]),
+                first["status"],
+                scrub(first["reason"]),
+            )
+            for record in dead:
+                yield pvalue.TaggedOutput(WriteConsents.DEAD_LETTER, record)
+        yield outcome
+
+    def _post(self, consents: list[Mapping[str, Any]]) -> Iterator[tuple[int, str, Mapping[str, Any]]]:
+        """Yield (status, reason, consent) once per Consent, retrying what the server may accept later."""
+        assert self._session is not None, "setup() opens the session"
+        bundle_type = self._bundle_type
+        pending = consents
+        attempt = 0
+        while pending:
+            answer = self._post_once(pending, bundle_type)
+            if answer is None:  # a transaction refused as a whole: the same entries as a batch, once
+                bundle_type = "batch"
+                continue
+            results, per_entry = answer
+            retry = []
+            for (code, reason), consent in zip(results, pending):
+                # A whole-request 429/5xx has had the session's retries already; only retry entries here.
+                if per_entry and code in RETRY_STATUSES and attempt < self._config.max_retries:
+                    retry.append(consent)
+                else:
+                    yield code, reason, consent
+            if retry:
+                delay = self._config.backoff * (2**attempt)
+                attempt += 1
+                _LOGGER.warning(
+                    "%d of %d entries of a %s bundle answered 429/5xx; retry %d of %d in %.1f s",
+                    len(retry), len(pending), bundle_type, attempt, self._config.max_retries, delay,
+                )
+                time.sleep(delay)
+            pending = retry
+
+    def _post_once(
+        self, consents: list[Mapping[str, Any]], bundle_type: str
+    ) -> tuple[list[tuple[int, str]], bool] | None:
+        """((status, reason) per entry, whether those came per entry); None for a transaction refused whole."""
+        assert self._session is not None
+        bundle = build_bundle(consents, bundle_type, self._upsert)
+        try:
+            response = post_bundle(self._session, self._config.base_url, bundle)
+        except requests.RequestException as exc:
+            # The session already retried timeouts and refused connections.
+            reason = f"no answer from the FHIR server after {self._config.max_retries} retries: {type(exc).__name__}"
+            return [(STATUS_NO_ANSWER, reason)] * len(consents), False
+        self.bundles.inc()
+        with response:
+            if response.status_code == 200:
+                return read_entries(response.json(), len(consents)), True
+            reason = response_reason(response)
+            if bundle_type == "transaction" and 400 <= response.status_code < 500 and response.status_code != 429:
+                _LOGGER.warning(
+                    "transaction of %d Consents refused whole (HTTP %d: %s); posting them again as a batch",
+                    len(consents), response.status_code, scrub(reason),
+                )
+                return None
+            # The session's retries are spent (5xx/429), or the server refused the bundle itself.
+            return [(response.status_code, reason)] * len(consents), False
+
+
+class WriteConsents(beam.PTransform):
+    """Upsert Consent dicts into the FHIR store; outputs per-bundle counts and dead letters.
+
+    Input elements: Consent resources (dicts) with a deterministic ``id``, ``identifier[0]`` (system and
+    value: the business key) and ``patient.identifier.value`` (the NHS number).
+
+    Returns ``.with_outputs``: ``result.main`` (one ``{"created", "updated", "failed", "refused"}`` dict
+    per bundle) and ``result[WriteConsents.DEAD_LETTER]`` (one dict per Consent that could not be written:
+    ``nhs_number``, ``consent_id``, ``status`` (0 when no HTTP answer), ``reason``, ``at``).
+    """
+
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(
+        self,
+        config: FhirClientConfig,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        bundle_type: str = "batch",
+        upsert: str = "id",
+        integrity_errors: pvalue.PCollection | None = None,
+        label: str | None = None,
+    ) -> None:
+        super().__init__(label)
+        if bundle_type not in BUNDLE_TYPES:
+            raise ValueError(f"bundle_type must be one of {BUNDLE_TYPES}, not {bundle_type!r}")
+        if upsert not in UPSERT_MODES:
+            raise ValueError(f"upsert must be one of {UPSERT_MODES}, not {upsert!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self._config = config
+        self._batch_size = batch_size
+        self._bundle_type = bundle_type
+        self._upsert = upsert
+        self._integrity_errors = integrity_errors
+
+    def expand(self, consents: pvalue.PCollection) -> pvalue.DoOutputsTuple:
+        side_inputs: dict[str, Any] = {}
+        if self._integrity_errors is not None:
+            side_inputs["integrity_errors"] = pvalue.AsSingleton(self._integrity_errors)
+        return (
+            consents
+            | "BatchConsents"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            | "PostBundles"
+            >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert), **side_inputs).with_outputs(
+                self.DEAD_LETTER, main="main"
+            )
+        )
+
+
+def summarise(results: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Add up per-bundle results (for a run report)."""
+    total = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
+    for result in results:
+        for key in total:
+            total[key] += int(result.get(key, 0))
+    return total
