@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.fhir_client import AUTH_MODES
+
 DEFAULT_SHARDS = 32
 DEFAULT_BATCH_SIZE = 500
 
@@ -21,8 +23,8 @@ class NdopOptions(PipelineOptions):
         parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
         parser.add_argument("--output_dir", help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
         parser.add_argument("--request_id", default="", help="the request id, for labels and logs only")
-        parser.add_argument("--fhir_url", help="FHIR R4 base URL (default: env NDOP_FHIR_URL)")
-        parser.add_argument("--fhir_auth", help="FHIR auth scheme: none | bearer | client_credentials | google")
+        parser.add_argument("--fhir_url", help="FHIR R4 base URL (default: env FHIR_URL)")
+        parser.add_argument("--fhir_auth", choices=AUTH_MODES, help="FHIR auth (default: env FHIR_AUTH, else none)")
         parser.add_argument("--fhir_token_file", help="file holding a bearer token")
         parser.add_argument("--fhir_token_url", help="OAuth2 token endpoint for client credentials")
         parser.add_argument("--fhir_client_id", help="OAuth2 client id")

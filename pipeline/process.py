@@ -128,7 +128,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write")
     )
     dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))
-    outputs.update(bundle_results=written[None], dead_letters=dead_letters)
+    outputs.update(bundle_results=written.main, dead_letters=dead_letters)
     return outputs
 
 
