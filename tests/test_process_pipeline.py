@@ -51,7 +51,7 @@ def _numbers(count: int, seed: int) -> list[str]:
 
 
 def test_write_rerun_and_read_back(tmp_path, fhir_server):
-    numbers = _numbers(30, seed=101)
+    numbers = _numbers(30, seed=9101)
     opted_out = set(numbers[::6])
     reply = [n for n in numbers if n not in opted_out]
     _inputs(tmp_path, numbers + numbers[:2], reply, extra_reply=b"\r\n")  # duplicates, a blank line
@@ -82,7 +82,7 @@ def test_write_rerun_and_read_back(tmp_path, fhir_server):
 
 
 def test_status_flip_updates_the_same_resource(tmp_path, fhir_server):
-    numbers = _numbers(6, seed=102)
+    numbers = _numbers(6, seed=9102)
     flipper = numbers[0]
     _inputs(tmp_path, numbers, numbers[1:])  # first check: opted out
     assert _run(tmp_path, fhir_server, T1, "--upsert=conditional", "--bundle_type=transaction")["ok"]
@@ -97,7 +97,7 @@ def test_status_flip_updates_the_same_resource(tmp_path, fhir_server):
 
 
 def test_empty_reply_means_everyone_opted_out(tmp_path, fhir_server):
-    numbers = _numbers(5, seed=103)
+    numbers = _numbers(5, seed=9103)
     _inputs(tmp_path, numbers, [])
     summary = _run(tmp_path, fhir_server)
     assert summary["ok"] and summary["counts"]["opted_out"] == 5 and summary["counts"]["written"] == 5
@@ -105,7 +105,7 @@ def test_empty_reply_means_everyone_opted_out(tmp_path, fhir_server):
 
 
 def test_integrity_error_writes_nothing(tmp_path, fhir_server):
-    numbers = _numbers(12, seed=104)
+    numbers = _numbers(12, seed=9104)
     manifest, stranger = numbers[:10], numbers[10:]
     _inputs(tmp_path, manifest, manifest[2:] + stranger, extra_reply=b"garbage line\r\n")
     summary = _run(tmp_path, fhir_server)
@@ -123,7 +123,7 @@ def test_integrity_error_writes_nothing(tmp_path, fhir_server):
 
 
 def test_invalid_numbers_reply_fails_clearly(tmp_path, fhir_server):
-    _inputs(tmp_path, _numbers(3, seed=105), [])
+    _inputs(tmp_path, _numbers(3, seed=9105), [])
     (tmp_path / "reply.dat").write_bytes(datfile.INVALID_NUMBERS_REPLY.encode() + b"\r\n")
     with pytest.raises(NdopError, match="NDOP rejected the request"):
         _run(tmp_path, fhir_server)
@@ -148,7 +148,7 @@ def _ndop(work_dir: WorkDir, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_ndop_process_marks_processed(work_dir, fhir_server):
-    numbers = _numbers(8, seed=106)
+    numbers = _numbers(8, seed=9106)
     _replied_request(work_dir, "X26ABC1-241126-0001", numbers, numbers[3:])
     done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server, "--shards=3")
     assert done.returncode == 0, done.stderr
@@ -161,7 +161,7 @@ def test_ndop_process_marks_processed(work_dir, fhir_server):
 
 
 def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_server):
-    numbers = _numbers(8, seed=107)
+    numbers = _numbers(8, seed=9107)
     _replied_request(work_dir, "X26ABC1-241126-0002", numbers[:6], numbers[:6] + numbers[6:])
     done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0002", "--fhir-url", fhir_server)
     assert done.returncode == 1
@@ -174,7 +174,7 @@ def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_s
 
 
 def test_ndop_process_needs_a_replied_request(work_dir):
-    _replied_request(work_dir, "X26ABC1-241126-0003", _numbers(2, seed=108), [])
+    _replied_request(work_dir, "X26ABC1-241126-0003", _numbers(2, seed=9108), [])
     work_dir.update("X26ABC1-241126-0003", state="sent")
     done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003")
     assert done.returncode == 2 and "process needs a 'replied' request" in done.stderr
