@@ -178,3 +178,10 @@ def test_ndop_process_needs_a_replied_request(work_dir):
     work_dir.update("X26ABC1-241126-0003", state="sent")
     done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003")
     assert done.returncode == 2 and "process needs a 'replied' request" in done.stderr
+
+
+def test_module_entry_point_refuses_missing_options(capsys):
+    from pipeline.process import main
+
+    assert main(["--runner=FnApiRunner", "--reply=r.dat"]) == 2
+    assert "missing --manifest, --checked_at, --output_dir" in capsys.readouterr().err
