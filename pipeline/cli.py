@@ -156,8 +156,33 @@ def _run_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request]
-SUBCOMMANDS += [_send, _poll, _status]
+def _process(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "process", parents=[common_options(), _mesh_options()],
+        help="join a replied request with its reply and write one FHIR Consent per patient",
+        description="Runs the Beam pipeline (pipeline.process) for a replied request. Options this command "
+                    "does not know (e.g. --runner, --shards, --batch_size, --upsert) go to the pipeline.",
+    )
+    p.add_argument("--request-id", required=True, help="the request to process")
+    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: the FHIR client's environment)")
+    p.set_defaults(handler=_run_process, beam_args=True)
+
+
+def _run_process(args: argparse.Namespace) -> int:
+    from pipeline.process import process_request
+
+    with _mesh_driver(args) as driver:  # configuration errors surface before the pipeline runs
+        record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
+                                 acknowledge=driver.acknowledge)
+    c = record.get("processing", {}).get("counts", {})
+    print(
+        f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, {c.get('not_opted_out', 0)} not opted out, "
+        f"{c.get('written', 0)} Consents written; state {record['state']}"
+    )
+    return EXIT_OK
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request, _send, _poll, _process, _status]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,40 @@
+"""The process pipeline's options, the same on the ``ndop process`` command line and on Dataflow.
+
+Secrets never appear here: the FHIR token and client secret are read from files (or the
+environment) by :class:`pipeline.fhir_client.FhirClientConfig`; only their paths are options.
+"""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.fhir_client import AUTH_MODES
+
+DEFAULT_SHARDS = 32
+DEFAULT_BATCH_SIZE = 500
+
+
+class NdopOptions(PipelineOptions):
+    """Where the inputs are, when NDOP answered, and where and how Consents are written."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
+        parser.add_argument("--manifest", help="manifest.parquet of the request (column nhs_number); any FileSystems path")
+        parser.add_argument("--reply", help="the NDOP reply .dat; any FileSystems path")
+        parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
+        parser.add_argument("--output_dir", help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
+        parser.add_argument("--request_id", default="", help="the request id, for labels and logs only")
+        parser.add_argument("--fhir_url", help="FHIR R4 base URL (default: env FHIR_URL)")
+        parser.add_argument("--fhir_auth", choices=AUTH_MODES, help="FHIR auth (default: env FHIR_AUTH, else none)")
+        parser.add_argument("--fhir_token_file", help="file holding a bearer token")
+        parser.add_argument("--fhir_token_url", help="OAuth2 token endpoint for client credentials")
+        parser.add_argument("--fhir_client_id", help="OAuth2 client id")
+        parser.add_argument("--fhir_scope", help="OAuth2 scope")
+        parser.add_argument("--fhir_client_secret_file", help="file holding the OAuth2 client secret")
+        parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Consents per FHIR Bundle")
+        parser.add_argument("--bundle_type", choices=("batch", "transaction"), default="batch")
+        parser.add_argument("--upsert", choices=("id", "conditional"), default="id",
+                            help="PUT Consent/<id>, or conditional PUT Consent?identifier=...")
+        parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
+                            help="join shards: NHS numbers are hashed into this many CoGroupByKey keys")
+        parser.add_argument("--sample_validate", type=int, default=1,
+                            help="Consents per worker validated with fhir.resources.R4B at run time")

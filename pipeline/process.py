@@ -1,0 +1,347 @@
+"""The process step: manifest + NDOP reply -> sharded CoGroupByKey -> Consent -> batched FHIR writes.
+
+Runs the same on the local runner (``ndop process --request-id ID``) and on Dataflow::
+
+    python -m pipeline.process --manifest gs://b/req/manifest.parquet --reply gs://b/req/reply.dat \\
+        --checked_at 2024-11-26T10:15:00Z --output_dir gs://b/req --fhir_url https://... \\
+        --runner DataflowRunner --setup_file ./setup.py --project P --region R --temp_location gs://b/tmp
+
+Every path goes through Beam's ``FileSystems``; nothing here imports MESH or relies on local
+state. The run's outcome is ``summary.json`` (counts from Beam metrics, timings) and
+``dead_letters.jsonl`` beside it. When the reply has any integrity error, no Consent is written.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline import datfile
+from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
+from pipeline.files import write_json
+from pipeline.options import NdopOptions
+from pipeline.state import PROCESSED, REPLIED, WorkDir, isoformat, utcnow
+from transforms.build_consent import BuildConsent, check_checked_at
+from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters
+from transforms.join import MANIFEST, REPLY, JoinAndClassify
+from transforms.read_inputs import NAMESPACE, ReadManifest, ReadReply
+
+_LOGGER = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to download Prism here
+_LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+# Beam counters (namespace "ndop") copied into summary.json, under these names.
+_SUMMARY_COUNTERS = {
+    "requested": "requested",
+    "replied": "replied",
+    "opted_out": "opted_out",
+    "not_opted_out": "not_opted_out",
+    "created": "consents_created",
+    "updated": "consents_updated",
+    "failed": "consents_failed",
+    "refused": "consents_refused",
+    "integrity_errors": "integrity_errors",
+    "reply_only": "reply_only",
+    "reply_bad_lines": "reply_bad_lines",
+    "manifest_rows": "manifest_rows",
+    "manifest_duplicates": "manifest_duplicates",
+    "reply_rows": "reply_rows",
+    "reply_duplicates": "reply_duplicates",
+    "reply_blank_lines": "reply_blank_lines",
+    "reply_header_lines": "reply_header_lines",
+    "consents_built": "consents_built",
+    "bundles_posted": "bundles_posted",
+    "dead_letters": "dead_letters",
+}
+
+
+def join_path(folder: str, name: str) -> str:
+    return FileSystems.join(folder, name)
+
+
+def fhir_config(opts: NdopOptions) -> Any:
+    """The writer's client settings: options where given, the environment otherwise."""
+    from pipeline.fhir_client import FhirClientConfig
+
+    overrides = {
+        "base_url": opts.fhir_url,
+        "auth": opts.fhir_auth,
+        "token_file": opts.fhir_token_file,
+        "token_url": opts.fhir_token_url,
+        "client_id": opts.fhir_client_id,
+        "scope": opts.fhir_scope,
+        "client_secret_file": opts.fhir_client_secret_file,
+    }
+    return FhirClientConfig.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+STAGES = ("join", "consents", "write")
+
+
+def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write") -> dict[str, Any]:
+    """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
+
+    ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
+    (and BuildConsent), ``write`` (the whole pipeline, with the dead-letter file).
+    """
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}")
+    manifest = p | "ReadManifest" >> ReadManifest(opts.manifest, opts.shards)
+    reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
+    joined = {MANIFEST: manifest, REPLY: reply.numbers} | "JoinAndClassify" >> JoinAndClassify()
+    errors = (
+        reply[ReadReply.INTEGRITY_ERRORS],
+        joined[JoinAndClassify.INTEGRITY_ERRORS],
+    ) | "FlattenIntegrityErrors" >> beam.Flatten()
+    error_count = errors | "CountIntegrityErrors" >> beam.combiners.Count.Globally()
+    outputs: dict[str, Any] = {
+        "classified": joined.classified,
+        "integrity_errors": errors,
+        "integrity_error_count": error_count,
+    }
+    if until == "join":
+        return outputs
+    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
+    outputs["consents"] = consents
+    if until == "consents":
+        return outputs
+    from transforms.write_consents import WriteConsents
+
+    written = consents | "WriteConsents" >> WriteConsents(
+        fhir_config(opts),
+        batch_size=opts.batch_size,
+        bundle_type=opts.bundle_type,
+        upsert=opts.upsert,
+        integrity_errors=error_count,
+    )
+    dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
+    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))
+    outputs.update(bundle_results=written.main, dead_letters=dead_letters)
+    return outputs
+
+
+def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
+    """Parse ``argv``; name the in-process runner unless the caller chose one."""
+    options = PipelineOptions(list(argv))
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = DEFAULT_RUNNER
+    return options
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def check_inputs(opts: NdopOptions) -> None:
+    """Refuse, with one clear line, what would otherwise fail deep inside the pipeline."""
+    missing = [f"--{name}" for name in ("manifest", "reply", "checked_at", "output_dir") if not getattr(opts, name)]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}")
+    if opts.shards < 1 or opts.batch_size < 1:
+        raise InputError("--shards and --batch_size must be at least 1")
+    try:
+        check_checked_at(opts.checked_at)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    for path in (opts.manifest, opts.reply):
+        if not FileSystems.exists(path):
+            raise InputError(f"{path}: no such file")
+    with FileSystems.open(opts.reply, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        head = handle.read(len(datfile.INVALID_NUMBERS_REPLY) + 8)
+    if datfile.INVALID_NUMBERS_REPLY.lower().encode() in head.lower():
+        raise NdopError(
+            f"{opts.reply}: NDOP rejected the request ({datfile.INVALID_NUMBERS_REPLY!r}); nothing to process"
+        )
+
+
+@contextlib.contextmanager
+def _private_files(enabled: bool) -> Iterator[None]:
+    """Create files 0600 while an in-process runner writes NHS numbers to a local folder."""
+    if not enabled:
+        yield
+        return
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _root_message(err: BaseException) -> str:
+    """The line that says what went wrong, from under the runner's wrapping of a worker error."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
+
+
+def counters(result: Any) -> dict[str, int]:
+    """Committed counters of namespace ``ndop`` (attempted where a runner has no committed values)."""
+    found: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + int(value or 0)
+    return found
+
+
+def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float, dead_letters: str) -> dict[str, Any]:
+    counts = {name: found.get(metric, 0) for name, metric in _SUMMARY_COUNTERS.items()}
+    counts["written"] = counts["created"] + counts["updated"]
+    classified = counts["opted_out"] + counts["not_opted_out"]
+    problems = []
+    if counts["integrity_errors"]:
+        problems.append(f"{counts['integrity_errors']} integrity errors in the reply: no Consent written")
+    if counts["failed"] or counts["refused"]:
+        problems.append(f"{counts['failed']} Consents failed, {counts['refused']} refused")
+    if not counts["integrity_errors"] and counts["written"] != classified:
+        problems.append(f"{counts['written']} Consents written for {classified} patients")
+    return {
+        "request_id": opts.request_id,
+        "checked_at": opts.checked_at,
+        "ok": not problems,
+        "problems": problems,
+        "counts": counts,
+        "dead_letters": dead_letters,
+        "timings": {
+            "started_at": isoformat(started),
+            "finished_at": isoformat(utcnow()),
+            "pipeline_seconds": round(seconds, 3),
+            "consents_per_second": round(counts["written"] / seconds, 1) if seconds > 0 else None,
+        },
+    }
+
+
+def write_summary(output_dir: str, summary: dict[str, Any]) -> str:
+    path = join_path(output_dir, SUMMARY)
+    if _is_local(path):
+        write_json(path, summary)
+    else:
+        with FileSystems.create(path, mime_type="application/json") as handle:
+            handle.write((json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def run(argv: Sequence[str]) -> dict[str, Any]:
+    """Run the pipeline to completion; write and return the summary (``summary["ok"]`` says whether it
+    may be acknowledged). Raises :class:`NdopError` when the pipeline itself fails."""
+    options = pipeline_options(argv)
+    opts = options.view_as(NdopOptions)
+    check_inputs(opts)
+    runner = options.view_as(StandardOptions).runner
+    local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
+    if _is_local(opts.output_dir):
+        os.makedirs(opts.output_dir, mode=0o700, exist_ok=True)
+    dead_letters = join_path(opts.output_dir, DEAD_LETTERS)
+    _LOGGER.info("process %s: %s -> %s (runner %s)", opts.request_id or "-", opts.reply, opts.fhir_url or "FHIR from env", runner)
+    started, clock = utcnow(), time.monotonic()
+    try:
+        with _private_files(local):
+            p = beam.Pipeline(options=options)
+            build_pipeline(p, opts)
+            result = p.run()
+            result.wait_until_finish()
+    except NdopError:
+        raise
+    except Exception as err:  # the runner wraps worker errors; say the one line that matters
+        _LOGGER.debug("pipeline failed", exc_info=True)
+        raise NdopError(f"process {opts.request_id or opts.reply}: pipeline failed: {_root_message(err)}") from err
+    if _is_local(dead_letters) and os.path.exists(dead_letters):
+        os.chmod(dead_letters, 0o600)
+    summary = summarise(counters(result), opts, started, time.monotonic() - clock, dead_letters)
+    summary["summary"] = write_summary(opts.output_dir, summary)
+    c = summary["counts"]
+    _LOGGER.info(
+        "process %s: %d requested, %d opted out, %d not opted out, %d written, %d failed, %d integrity errors in %.1fs",
+        opts.request_id or "-", c["requested"], c["opted_out"], c["not_opted_out"], c["written"], c["failed"],
+        c["integrity_errors"], summary["timings"]["pipeline_seconds"],
+    )
+    return summary
+
+
+def failure_message(summary: dict[str, Any]) -> str:
+    return f"{'; '.join(summary['problems'])}; see {summary['dead_letters']}"
+
+
+Acknowledge = Callable[[str], dict[str, Any]]
+
+
+def _acknowledge(work_dir: WorkDir, record: dict[str, Any], acknowledge: Acknowledge | None) -> dict[str, Any]:
+    """Hand the processed request to the MESH driver's ``acknowledge`` (the caller supplies it, so the
+    pipeline side stays free of MESH imports); without one the record stays ``processed``."""
+    if acknowledge is None:
+        _LOGGER.info("process %s: processed; MESH reply left for `ndop process`/`ndop run` to acknowledge",
+                     record["request_id"])
+        return record
+    with work_dir.lock():
+        return acknowledge(record["request_id"])
+
+
+def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = None,
+                    beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None) -> dict[str, Any]:
+    """``ndop process``: run the pipeline for a replied request, then mark it processed and acknowledge.
+
+    A record already ``processed`` (an earlier run wrote everything but did not acknowledge) is only
+    acknowledged. Any failure or integrity error leaves the record ``replied`` and raises.
+    """
+    with work_dir.lock():
+        record = work_dir.load(request_id)
+    if record.get("state") == PROCESSED:
+        _LOGGER.info("process %s: already processed; acknowledging only", request_id)
+        return _acknowledge(work_dir, record, acknowledge)
+    if record.get("state") != REPLIED:
+        raise InputError(f"request {request_id} is {record.get('state')!r}; process needs a 'replied' request")
+    if not record.get("checked_at"):
+        raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
+    folder = work_dir.request_dir(request_id)
+    files = record.get("files", {})
+    argv = [
+        *beam_args,
+        f"--manifest={folder / files.get('manifest', 'manifest.parquet')}",
+        f"--reply={folder / files.get('reply', 'reply.dat')}",
+        f"--checked_at={record['checked_at']}",
+        f"--output_dir={folder}",
+        f"--request_id={request_id}",
+    ]
+    if fhir_url:
+        argv.append(f"--fhir_url={fhir_url}")
+    summary = run(argv)
+    fields = {"processing": {"summary": SUMMARY, "ok": summary["ok"], "counts": summary["counts"],
+                             "at": summary["timings"]["finished_at"]}}
+    with work_dir.lock():
+        if not summary["ok"]:
+            work_dir.update(request_id, **fields)
+            raise NdopError(f"request {request_id}: {failure_message(summary)}")
+        record = work_dir.update(request_id, state=PROCESSED, processed_at=isoformat(utcnow()), **fields)
+    return _acknowledge(work_dir, record, acknowledge)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.process``: the Dataflow entry point; exit 1 when anything failed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(sys.argv[1:] if argv is None else argv)
+    except NdopError as err:
+        print(f"pipeline.process: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if not summary["ok"]:
+        print(f"pipeline.process: error: {failure_message(summary)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

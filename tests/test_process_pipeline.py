@@ -1,0 +1,187 @@
+"""The whole process pipeline against the real FHIR server (sekmet), and ``ndop process`` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import datfile, nhs
+from pipeline.errors import NdopError
+from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
+from pipeline.process import DEAD_LETTERS, SUMMARY, run
+from pipeline.state import PROCESSED, REPLIED, WorkDir
+from transforms.build_consent import consent_id
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T1 = "2024-11-26T10:15:00Z"
+T2 = "2024-12-17T09:00:00Z"
+
+
+def _inputs(folder: Path, manifest: list[str], reply: list[str], extra_reply: bytes = b"") -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"nhs_number": pa.array(manifest, pa.string())}), folder / "manifest.parquet")
+    (folder / "reply.dat").write_bytes(datfile.encode(pa.array(reply, pa.string()), "crlf") + extra_reply)
+    return folder / "manifest.parquet", folder / "reply.dat"
+
+
+def _run(folder: Path, fhir_url: str, checked_at: str = T1, *extra: str) -> dict:
+    return run([
+        "--runner=FnApiRunner", f"--manifest={folder / 'manifest.parquet'}", f"--reply={folder / 'reply.dat'}",
+        f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
+        "--batch_size=7", "--shards=4", *extra,
+    ])
+
+
+def _consents_of(fhir_url: str, number: str) -> list[dict]:
+    session = open_session(FhirClientConfig.from_env(base_url=fhir_url, auth="none"))
+    with session:
+        return list(iter_search(session, fhir_url, "Consent",
+                                {"patient:identifier": f"{nhs.NHS_NUMBER_SYSTEM}|{number}"}))
+
+
+def _numbers(count: int, seed: int) -> list[str]:
+    return nhs.synthetic_numbers(count, seed=seed).to_pylist()
+
+
+def test_write_rerun_and_read_back(tmp_path, fhir_server):
+    numbers = _numbers(30, seed=9101)
+    opted_out = set(numbers[::6])
+    reply = [n for n in numbers if n not in opted_out]
+    _inputs(tmp_path, numbers + numbers[:2], reply, extra_reply=b"\r\n")  # duplicates, a blank line
+    body = (tmp_path / "reply.dat").read_bytes()
+    (tmp_path / "reply.dat").write_bytes(b"NHS_NUMBER,\r\n" + body)  # and a header: tolerated
+
+    first = _run(tmp_path, fhir_server)
+    assert first["ok"], first
+    c = first["counts"]
+    assert (c["requested"], c["opted_out"], c["not_opted_out"], c["manifest_duplicates"]) == (30, 5, 25, 2)
+    assert (c["created"], c["updated"], c["failed"], c["integrity_errors"], c["written"]) == (30, 0, 0, 0, 30)
+    assert c["bundles_posted"] == 5  # 30 Consents in bundles of 7
+    summary = json.loads((tmp_path / SUMMARY).read_text())
+    assert summary["counts"] == c and summary["timings"]["pipeline_seconds"] > 0
+    assert stat.S_IMODE((tmp_path / SUMMARY).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / DEAD_LETTERS).stat().st_mode) == 0o600
+    assert (tmp_path / DEAD_LETTERS).read_text() == ""
+
+    second = _run(tmp_path, fhir_server)  # a re-run updates the same resources, never duplicates
+    assert second["ok"] and (second["counts"]["created"], second["counts"]["updated"]) == (0, 30)
+    for number in numbers:
+        found = _consents_of(fhir_server, number)
+        assert len(found) == 1, number
+        assert found[0]["id"] == consent_id(number)
+        assert found[0]["status"] == ("active" if number in opted_out else "inactive")
+        assert found[0]["dateTime"].startswith("2024-11-26T10:15:00")
+        assert found[0]["provision"]["type"] == "deny"
+
+
+def test_status_flip_updates_the_same_resource(tmp_path, fhir_server):
+    numbers = _numbers(6, seed=9102)
+    flipper = numbers[0]
+    _inputs(tmp_path, numbers, numbers[1:])  # first check: opted out
+    assert _run(tmp_path, fhir_server, T1, "--upsert=conditional", "--bundle_type=transaction")["ok"]
+    before = _consents_of(fhir_server, flipper)
+    assert [c["status"] for c in before] == ["active"]
+    _inputs(tmp_path, numbers, numbers)  # next check: the opt-out was withdrawn
+    assert _run(tmp_path, fhir_server, T2, "--upsert=conditional", "--bundle_type=transaction")["ok"]
+    after = _consents_of(fhir_server, flipper)
+    assert len(after) == 1 and after[0]["id"] == before[0]["id"]  # conditional PUT: the server's id, kept
+    assert after[0]["identifier"][0]["value"] == consent_id(flipper)
+    assert after[0]["status"] == "inactive" and after[0]["dateTime"].startswith("2024-12-17T09:00:00")
+
+
+def test_empty_reply_means_everyone_opted_out(tmp_path, fhir_server):
+    numbers = _numbers(5, seed=9103)
+    _inputs(tmp_path, numbers, [])
+    summary = _run(tmp_path, fhir_server)
+    assert summary["ok"] and summary["counts"]["opted_out"] == 5 and summary["counts"]["written"] == 5
+    assert all(_consents_of(fhir_server, n)[0]["status"] == "active" for n in numbers)
+
+
+def test_integrity_error_writes_nothing(tmp_path, fhir_server):
+    numbers = _numbers(12, seed=9104)
+    manifest, stranger = numbers[:10], numbers[10:]
+    _inputs(tmp_path, manifest, manifest[2:] + stranger, extra_reply=b"garbage line\r\n")
+    summary = _run(tmp_path, fhir_server)
+    c = summary["counts"]
+    assert not summary["ok"] and summary["problems"][0].startswith("3 integrity errors")
+    assert (c["integrity_errors"], c["reply_only"], c["reply_bad_lines"], c["written"], c["refused"]) == (3, 2, 1, 0, 10)
+    assert all(_consents_of(fhir_server, n) == [] for n in manifest)
+    path = tmp_path / DEAD_LETTERS
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    letters = [json.loads(line) for line in path.read_text().splitlines()]
+    reasons = {r["nhs_number"]: r["reason"] for r in letters}
+    assert set(stranger) <= set(reasons) and all("not in the request" in reasons[n] for n in stranger)
+    assert reasons[None] == f"{tmp_path / 'reply.dat'}:11: not an NHSNUMBER, line"
+    assert len(letters) == 3 and {r["consent_id"] for r in letters} == {None, *map(consent_id, stranger)}
+
+
+def test_invalid_numbers_reply_fails_clearly(tmp_path, fhir_server):
+    _inputs(tmp_path, _numbers(3, seed=9105), [])
+    (tmp_path / "reply.dat").write_bytes(datfile.INVALID_NUMBERS_REPLY.encode() + b"\r\n")
+    with pytest.raises(NdopError, match="NDOP rejected the request"):
+        _run(tmp_path, fhir_server)
+    assert not (tmp_path / SUMMARY).exists()
+
+
+def _replied_request(work_dir: WorkDir, request_id: str, manifest: list[str], reply: list[str], extra: bytes = b"") -> None:
+    folder = work_dir.ensure().request_dir(request_id)
+    _inputs(folder, manifest, reply, extra)
+    work_dir.save({
+        "request_id": request_id, "state": REPLIED, "checked_at": T1, "created_at": T1,
+        "files": {"manifest": "manifest.parquet", "reply": "reply.dat"}, "history": [],
+    })
+
+
+def _ndop(work_dir: WorkDir, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "process", "--work-dir", str(work_dir.root), *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_ndop_process_marks_processed(work_dir, fhir_server):
+    numbers = _numbers(8, seed=9106)
+    _replied_request(work_dir, "X26ABC1-241126-0001", numbers, numbers[3:])
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server, "--shards=3")
+    assert done.returncode == 0, done.stderr
+    assert "3 opted out, 5 not opted out, 8 Consents written" in done.stdout
+    record = work_dir.load("X26ABC1-241126-0001")
+    assert record["state"] == PROCESSED and record["processing"]["ok"]
+    assert (work_dir.request_dir("X26ABC1-241126-0001") / SUMMARY).is_file()
+    again = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server)
+    assert again.returncode == 0 and work_dir.load("X26ABC1-241126-0001")["state"] == PROCESSED
+
+
+def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_server):
+    numbers = _numbers(8, seed=9107)
+    _replied_request(work_dir, "X26ABC1-241126-0002", numbers[:6], numbers[:6] + numbers[6:])
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0002", "--fhir-url", fhir_server)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ndop process: error: request X26ABC1-241126-0002: 2 integrity errors")
+    assert last.endswith(f"see {work_dir.request_dir('X26ABC1-241126-0002') / DEAD_LETTERS}")
+    assert not any(n in done.stderr for n in numbers)  # no full NHS number in any log line
+    record = work_dir.load("X26ABC1-241126-0002")
+    assert record["state"] == REPLIED and not record["processing"]["ok"]
+
+
+def test_ndop_process_needs_a_replied_request(work_dir):
+    _replied_request(work_dir, "X26ABC1-241126-0003", _numbers(2, seed=9108), [])
+    work_dir.update("X26ABC1-241126-0003", state="sent")
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003")
+    assert done.returncode == 2 and "process needs a 'replied' request" in done.stderr
+
+
+def test_module_entry_point_refuses_missing_options(capsys):
+    from pipeline.process import main
+
+    assert main(["--runner=FnApiRunner", "--reply=r.dat"]) == 2
+    assert "missing --manifest, --checked_at, --output_dir" in capsys.readouterr().err

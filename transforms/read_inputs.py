@@ -1,0 +1,167 @@
+"""Read the request manifest and the NDOP reply as sharded blocks of NHS numbers.
+
+Both read through Beam's ``FileSystems`` (``gs://`` as well as local paths) and emit
+``(shard, int64 bytes)`` elements (see :mod:`transforms.shards`), ready for the join.
+
+A reply line that is not a valid ``NHSNUMBER,`` is an *integrity error*: the reply is corrupt or
+not ours, so every status derived from it is suspect. Such lines leave on the
+:attr:`ReadReply.INTEGRITY_ERRORS` output with their line number and reason (never their text).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import datfile, nhs
+from pipeline.errors import at
+from pipeline.state import isoformat, utcnow
+from transforms import shards as shardlib
+
+_LOGGER = logging.getLogger(__name__)
+
+NAMESPACE = "ndop"
+MANIFEST_COLUMN = "nhs_number"
+BLOCK_BYTES = 8 << 20  # about 700,000 reply lines a block
+REASON_INVALID_NOTICE = "NDOP rejected the request: " + datfile.INVALID_NUMBERS_REPLY
+
+
+def integrity_error(reason: str, nhs_number: str | None = None, consent_id: str | None = None) -> dict[str, Any]:
+    """A dead-letter record for something that makes the whole reply suspect."""
+    return {"nhs_number": nhs_number, "consent_id": consent_id, "status": None, "reason": reason,
+            "at": isoformat(utcnow())}
+
+
+def manifest_numbers(table: pa.Table, source: str, column: str = MANIFEST_COLUMN) -> np.ndarray:
+    """The manifest block's numbers as int64; a manifest that is not all valid numbers is refused.
+
+    The request step wrote only valid numbers, so anything else means the file was damaged or is
+    not a manifest: fail rather than write Consents for a guessed cohort.
+    """
+    if column not in table.column_names:
+        raise ValueError(f"{source}: manifest has no column {column!r}")
+    values = table.column(column).cast(pa.string())
+    values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    if len(values) == 0:
+        return np.zeros(0, dtype=shardlib.DTYPE)
+    if values.null_count or not pc.all(pc.match_substring_regex(values, pattern="^[0-9]{10}$")).as_py():
+        raise ValueError(f"{source}: manifest holds a value that is not a 10-digit NHS number")
+    if not nhs.check_digits_ok(values).all():
+        raise ValueError(f"{source}: manifest holds an NHS number with an invalid check digit")
+    return shardlib.to_int64(values)
+
+
+class ShardManifestFn(beam.DoFn):
+    """One manifest block (a Parquet row group) into ``(shard, int64 bytes)`` elements."""
+
+    def __init__(self, source: str, shards: int, column: str = MANIFEST_COLUMN) -> None:
+        self._source = source
+        self._shards = shards
+        self._column = column
+        self._rows = Metrics.counter(NAMESPACE, "manifest_rows")
+
+    def process(self, table: pa.Table) -> Iterator[tuple[int, bytes]]:
+        numbers = manifest_numbers(table, self._source, self._column)
+        self._rows.inc(len(numbers))
+        yield from shardlib.split_by_shard(numbers, self._shards)
+
+
+class ReadManifest(beam.PTransform):
+    """The request's ``manifest.parquet`` as ``(shard, int64 bytes)``; splits by row group."""
+
+    def __init__(self, path: str, shards: int, column: str = MANIFEST_COLUMN) -> None:
+        super().__init__()
+        self._path = path
+        self._shards = shards
+        self._column = column
+
+    def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
+        return (
+            pbegin
+            | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column])
+            | "ShardManifest" >> beam.ParDo(ShardManifestFn(self._path, self._shards, self._column))
+        )
+
+
+def iter_line_blocks(handle: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """``(first line number, whole lines)`` blocks of a binary file, each cut after a newline."""
+    line = 1
+    rest = b""
+    while True:
+        chunk = handle.read(block_bytes)
+        if not chunk:
+            break
+        data = rest + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest = data
+            continue
+        block, rest = data[:cut], data[cut:]
+        yield line, block
+        line += block.count(b"\n")
+    if rest:
+        yield line, rest
+
+
+class ParseReplyFn(beam.DoFn):
+    """Read and parse one reply file in newline-aligned blocks with :func:`pipeline.datfile.parse`."""
+
+    INTEGRITY_ERRORS = "integrity_errors"
+
+    def __init__(self, shards: int, block_bytes: int = BLOCK_BYTES) -> None:
+        self._shards = shards
+        self._block_bytes = block_bytes
+        self._rows = Metrics.counter(NAMESPACE, "reply_rows")
+        self._blank = Metrics.counter(NAMESPACE, "reply_blank_lines")
+        self._header = Metrics.counter(NAMESPACE, "reply_header_lines")
+        self._bad = Metrics.counter(NAMESPACE, "reply_bad_lines")
+        self._errors = Metrics.counter(NAMESPACE, "integrity_errors")
+
+    def process(self, path: str) -> Iterator[Any]:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for first_line, block in iter_line_blocks(handle, self._block_bytes):
+                parsed = datfile.parse(block, first_line=first_line, header_allowed=True)
+                self._blank.inc(parsed.blank_lines)
+                self._header.inc(parsed.header_lines)
+                for line, reason in parsed.bad_lines:
+                    if reason == datfile.INVALID_NUMBERS_REPLY:
+                        reason = REASON_INVALID_NOTICE
+                    self._bad.inc()
+                    self._errors.inc()
+                    yield pvalue.TaggedOutput(self.INTEGRITY_ERRORS, integrity_error(f"{at(path, line)}: {reason}"))
+                numbers = shardlib.to_int64(parsed.numbers)
+                self._rows.inc(len(numbers))
+                yield from shardlib.split_by_shard(numbers, self._shards)
+
+
+class ReadReply(beam.PTransform):
+    """The NDOP reply as ``(shard, int64 bytes)`` (main output ``numbers``) plus integrity errors.
+
+    The reply is read by one worker, sequentially: at 12 bytes a line even all of England is
+    about 720 MB, seconds of parsing, and line numbers stay exact.
+    """
+
+    INTEGRITY_ERRORS = ParseReplyFn.INTEGRITY_ERRORS
+
+    def __init__(self, path: str, shards: int, block_bytes: int = BLOCK_BYTES) -> None:
+        super().__init__()
+        self._path = path
+        self._shards = shards
+        self._block_bytes = block_bytes
+
+    def expand(self, pbegin: pvalue.PBegin) -> pvalue.DoOutputsTuple:
+        return (
+            pbegin
+            | "ReplyPath" >> beam.Create([self._path])
+            | "ParseReply" >> beam.ParDo(ParseReplyFn(self._shards, self._block_bytes)).with_outputs(
+                self.INTEGRITY_ERRORS, main="numbers"
+            )
+        )

@@ -1,0 +1,61 @@
+"""NHS numbers as int64 arrays, hashed into join shards.
+
+Per-element CoGroupByKey costs about 50 us an element on the local runners (PLATFORM.md); the join
+instead moves one ``(shard, bytes)`` element per shard per input block, where the bytes are a
+little-endian int64 array of numbers. A 10-digit NHS number always fits an int64 and compares,
+sorts and hashes as fast as numpy can, and ``bytes`` takes Beam's cheapest coder on every runner.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import nhs
+
+_POWERS = 10 ** np.arange(nhs.LENGTH - 1, -1, -1, dtype=np.int64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads sequential numbers evenly
+DTYPE = np.dtype("<i8")
+
+
+def to_int64(numbers: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Normalised 10-digit number strings as int64."""
+    if isinstance(numbers, pa.ChunkedArray):
+        numbers = numbers.combine_chunks() if numbers.num_chunks else pa.array([], pa.string())
+    if len(numbers) == 0:
+        return np.zeros(0, dtype=DTYPE)
+    return nhs._digits_matrix(numbers).astype(np.int64) @ _POWERS
+
+
+def to_strings(numbers: np.ndarray) -> list[str]:
+    """int64 numbers back to their 10-digit text (leading zeros kept)."""
+    return [f"{n:010d}" for n in numbers.tolist()]
+
+
+def shard_of(numbers: np.ndarray, shards: int) -> np.ndarray:
+    """The join shard of each number: a stable hash, the same on every worker and every run."""
+    mixed = (numbers.astype(np.uint64) * _GOLDEN) >> np.uint64(32)
+    return (mixed % np.uint64(shards)).astype(np.int64)
+
+
+def split_by_shard(numbers: np.ndarray, shards: int) -> Iterator[tuple[int, bytes]]:
+    """``(shard, int64 bytes)`` for every shard that holds at least one of ``numbers``."""
+    if len(numbers) == 0:
+        return
+    keys = shard_of(numbers, shards)
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=shards)
+    ordered = numbers[order].astype(DTYPE, copy=False)
+    start = 0
+    for shard, count in enumerate(counts.tolist()):
+        if count:
+            yield shard, ordered[start : start + count].tobytes()
+        start += count
+
+
+def from_bytes(blocks: list[bytes] | tuple[bytes, ...]) -> np.ndarray:
+    """Concatenate ``(shard, bytes)`` payloads back into one int64 array."""
+    if not blocks:
+        return np.zeros(0, dtype=DTYPE)
+    return np.frombuffer(b"".join(blocks), dtype=DTYPE)
