@@ -165,15 +165,21 @@ def _process(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--request-id", required=True, help="the request to process")
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: the FHIR client's environment)")
+    p.add_argument("--no-ack", action="store_true",
+                   help="write the Consents but leave the MESH reply unacknowledged (no MESH settings needed); "
+                        "a later `ndop process` or `ndop poll` acknowledges it")
     p.set_defaults(handler=_run_process, beam_args=True)
 
 
 def _run_process(args: argparse.Namespace) -> int:
     from pipeline.process import process_request
 
-    with _mesh_driver(args) as driver:  # configuration errors surface before the pipeline runs
-        record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
-                                 acknowledge=driver.acknowledge)
+    if args.no_ack:
+        record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args)
+    else:
+        with _mesh_driver(args) as driver:  # configuration errors surface before the pipeline runs
+            record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
+                                     acknowledge=driver.acknowledge)
     c = record.get("processing", {}).get("counts", {})
     print(
         f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, {c.get('not_opted_out', 0)} not opted out, "

@@ -139,8 +139,8 @@ def _replied_request(work_dir: WorkDir, request_id: str, manifest: list[str], re
     })
 
 
-def _ndop(work_dir: WorkDir, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def _ndop(work_dir: WorkDir, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "process", "--work-dir", str(work_dir.root), *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -150,20 +150,20 @@ def _ndop(work_dir: WorkDir, *args: str) -> subprocess.CompletedProcess:
 def test_ndop_process_marks_processed(work_dir, fhir_server):
     numbers = _numbers(8, seed=9106)
     _replied_request(work_dir, "X26ABC1-241126-0001", numbers, numbers[3:])
-    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server, "--shards=3")
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server, "--shards=3", "--no-ack")
     assert done.returncode == 0, done.stderr
     assert "3 opted out, 5 not opted out, 8 Consents written" in done.stdout
     record = work_dir.load("X26ABC1-241126-0001")
     assert record["state"] == PROCESSED and record["processing"]["ok"]
     assert (work_dir.request_dir("X26ABC1-241126-0001") / SUMMARY).is_file()
-    again = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server)
+    again = _ndop(work_dir, "--request-id", "X26ABC1-241126-0001", "--fhir-url", fhir_server, "--no-ack")
     assert again.returncode == 0 and work_dir.load("X26ABC1-241126-0001")["state"] == PROCESSED
 
 
 def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_server):
     numbers = _numbers(8, seed=9107)
     _replied_request(work_dir, "X26ABC1-241126-0002", numbers[:6], numbers[:6] + numbers[6:])
-    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0002", "--fhir-url", fhir_server)
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0002", "--fhir-url", fhir_server, "--no-ack")
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ndop process: error: request X26ABC1-241126-0002: 2 integrity errors")
@@ -176,7 +176,7 @@ def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_s
 def test_ndop_process_needs_a_replied_request(work_dir):
     _replied_request(work_dir, "X26ABC1-241126-0003", _numbers(2, seed=9108), [])
     work_dir.update("X26ABC1-241126-0003", state="sent")
-    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003")
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003", "--no-ack")
     assert done.returncode == 2 and "process needs a 'replied' request" in done.stderr
 
 
@@ -185,3 +185,25 @@ def test_module_entry_point_refuses_missing_options(capsys):
 
     assert main(["--runner=FnApiRunner", "--reply=r.dat"]) == 2
     assert "missing --manifest, --checked_at, --output_dir" in capsys.readouterr().err
+
+
+def test_ndop_process_acknowledges_the_reply_through_mesh(work_dir, fhir_server, mesh, tmp_path):
+    """Request -> send -> poll against the sandbox's NDOP, then `ndop process` writes and acknowledges."""
+    from pipeline.mesh_driver import MeshDriver
+    from pipeline.request import RequestSettings, build_request
+    from pipeline.state import ACKNOWLEDGED
+
+    numbers = _numbers(6, seed=9109)
+    (tmp_path / "cohort.txt").write_text("\n".join(numbers) + "\n")
+    (tmp_path / "opted-out.txt").write_text(numbers[0] + "\n")
+    mesh.plugin(opted_out_file=str(tmp_path / "opted-out.txt"))
+    rid = build_request(tmp_path / "cohort.txt", work_dir, RequestSettings(mailbox="X26ABC1"))["request_id"]
+    with MeshDriver(mesh.config(), work_dir) as driver:
+        driver.send()
+        driver.poll(wait=10, interval=0.1)
+    assert mesh.inbox() != []  # the reply waits, unacknowledged, until the Consents are stored
+    done = _ndop(work_dir, "--request-id", rid, "--fhir-url", fhir_server, env=mesh.env())
+    assert done.returncode == 0, done.stderr
+    assert "1 opted out, 5 not opted out, 6 Consents written" in done.stdout
+    assert work_dir.load(rid)["state"] == ACKNOWLEDGED
+    assert mesh.inbox() == []
