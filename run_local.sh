@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Sets up and runs ndop-sync on the embedded local default (work in progress).
+# Sets up (first time) and runs ndop-sync end to end on the embedded local default:
+# a local MESH sandbox playing NDOP, a local FHIR R4 server, a synthetic cohort, Beam's local runner.
+# Usage: ./run_local.sh [--size N] [--seed S] [--fresh] [--keep-running]   (see --help)
 set -euo pipefail
 cd "$(dirname "$0")"
 bash dev/setup_env.sh
-echo "nothing to run yet" >&2
+exec .venv/bin/python -m dev.local_run "$@"

@@ -188,7 +188,50 @@ def _run_process(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request, _send, _poll, _process, _status]
+def _run(sub: argparse._SubParsersAction) -> None:
+    from pipeline.cohort import DEFAULT_COLUMN, FORMATS
+
+    p = sub.add_parser(
+        "run", parents=[common_options(), _mesh_options()],
+        help="request -> send -> poll -> process -> acknowledge, resumable; prints the run report",
+        description="One scheduled run. Carries on an unfinished request before building a new one. Exit 0 done, "
+                    "3 still waiting for NDOP, 1 failed, 2 bad input or configuration. Options this command does "
+                    "not know (e.g. --runner, --batch_size) go to the Beam pipeline.",
+    )
+    p.add_argument("--cohort", help="cohort file (text, CSV, Parquet), or 'fhir' to read every Patient's NHS "
+                                    "number from the FHIR store")
+    p.add_argument("--column", default=DEFAULT_COLUMN, help="CSV/Parquet column holding NHS numbers")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="cohort format (default: by extension)")
+    p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="how long to wait for NDOP's reply in this run (default 0: check once; exit 3 if none)")
+    p.add_argument("--interval", type=float, default=30, metavar="SECONDS", help="between polls (default %(default)s)")
+    p.add_argument("--new-request", action="store_true",
+                   help="build and send a new request even if an earlier one is unfinished")
+    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    p.set_defaults(handler=_run_run, beam_args=True)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from pipeline.mesh_config import load_config
+    from pipeline.request import RequestSettings
+    from pipeline.run import RunSettings, print_report, run
+
+    mesh = load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url})
+    settings = RunSettings(
+        cohort=args.cohort,
+        request=RequestSettings(mailbox=mesh.mailbox, ndop_mailbox=mesh.ndop_mailbox, line_ending=args.line_ending,
+                                column=args.column, format=args.format),
+        wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
+        beam_args=args.extra_args,
+    )
+    work_dir = WorkDir(args.work_dir)
+    result = run(work_dir, mesh, settings)
+    print_report(result, work_dir)
+    return result.exit_code
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request, _send, _poll, _process, _run, _status]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # Beam's INFO lines drown the progress a person wants to follow
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except NdopError as err:

@@ -9,12 +9,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, at
+
+if TYPE_CHECKING:
+    from pipeline.fhir_client import FhirClientConfig
 
 FORMATS = ("auto", "text", "csv", "parquet")
 DEFAULT_COLUMN = "nhs_number"
@@ -104,3 +108,26 @@ def _read_parquet(source: Path, column: str) -> Cohort:
     values = pq.read_table(source, columns=[column]).column(column).combine_chunks()
     values = values.cast(pa.string())  # an integer column is fine too: NHS numbers have no leading zero
     return Cohort(values, pa.array(range(1, len(values) + 1), pa.int64()), "parquet")
+
+
+FHIR_COHORT = "fhir"
+
+
+def read_fhir_cohort(config: "FhirClientConfig", page_size: int = 1000) -> Cohort:
+    """Every Patient's NHS number from the FHIR store, so the exchange need not export a file.
+
+    A paged search asking only for identifiers (``_elements=identifier``); a Patient without an NHS
+    number identifier is skipped, one with several contributes each. "Lines" are 1-based positions in
+    the search results, which is what a reject can point back to.
+    """
+    from pipeline.fhir_client import iter_search, open_session
+    from pipeline.nhs import NHS_NUMBER_SYSTEM
+
+    values: list[str] = []
+    with open_session(config) as session:
+        for patient in iter_search(session, config.base_url, "Patient",
+                                   {"_elements": "identifier", "_count": page_size}):
+            for identifier in patient.get("identifier", []):
+                if identifier.get("system") == NHS_NUMBER_SYSTEM and identifier.get("value") is not None:
+                    values.append(str(identifier["value"]))
+    return Cohort(pa.array(values, pa.string()), pa.array(range(1, len(values) + 1), pa.int64()), FHIR_COHORT)

@@ -29,6 +29,7 @@ from mesh_client.io_helpers import SplitStream
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from pipeline import datfile
+from pipeline.faults import FAULT_ENV, fault_point  # noqa: F401 (FAULT_ENV re-exported for tests)
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer
 from pipeline.mesh_config import DEFAULT_OVERDUE_AFTER, MeshConfig
@@ -57,14 +58,6 @@ OPEN = (CREATED, SENT, SEND_UNKNOWN, ACCEPTED)  # a notice, reply or report may 
 _NOTICE_MAX_BYTES = 64 * 1024
 _READ_BLOCK = 1 << 20
 _ENDPOINTS = {"int": INT_ENDPOINT, "live": LIVE_ENDPOINT, "dep": DEP_ENDPOINT}
-# Fault injection for the crash tests: the named point ends the process abruptly.
-FAULT_ENV = "NDOP_FAULT"
-
-
-def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
-        _LOGGER.error("fault injection: exiting abruptly at %s", point)
-        os._exit(86)
 
 
 @dataclass
@@ -157,7 +150,7 @@ class MeshDriver:
     def _hook(self, point: str) -> None:
         if self.fault_hook is not None:
             self.fault_hook(point)
-        _fault(point)
+        fault_point(point)
 
     # -- send ---------------------------------------------------------------------------------------
 

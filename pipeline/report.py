@@ -92,6 +92,9 @@ def changes(now: Outcome, before: Outcome | None) -> dict[str, Any]:
     }
 
 
+STAGES = ("request", "send", "wait_for_ndop", "poll", "process")
+
+
 def _stage_seconds(record: dict[str, Any]) -> dict[str, float]:
     stages = dict(record.get("stage_seconds", {}))
     history = record.get("history", [])
@@ -100,7 +103,7 @@ def _stage_seconds(record: dict[str, Any]) -> dict[str, float]:
         sent = times.get("sent") or times.get("send-unknown")
         if sent and "replied" in times:
             stages["wait_for_ndop"] = round((times["replied"] - sent).total_seconds(), 1)
-    return stages
+    return {name: stages[name] for name in sorted(stages, key=lambda n: (STAGES + (n,)).index(n))}
 
 
 def build_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +111,7 @@ def build_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
     folder = work_dir.request_dir(record["request_id"])
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    counts = summary.get("counts", {})
     report: dict[str, Any] = {
         "request_id": record["request_id"],
         "state": record.get("state"),
@@ -116,13 +120,14 @@ def build_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
         "checked_at": record.get("checked_at"),
         "cohort": record.get("counts", {}),
         "results": {
-            k: summary.get(k)
+            k: counts[k]
             for k in ("requested", "replied", "opted_out", "not_opted_out", "written", "created", "updated",
-                      "failed", "integrity_errors")
-            if k in summary
+                      "failed", "refused", "integrity_errors")
+            if k in counts
         },
-        "dead_letters": summary.get("dead_letters_file") if summary.get("failed") or summary.get("integrity_errors") else None,
-        "stage_seconds": _stage_seconds(record) | summary.get("timings", {}),
+        "problems": summary.get("problems", []),
+        "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
+        "stage_seconds": _stage_seconds(record),
     }
     if record.get("files", {}).get("reply") and (folder / record["files"]["reply"]).exists():
         before_record = previous_processed(work_dir, record)
@@ -153,10 +158,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## Results",
             "",
-            "| replied | opted out | not opted out | Consents written | failed | integrity errors |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| replied | opted out | not opted out | Consents written | status unchanged | failed | integrity errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
             f"| {results.get('replied', '-')} | {results.get('opted_out', '-')} | {results.get('not_opted_out', '-')} "
-            f"| {results.get('written', '-')} | {results.get('failed', '-')} | {results.get('integrity_errors', '-')} |",
+            f"| {results.get('written', '-')} | {(report.get('changes') or {}).get('unchanged', '-')} "
+            f"| {results.get('failed', '-')} | {results.get('integrity_errors', '-')} |",
         ]
     change = report.get("changes")
     if change:
@@ -172,6 +178,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {change['newly_opted_out']} | {change['opt_out_withdrawn']} | {change['new_patients']} | "
                 f"{change['left_cohort']} | {change['unchanged']} |",
             ]
+    if report.get("problems"):
+        lines += ["", "## Problems", ""] + [f"- {problem}" for problem in report["problems"]]
     if report.get("dead_letters"):
         lines += ["", f"**Dead letters:** `{report['dead_letters']}`"]
     stages = report.get("stage_seconds") or {}

@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import datfile, nhs
-from pipeline.cohort import DEFAULT_COLUMN, read_cohort
+from pipeline.cohort import DEFAULT_COLUMN, Cohort, read_cohort
 from pipeline.errors import InputError
 from pipeline.files import atomic_writer, fsync_dir, write_bytes, write_json
 from pipeline.state import CREATED, WorkDir, isoformat, utcnow
@@ -89,18 +89,25 @@ def next_sequence(work_dir: WorkDir, mailbox: str, moment: datetime) -> int:
 
 
 def build_request(
-    cohort_path: str | os.PathLike[str],
+    cohort_source: str | os.PathLike[str] | Cohort,
     work_dir: WorkDir,
     settings: RequestSettings,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Validate the cohort and write the request folder; return its ``request.json`` record."""
+    """Validate the cohort and write the request folder; return its ``request.json`` record.
+
+    ``cohort_source`` is a file, or a :class:`Cohort` already read (e.g. from the FHIR store).
+    """
     if not _MAILBOX.match(settings.mailbox or ""):
         raise InputError(f"mailbox id {settings.mailbox!r} is not a MESH mailbox id (set --mailbox or MESH_MAILBOX)")
     if settings.line_ending not in datfile.LINE_ENDINGS:
         raise InputError(f"line ending {settings.line_ending!r}: use crlf or lf")
     now = now or utcnow()
-    cohort = read_cohort(cohort_path, settings.column, settings.format)
+    if isinstance(cohort_source, Cohort):
+        cohort, cohort_path, cohort_name = cohort_source, "FHIR store (Patient search)", cohort_source.format
+    else:
+        cohort_path, cohort_name = cohort_source, Path(cohort_source).name
+        cohort = read_cohort(cohort_path, settings.column, settings.format)
     normalised, reason = nhs.validate_array(cohort.values)
 
     blank = pc.equal(pc.fill_null(reason, ""), nhs.REASON_BLANK)
@@ -163,7 +170,7 @@ def build_request(
                 "ndop_mailbox": settings.ndop_mailbox.upper(),
                 "workflow_id": settings.workflow_id,
                 "line_ending": settings.line_ending,
-                "cohort": {"name": Path(cohort_path).name, "format": cohort.format},
+                "cohort": {"name": cohort_name, "format": cohort.format},
                 "files": {"dat": f"{stem}.dat", "ctl": f"{stem}.ctl", "manifest": MANIFEST, "rejects": REJECTS},
                 "counts": counts,
                 "dat_sha256": hashlib.sha256(body).hexdigest(),

@@ -31,6 +31,7 @@ import requests
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from pipeline.faults import fault_point
 from pipeline import nhs
 from pipeline.fhir_client import (
     RETRY_STATUSES,
@@ -148,6 +149,7 @@ class _PostBundlesFn(beam.DoFn):
                 )
         self.created.inc(outcome["created"])
         self.updated.inc(outcome["updated"])
+        fault_point("after-first-bundle")  # crash tests: killed in the middle of the FHIR writes
         if dead:
             self.failed.inc(len(dead))
             first = dead[0]

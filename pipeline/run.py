@@ -1,0 +1,190 @@
+"""``ndop run``: request -> send -> poll -> process -> acknowledge, as one resumable command.
+
+What a data exchange puts on its scheduler. Every step reads and moves state only through the
+work dir's ``request.json``, so a run killed anywhere is finished by the next run: an unfinished
+request is always carried on before a new one is built (no second message for the same cohort),
+Consents are upserts (a repeat writes no duplicate), and the MESH reply is acknowledged only once
+the Consents are stored, by whichever run gets there.
+
+Exit status: 0 done, 3 still waiting for NDOP, 1 failed (the report says what and where), 2 bad input.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pipeline.cohort import FHIR_COHORT, read_fhir_cohort
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError
+from pipeline.faults import fault_point
+from pipeline.fhir_client import FhirClientConfig
+from pipeline.mesh_config import MeshConfig
+from pipeline.mesh_driver import MeshDriver
+from pipeline.report import render_markdown, write_report
+from pipeline.request import RequestSettings, build_request
+from pipeline.state import (
+    ACKNOWLEDGED, CREATED, FAILED, FINAL, IN_FLIGHT, PROCESSED, REJECTED, REPLIED, SEND_UNKNOWN, WorkDir,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunSettings:
+    cohort: str | None
+    request: RequestSettings
+    wait: float = 0
+    interval: float = 30
+    new_request: bool = False
+    fhir_url: str | None = None
+    beam_args: Sequence[str] = ()
+    fhir_env_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    request_id: str | None
+    message: str
+    report: dict[str, Any] | None = None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Runner:
+    """Drives one request through every step, resuming from whatever state it was left in."""
+
+    def __init__(self, work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings, progress: Progress = _stderr) -> None:
+        self.work_dir = work_dir
+        self.mesh = mesh
+        self.settings = settings
+        self.progress = progress
+        self.current: str | None = None
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def _timed(self, request_id: str, stage: str, started: float) -> None:
+        record = self.work_dir.load(request_id)
+        stages = dict(record.get("stage_seconds", {}))
+        stages[stage] = round(stages.get(stage, 0) + time.monotonic() - started, 2)
+        self.work_dir.update(request_id, stage_seconds=stages)
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        return [r for r in self.work_dir.all() if r.get("state") not in FINAL]
+
+    def choose(self) -> dict[str, Any]:
+        """The request this run drives: the oldest unfinished one, else a new one from the cohort."""
+        waiting = self.unfinished()
+        if waiting and not self.settings.new_request:
+            record = waiting[0]
+            self.progress(f"[request] carrying on {record['request_id']} (state {record['state']}); "
+                          "no new request while one is unfinished (--new-request forces one)")
+            return record
+        if not self.settings.cohort:
+            raise InputError("no unfinished request to carry on: give --cohort PATH (or --cohort fhir)")
+        started = time.monotonic()
+        if self.settings.cohort == FHIR_COHORT:
+            config = FhirClientConfig.from_env(base_url=self.settings.fhir_url, **self.settings.fhir_env_overrides)
+            self.progress(f"[request] reading every Patient's NHS number from {config.base_url}")
+            source: Any = read_fhir_cohort(config)
+        else:
+            source = self.settings.cohort
+        record = build_request(source, self.work_dir, self.settings.request)
+        self._timed(record["request_id"], "request", started)
+        c = record["counts"]
+        self.progress(f"[request] {record['request_id']}: {c['read']} read, {c['invalid']} invalid, "
+                      f"{c['duplicates']} duplicates, {c['sent']} to send")
+        fault_point("after-request")
+        return self.work_dir.load(record["request_id"])
+
+    def run(self) -> RunResult:
+        record = self.choose()
+        rid = self.current = record["request_id"]
+        with MeshDriver(self.mesh, self.work_dir) as driver:
+            if record["state"] == CREATED:
+                started = time.monotonic()
+                for result in driver.send(request_id=rid):
+                    self.progress(f"[send] {result.request_id}: {result.outcome} {result.detail}".rstrip())
+                self._timed(rid, "send", started)
+                fault_point("after-send")
+            record = self.work_dir.load(rid)
+            if record["state"] == CREATED:
+                return self._finish(rid, EXIT_FAILED, f"request {rid} could not be sent; see the log above")
+            if record["state"] in IN_FLIGHT:
+                started = time.monotonic()
+                self.progress(f"[poll] waiting up to {self.settings.wait:.0f}s for NDOP's reply to {rid}")
+                driver.poll(wait=self.settings.wait, interval=self.settings.interval)
+                self._timed(rid, "poll", started)
+                record = self.work_dir.load(rid)
+                self.progress(f"[poll] {rid}: {record['state']}")
+                fault_point("after-download")
+            state = record["state"]
+            if state in IN_FLIGHT:
+                why = " (the send's outcome is unknown; poll goes on looking)" if state == SEND_UNKNOWN else ""
+                return self._finish(rid, EXIT_WAITING, f"request {rid} is still waiting for NDOP{why}")
+            if state in (REJECTED, FAILED):
+                reason = (record.get("rejection") or record.get("failure") or {})
+                return self._finish(rid, EXIT_FAILED, f"request {rid} {state}: {_describe(reason)}")
+            if state in (REPLIED, PROCESSED):
+                self.progress(f"[process] {rid}: joining the reply and writing Consents")
+                started = time.monotonic()
+                from pipeline.process import process_request  # Beam loads only when there is work for it
+
+                try:
+                    process_request(self.work_dir, rid, self.settings.fhir_url, self.settings.beam_args,
+                                    acknowledge=self._acknowledger(driver))
+                finally:
+                    self._timed(rid, "process", started)
+            record = self.work_dir.load(rid)
+        if record["state"] == ACKNOWLEDGED:
+            return self._finish(rid, EXIT_OK, f"request {rid} done: Consents written, MESH reply acknowledged")
+        return self._finish(rid, EXIT_FAILED, f"request {rid} ended in state {record['state']}")
+
+    def _acknowledger(self, driver: MeshDriver) -> Callable[[str], dict[str, Any]]:
+        def acknowledge(request_id: str) -> dict[str, Any]:
+            fault_point("before-ack")
+            self.progress(f"[acknowledge] {request_id}: Consents stored; acknowledging the MESH reply")
+            return driver.acknowledge(request_id)
+
+        return acknowledge
+
+    def _finish(self, request_id: str, code: int, message: str) -> RunResult:
+        record = self.work_dir.load(request_id)
+        report = write_report(self.work_dir, record)
+        return RunResult(code, request_id, message, report)
+
+
+def _describe(reason: Any) -> str:
+    if isinstance(reason, dict):
+        return "; ".join(f"{k}: {v}" for k, v in reason.items() if v not in (None, ""))
+    return str(reason)
+
+
+def run(work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings, progress: Progress = _stderr) -> RunResult:
+    """One scheduled run. Failures of the process step come back as a result with exit 1 and a report."""
+    runner = Runner(work_dir, mesh, settings, progress)
+    try:
+        return runner.run()
+    except InputError:
+        raise
+    except NdopError as err:
+        if runner.current is None:
+            raise
+        return runner._finish(runner.current, EXIT_FAILED, str(err))
+
+
+def print_report(result: RunResult, work_dir: WorkDir) -> None:
+    """The report on stdout (for people and cron mail); the one-line outcome on stderr when it failed."""
+    if result.report:
+        print(render_markdown(result.report))
+        print(f"report: {work_dir.request_dir(result.request_id) / 'report.md'}")
+    if result.exit_code == EXIT_FAILED:
+        print(f"ndop run: error: {result.message}", file=sys.stderr)
+    else:
+        print(f"ndop run: {result.message}")
