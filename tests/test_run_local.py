@@ -1,0 +1,27 @@
+"""``./run_local.sh`` itself, as a new user runs it (with a small cohort), twice in a row."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_local_twice(tmp_path) -> None:
+    def run_local(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["./run_local.sh", "--size", "300", "--state-dir", str(tmp_path / "state"), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    first = run_local()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert re.search(r"the FHIR store holds 300 Consents: \d+ active", first.stdout)
+    assert "this is the baseline" in first.stdout
+    second = run_local("--seed", "9")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert re.search(r"the FHIR store holds 300 Consents", second.stdout)  # updated, not duplicated
+    assert re.search(r"Compared with X26ABC1-\d{6}-0001", second.stdout)
+    assert not re.search(r"\b999\d{7}\b", first.stdout + first.stderr + second.stdout + second.stderr)
+    assert "[send]" in first.stderr and "[poll]" in first.stderr and "[process]" in first.stderr
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # the servers it started are gone
