@@ -13,6 +13,10 @@ key, and ``STORE_MODE=file``: an upper-case folder per mailbox under the store d
 mailbox, which is how the live NDOP mailbox ``X26HC065`` exists locally. Every mailbox's password
 is ``password`` (the sandbox's own default). The shared key comes from ``SHARED_KEY`` in the
 environment (generated if unset); the foreground command prints nothing secret.
+
+``--request-log FILE`` appends ``METHOD PATH STATUS`` for every HTTP request the sandbox answers:
+the sandbox's own admin API cannot tell how often a message was sent or acknowledged (a second
+acknowledgement is a silent no-op), and the crash tests must count exactly that.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ class MeshSandbox:
         log_file: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30,
         tls: dict[str, str] | None = None,
+        request_log: str | os.PathLike[str] | None = None,
     ) -> None:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="mesh-sandbox-"))
@@ -86,6 +91,7 @@ class MeshSandbox:
         self.log_file = Path(log_file) if log_file else self.store_dir.parent / f"mesh-sandbox-{self.port}.log"
         self.startup_timeout = startup_timeout
         self.tls = dict(tls or {})  # certfile, keyfile[, ca_certs: then client certificates are required]
+        self.request_log = Path(request_log) if request_log else None
         self._process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -100,7 +106,8 @@ class MeshSandbox:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "dev.mesh_sandbox", "--port", str(self.port), "--store-dir", str(self.store_dir),
              *[arg for m in self.mailboxes for arg in ("--mailbox", m)],
-             *[arg for key, value in self.tls.items() for arg in (f"--ssl-{key.replace('_', '-')}", value)]],
+             *[arg for key, value in self.tls.items() for arg in (f"--ssl-{key.replace('_', '-')}", value)],
+             *(["--request-log", str(self.request_log)] if self.request_log else [])],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
@@ -157,6 +164,20 @@ class MeshSandbox:
         response.raise_for_status()
         return str(response.json()["message_id"])
 
+    def requests_seen(self) -> list[tuple[str, str, int]]:
+        """``(method, path, status)`` of every request answered since the log was last cleared."""
+        if self.request_log is None or not self.request_log.exists():
+            return []
+        seen = []
+        for line in self.request_log.read_text().splitlines():
+            method, path, code = line.split(" ")
+            seen.append((method, path, int(code)))
+        return seen
+
+    def clear_request_log(self) -> None:
+        if self.request_log is not None:
+            self.request_log.write_text("")
+
     def message_details(self, message_id: str) -> dict[str, Any]:
         response = requests.get(f"{self.url}/messageexchange/admin/message/{message_id}", timeout=10)
         response.raise_for_status()
@@ -169,8 +190,39 @@ class MeshSandbox:
         self.stop()
 
 
+class _RequestLog:
+    """ASGI middleware: one ``METHOD PATH STATUS`` line a request, written before the client can
+    see the answer (so a client that has its answer finds the line)."""
+
+    def __init__(self, app: Any, path: Path) -> None:
+        self.app, self.path = app, path
+
+    def _note(self, scope: dict[str, Any], status: int) -> None:
+        with open(self.path, "a", encoding="utf-8") as log:  # one short O_APPEND write a line
+            log.write(f"{scope['method']} {scope['path']} {status}\n")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        noted = False
+
+        async def note_then_send(message: dict[str, Any]) -> None:
+            nonlocal noted
+            if message["type"] == "http.response.start" and not noted:
+                noted = True
+                self._note(scope, int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, note_then_send)
+        finally:
+            if not noted:  # the app failed before answering; the server answers 500
+                self._note(scope, 500)
+
+
 def serve(port: int, store_dir: Path, mailboxes: tuple[str, ...], host: str = "127.0.0.1",
-          tls: dict[str, str] | None = None) -> None:
+          tls: dict[str, str] | None = None, request_log: Path | None = None) -> None:
     """Run the sandbox in this process, with the NDOP plugin loaded, until killed."""
     os.environ.setdefault("STORE_MODE", "file")
     os.environ.setdefault("AUTH_MODE", "full")
@@ -189,7 +241,10 @@ def serve(port: int, store_dir: Path, mailboxes: tuple[str, ...], host: str = "1
     options: dict[str, Any] = {f"ssl_{key}": value for key, value in tls.items()}
     if tls.get("ca_certs"):
         options["ssl_cert_reqs"] = ssl.CERT_REQUIRED  # mutual TLS, as MESH does
-    uvicorn.run("mesh_sandbox.api:app", host=host, port=port, log_level="warning", **options)
+    from mesh_sandbox.api import app
+
+    uvicorn.run(_RequestLog(app, request_log) if request_log else app, host=host, port=port, log_level="warning",
+                **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-keyfile", help="... and this key")
     parser.add_argument("--ssl-ca-certs", help="require client certificates signed by these CAs")
     parser.add_argument("--plugin-config", help="NDOP plugin: JSON settings file, re-read at every message")
+    parser.add_argument("--request-log", type=Path, help="append METHOD PATH STATUS of every request to this file")
     args = parser.parse_args(argv)
     for key, value in (("OPTED_OUT_FILE", args.opted_out_file), ("OPT_OUT_FRACTION", args.opt_out_fraction),
                        ("SEED", args.seed), ("REPLY_WORKFLOW_ID", args.reply_workflow_id),
@@ -217,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     mailboxes = tuple(dict.fromkeys([NDOP_MAILBOX, *(m.upper() for m in args.mailbox)]))
     tls = {key: value for key, value in (("certfile", args.ssl_certfile), ("keyfile", args.ssl_keyfile),
                                          ("ca_certs", args.ssl_ca_certs)) if value}
-    serve(args.port, args.store_dir, mailboxes, args.host, tls)
+    serve(args.port, args.store_dir, mailboxes, args.host, tls, args.request_log)
     return 0
 
 

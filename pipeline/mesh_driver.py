@@ -470,10 +470,13 @@ class MeshDriver:
     # -- acknowledge --------------------------------------------------------------------------------
 
     def acknowledge(self, request_id: str) -> dict[str, Any]:
-        """Acknowledge a processed request's reply in MESH (deleting it there); idempotent.
+        """Acknowledge a processed request's reply in MESH (deleting it there); idempotent, and once.
 
         The process step calls this only once the Consents are durably stored. It does not take
         the work-dir lock (the caller normally holds it; flock would deadlock on a second open).
+        An ``acknowledging`` marker is written before the PUT, like ``sending`` before a send: a
+        run killed between the PUT and the state write leaves it, and the next run then looks at
+        the inbox instead of acknowledging a second time (a reply no longer there was acknowledged).
         """
         record = self.work_dir.load(request_id)
         if record["state"] == ACKNOWLEDGED:
@@ -483,9 +486,16 @@ class MeshDriver:
         message_id = record.get("reply_message_id")
         if not message_id:
             raise NdopError(f"request {request_id}: no reply message id recorded; cannot acknowledge")
-        self._ack(message_id)
-        _LOGGER.info("request %s: reply %s acknowledged", request_id, message_id)
-        return self.work_dir.update(request_id, state=ACKNOWLEDGED, acknowledged_at=isoformat(utcnow()))
+        if record.get("acknowledging") and message_id not in self._list_ids()[0]:
+            _LOGGER.info("request %s: reply %s already gone from the inbox: an interrupted run acknowledged it",
+                         request_id, message_id)
+        else:
+            self.work_dir.update(request_id, acknowledging=isoformat(utcnow()))
+            self._ack(message_id)
+            self._hook("after-ack")  # crash tests: acknowledged in MESH, not yet recorded
+            _LOGGER.info("request %s: reply %s acknowledged", request_id, message_id)
+        return self.work_dir.update(request_id, state=ACKNOWLEDGED, acknowledging=None,
+                                    acknowledged_at=isoformat(utcnow()))
 
 
 # -- status -----------------------------------------------------------------------------------------
