@@ -18,24 +18,21 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import requests
+
+from dev.service import HOST, LocalService, free_port
 
 _LOGGER = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEKMET_ENV = "NDOP_SEKMET"
 DEFAULT_SEKMET = REPO_ROOT / ".venv-fhir" / "bin" / "sekmet"
-HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 
 def sekmet_binary() -> Path:
@@ -46,13 +43,6 @@ def sekmet_binary() -> Path:
             f"sekmet not found at {path}: run dev/setup_env.sh or set {SEKMET_ENV} to the sekmet binary"
         )
     return path
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def settings(port: int, data_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -70,12 +60,14 @@ def settings(port: int, data_dir: Path, extra: dict[str, Any] | None = None) -> 
     return base
 
 
-class FhirServer:
+class FhirServer(LocalService):
     """A sekmet process on a loopback port, stopped on exit from the ``with`` block (even on error).
 
     ``extra_settings`` are merged into the settings file, e.g. ``{"server_auth": {...}}`` for a server
     that demands a bearer token.
     """
+
+    name = "sekmet"
 
     def __init__(
         self,
@@ -85,94 +77,31 @@ class FhirServer:
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        super().__init__(self.data_dir / "sekmet.log", start_timeout)
         self.port = port or free_port()
         self.base_url = f"http://{HOST}:{self.port}/fhir"
         self.extra_settings = extra_settings or {}
-        self.start_timeout = start_timeout
-        self.log_path = self.data_dir / "sekmet.log"
-        self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "FhirServer":
-        binary = sekmet_binary()
+    def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = self.data_dir / "settings.yaml"
         # JSON is YAML: no YAML writer needed on this side.
-        config.write_text(json.dumps(settings(self.port, self.data_dir, self.extra_settings), indent=2))
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                [str(binary), "serve", "-c", str(config)],
-                cwd=self.data_dir,  # anything sekmet writes relative to its cwd stays in data_dir
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() reaps any child it spawns
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        _LOGGER.info("FHIR server (sekmet) up at %s, data in %s", self.base_url, self.data_dir)
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        url = f"{self.base_url}/metadata"
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"sekmet exited with code {self._process.returncode} before answering; "
-                    f"log tail:\n{self._log_tail()}"
-                )
-            try:
-                if requests.get(url, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"sekmet did not answer {url} within {self.start_timeout:.0f} s; log tail:\n{self._log_tail()}"
-        )
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _LOGGER.warning("sekmet (pid %d) ignored SIGTERM; killing it", process.pid)
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
+        self.config_path.write_text(json.dumps(settings(self.port, self.data_dir, self.extra_settings), indent=2))
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+    def config_path(self) -> Path:
+        return self.data_dir / "settings.yaml"
 
-    def __enter__(self) -> "FhirServer":
-        return self.start()
+    def command(self) -> tuple[list[str], Path, dict[str, str]]:
+        # cwd: anything sekmet writes relative to its working directory stays in data_dir
+        return [str(sekmet_binary()), "serve", "-c", str(self.config_path)], self.data_dir, dict(os.environ)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        return requests.get(f"{self.base_url}/metadata", timeout=2).status_code == 200
+
+    def start(self) -> "FhirServer":
+        super().start()
+        _LOGGER.info("FHIR server (sekmet) up at %s, data in %s", self.base_url, self.data_dir)
+        return self
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     with FhirServer(args.data_dir, port=args.port or None) as server:
         print(server.base_url, flush=True)  # run_local.sh reads the base URL from this line
         try:
-            while server._process is not None and server._process.poll() is None:
+            while server.running:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             return 0

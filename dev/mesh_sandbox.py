@@ -21,33 +21,25 @@ acknowledgement is a silent no-op), and the crash tests must count exactly that.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from dev.service import HOST, LocalService, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = Path(__file__).resolve().parent / "mesh_plugins"
 NDOP_MAILBOX = "X26HC065"
 OUR_MAILBOXES = ("X26ABC1", "X26ABC2")  # built into the sandbox
 PASSWORD = "password"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prepare_store(store_dir: Path, mailboxes: tuple[str, ...]) -> None:
@@ -66,8 +58,10 @@ def clear_store(store_dir: Path) -> None:
                 entry.unlink(missing_ok=True)
 
 
-class MeshSandbox:
+class MeshSandbox(LocalService):
     """A running mesh-sandbox playing NDOP; ``url``, ``shared_key``, ``mailboxes``, ``password``."""
+
+    name = "mesh-sandbox"
 
     def __init__(
         self,
@@ -84,66 +78,38 @@ class MeshSandbox:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="mesh-sandbox-"))
         self.port = port or free_port()
+        super().__init__(Path(log_file) if log_file else self.store_dir.parent / f"mesh-sandbox-{self.port}.log",
+                         startup_timeout)
         self.shared_key = shared_key or secrets.token_hex(16)
         self.mailboxes = tuple(m.upper() for m in mailboxes)
         self.password = PASSWORD
         self.plugin_env = dict(plugin_env or {})
-        self.log_file = Path(log_file) if log_file else self.store_dir.parent / f"mesh-sandbox-{self.port}.log"
-        self.startup_timeout = startup_timeout
         self.tls = dict(tls or {})  # certfile, keyfile[, ca_certs: then client certificates are required]
         self.request_log = Path(request_log) if request_log else None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
-    def start(self) -> "MeshSandbox":
+    def prepare(self) -> None:
         prepare_store(self.store_dir, self.mailboxes)
-        env = {**os.environ, **self.plugin_env, "PYTHONPATH": str(REPO_ROOT), "SHARED_KEY": self.shared_key}
-        self._log = open(self.log_file, "ab")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "dev.mesh_sandbox", "--port", str(self.port), "--store-dir", str(self.store_dir),
-             *[arg for m in self.mailboxes for arg in ("--mailbox", m)],
-             *[arg for key, value in self.tls.items() for arg in (f"--ssl-{key.replace('_', '-')}", value)],
-             *(["--request-log", str(self.request_log)] if self.request_log else [])],
-            cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mesh-sandbox exited with {self._process.returncode}; see {self.log_file}")
-            if self.tls:  # a client certificate may be required: an open port is ready enough
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/messageexchange/_ping", timeout=1).ok:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"mesh-sandbox did not answer on {self.url} within {self.startup_timeout}s; see {self.log_file}")
+    def command(self) -> tuple[list[str], Path, dict[str, str]]:
+        env = {**os.environ, **self.plugin_env, "PYTHONPATH": str(REPO_ROOT), "SHARED_KEY": self.shared_key}
+        argv = [sys.executable, "-m", "dev.mesh_sandbox", "--port", str(self.port), "--store-dir", str(self.store_dir),
+                *[arg for m in self.mailboxes for arg in ("--mailbox", m)],
+                *[arg for key, value in self.tls.items() for arg in (f"--ssl-{key.replace('_', '-')}", value)],
+                *(["--request-log", str(self.request_log)] if self.request_log else [])]
+        return argv, REPO_ROOT, env
+
+    def ready(self) -> bool:
+        if self.tls:  # a client certificate may be required: an open port is ready enough
+            with socket.create_connection((HOST, self.port), timeout=1):
+                return True
+        return requests.get(f"{self.url}/messageexchange/_ping", timeout=1).ok
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().stop()
         if self._own_store:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
@@ -182,12 +148,6 @@ class MeshSandbox:
         response = requests.get(f"{self.url}/messageexchange/admin/message/{message_id}", timeout=10)
         response.raise_for_status()
         return dict(response.json())
-
-    def __enter__(self) -> "MeshSandbox":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _RequestLog:

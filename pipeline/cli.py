@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir
 
 _LOGGER = logging.getLogger("ndop")

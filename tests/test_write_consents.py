@@ -2,7 +2,6 @@
 against a scripted stub (the real server cannot fail on demand)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -10,7 +9,6 @@ from typing import Any
 
 import apache_beam as beam
 import pytest
-import requests
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to

@@ -1,0 +1,114 @@
+"""What the local stand-ins (mesh-sandbox, the FHIR server) share: a child server on loopback.
+
+Each runs in its own process group (so stopping it also reaps anything it spawned), logs to a
+file, is ready when its own health check says so, and is stopped with SIGTERM, then SIGKILL.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalService:
+    """Base of a local server process; subclasses say how to launch it and when it is ready."""
+
+    name = "service"
+
+    def __init__(self, log_path: Path, start_timeout: float) -> None:
+        self.log_path = log_path
+        self.start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- for subclasses ------------------------------------------------------------------------
+
+    def command(self) -> tuple[list[str], Path, dict[str, str]]:
+        """``(argv, cwd, env)`` of the server process."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """One health check; exceptions count as not ready yet."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Anything to write before the process starts."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "LocalService":
+        self.prepare()
+        argv, cwd, env = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self._process.returncode} before answering; "
+                                   f"log tail:\n{self.log_tail()}")
+            try:
+                if self.ready():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet, whatever the client says
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not answer within {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
