@@ -165,6 +165,9 @@ def _process(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--request-id", required=True, help="the request to process")
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: the FHIR client's environment)")
+    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
+                   help="copy the request's inputs to URL/<request id>/ and run there (e.g. gs://bucket/ndop, "
+                        "for --runner DataflowRunner); env NDOP_STAGE_DIR")
     p.add_argument("--no-ack", action="store_true",
                    help="write the Consents but leave the MESH reply unacknowledged (no MESH settings needed); "
                         "a later `ndop process` or `ndop poll` acknowledges it")
@@ -175,11 +178,12 @@ def _run_process(args: argparse.Namespace) -> int:
     from pipeline.process import process_request
 
     if args.no_ack:
-        record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args)
+        record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
+                                 stage_dir=args.stage_dir)
     else:
         with _mesh_driver(args) as driver:  # configuration errors surface before the pipeline runs
             record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
-                                     acknowledge=driver.acknowledge)
+                                     acknowledge=driver.acknowledge, stage_dir=args.stage_dir)
     c = record.get("processing", {}).get("counts", {})
     print(
         f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, {c.get('not_opted_out', 0)} not opted out, "

@@ -16,8 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import apache_beam as beam
@@ -39,6 +41,7 @@ from transforms.read_inputs import NAMESPACE, ReadManifest, ReadReply
 _LOGGER = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+_STAGE_BLOCK = 8 << 20
 DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to download Prism here
 _LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 
@@ -290,12 +293,37 @@ def _acknowledge(work_dir: WorkDir, record: dict[str, Any], acknowledge: Acknowl
         return acknowledge(record["request_id"])
 
 
+def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
+    """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
+    remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
+    any scheme Beam knows works; a re-run overwrites the same objects."""
+    staged = []
+    for key, default in (("manifest", "manifest.parquet"), ("reply", "reply.dat")):
+        source = folder / files.get(key, default)
+        target = join_path(stage_dir, source.name)
+        try:
+            with open(source, "rb") as src, FileSystems.create(
+                target, compression_type=CompressionTypes.UNCOMPRESSED
+            ) as out:
+                shutil.copyfileobj(src, out, _STAGE_BLOCK)
+        except OSError as err:
+            raise NdopError(f"cannot stage {source} to {target}: {err}") from None
+        _LOGGER.info("staged %s -> %s", source, target)
+        staged.append(target)
+    return staged[0], staged[1]
+
+
 def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = None,
-                    beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None) -> dict[str, Any]:
+                    beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None,
+                    stage_dir: str | None = None) -> dict[str, Any]:
     """``ndop process``: run the pipeline for a replied request, then mark it processed and acknowledge.
 
     A record already ``processed`` (an earlier run wrote everything but did not acknowledge) is only
     acknowledged. Any failure or integrity error leaves the record ``replied`` and raises.
+
+    With ``stage_dir`` (a ``gs://`` folder for Dataflow) the inputs are copied to
+    ``<stage_dir>/<request_id>/`` and the pipeline reads and writes there, so ``--runner DataflowRunner``
+    works from the same work dir; ``summary.json`` is copied back beside the request.
     """
     with work_dir.lock():
         record = work_dir.load(request_id)
@@ -308,17 +336,26 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
         raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
     folder = work_dir.request_dir(request_id)
     files = record.get("files", {})
+    if stage_dir:
+        output_dir = join_path(stage_dir, request_id)
+        manifest, reply = stage_inputs(folder, files, output_dir)
+    else:
+        output_dir = str(folder)
+        manifest = str(folder / files.get("manifest", "manifest.parquet"))
+        reply = str(folder / files.get("reply", "reply.dat"))
     argv = [
         *beam_args,
-        f"--manifest={folder / files.get('manifest', 'manifest.parquet')}",
-        f"--reply={folder / files.get('reply', 'reply.dat')}",
+        f"--manifest={manifest}",
+        f"--reply={reply}",
         f"--checked_at={record['checked_at']}",
-        f"--output_dir={folder}",
+        f"--output_dir={output_dir}",
         f"--request_id={request_id}",
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
     summary = run(argv)
+    if stage_dir:
+        write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
     fields = {"processing": {"summary": SUMMARY, "ok": summary["ok"], "counts": summary["counts"],
                              "at": summary["timings"]["finished_at"]}}
     with work_dir.lock():

@@ -84,9 +84,12 @@ class ReadManifest(beam.PTransform):
         self._column = column
 
     def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
+        # validate=False: building the graph must not read the input (with validate=True Beam matches the
+        # gs:// path at construction, which without bucket access stalls ~2 min in credential retries);
+        # pipeline.process.check_inputs has already said, in one line, whether the file exists.
         return (
             pbegin
-            | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column])
+            | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column], validate=False)
             | "ShardManifest" >> beam.ParDo(ShardManifestFn(self._path, self._shards, self._column))
         )
 
