@@ -213,6 +213,8 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-request", action="store_true",
                    help="build and send a new request even if an earlier one is unfinished")
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
+                   help="run the process step on inputs copied here (e.g. gs://bucket/ndop for Dataflow)")
     p.set_defaults(handler=_run_run, beam_args=True)
 
 
@@ -227,7 +229,7 @@ def _run_run(args: argparse.Namespace) -> int:
         request=RequestSettings(mailbox=mesh.mailbox, ndop_mailbox=mesh.ndop_mailbox, line_ending=args.line_ending,
                                 column=args.column, format=args.format),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
-        beam_args=args.extra_args,
+        beam_args=args.extra_args, stage_dir=args.stage_dir,
     )
     work_dir = WorkDir(args.work_dir)
     result = run(work_dir, mesh, settings)

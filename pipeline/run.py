@@ -42,6 +42,7 @@ class RunSettings:
     new_request: bool = False
     fhir_url: str | None = None
     beam_args: Sequence[str] = ()
+    stage_dir: str | None = None
     fhir_env_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,7 +139,7 @@ class Runner:
 
                 try:
                     process_request(self.work_dir, rid, self.settings.fhir_url, self.settings.beam_args,
-                                    acknowledge=self._acknowledger(driver))
+                                    acknowledge=self._acknowledger(driver), stage_dir=self.settings.stage_dir)
                 finally:
                     self._timed(rid, "process", started)
             record = self.work_dir.load(rid)
