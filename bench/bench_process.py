@@ -30,6 +30,12 @@ CHECKED_AT = "2024-11-26T10:15:00Z"
 
 
 def _peak_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss survives fork and exec, so a trial would
+    report its parent's peak when that was higher."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
