@@ -6,7 +6,6 @@ exact place in the user's file.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, at
+from pipeline.nhs import redact
 
 if TYPE_CHECKING:
     from pipeline.fhir_client import FhirClientConfig
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 FORMATS = ("auto", "text", "csv", "parquet")
 DEFAULT_COLUMN = "nhs_number"
 _BY_SUFFIX = {".txt": "text", ".text": "text", ".lst": "text", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-_DIGITS = re.compile(r"\d[\d -]{8,}\d")
 
 
 @dataclass
@@ -31,13 +30,6 @@ class Cohort:
     values: pa.Array  # raw values as strings
     lines: pa.Array  # 1-based source line (text, CSV) or row (Parquet) of each value
     format: str
-
-
-def redact(message: str) -> str:
-    """Mask anything that looks like an NHS number in a library's error text before we show it."""
-    from pipeline.nhs import mask, normalise
-
-    return _DIGITS.sub(lambda m: mask(normalise(m.group())), message)
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
