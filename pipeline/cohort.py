@@ -70,7 +70,7 @@ def _read_delimited(source: Path, column: str, header: bool) -> Cohort:
         parse = pacsv.ParseOptions(ignore_empty_lines=False, newlines_in_values=False)
         names = _header(source)
         if column not in names:
-            shown = ", ".join(names[:10]) or "(empty)"
+            shown = redact(", ".join(names[:10])) or "(empty)"  # a file with no header shows a number here
             raise InputError(f"{at(source, 1)}: no column {column!r} in the header (found: {shown}); use --column")
         convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
                                        strings_can_be_null=False, quoted_strings_can_be_null=False)
@@ -95,7 +95,7 @@ def _header(source: Path) -> list[str]:
 def _read_parquet(source: Path, column: str) -> Cohort:
     schema = pq.read_schema(source)
     if column not in schema.names:
-        shown = ", ".join(schema.names[:10]) or "(none)"
+        shown = redact(", ".join(schema.names[:10])) or "(none)"
         raise InputError(f"{source}: no column {column!r} in the Parquet schema (found: {shown}); use --column")
     values = pq.read_table(source, columns=[column]).column(column).combine_chunks()
     values = values.cast(pa.string())  # an integer column is fine too: NHS numbers have no leading zero
