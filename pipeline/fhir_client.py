@@ -172,7 +172,7 @@ class LoggingRetry(Retry):
             _url_for_log(url),
             cause,
             len(new.history),
-            self.total if isinstance(self.total, int) else -1,
+            self.total + len(self.history) if isinstance(self.total, int) else -1,  # total counts down per retry
             f" after Retry-After {retry_after}" if retry_after else f", backoff {new.get_backoff_time():.1f} s",
         )
         return new
