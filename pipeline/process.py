@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import datfile
+from pipeline import datfile, nhs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
 from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.options import NdopOptions
@@ -189,7 +189,7 @@ def _root_message(err: BaseException) -> str:
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
-    return (errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
+    return nhs.redact(errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
 
 
 def counters(result: Any) -> dict[str, int]:
