@@ -6,7 +6,6 @@ exact place in the user's file.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, at
+from pipeline.nhs import redact
 
 if TYPE_CHECKING:
     from pipeline.fhir_client import FhirClientConfig
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 FORMATS = ("auto", "text", "csv", "parquet")
 DEFAULT_COLUMN = "nhs_number"
 _BY_SUFFIX = {".txt": "text", ".text": "text", ".lst": "text", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-_DIGITS = re.compile(r"\d[\d -]{8,}\d")
 
 
 @dataclass
@@ -31,13 +30,6 @@ class Cohort:
     values: pa.Array  # raw values as strings
     lines: pa.Array  # 1-based source line (text, CSV) or row (Parquet) of each value
     format: str
-
-
-def redact(message: str) -> str:
-    """Mask anything that looks like an NHS number in a library's error text before we show it."""
-    from pipeline.nhs import mask, normalise
-
-    return _DIGITS.sub(lambda m: mask(normalise(m.group())), message)
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -78,7 +70,7 @@ def _read_delimited(source: Path, column: str, header: bool) -> Cohort:
         parse = pacsv.ParseOptions(ignore_empty_lines=False, newlines_in_values=False)
         names = _header(source)
         if column not in names:
-            shown = ", ".join(names[:10]) or "(empty)"
+            shown = redact(", ".join(names[:10])) or "(empty)"  # a file with no header shows a number here
             raise InputError(f"{at(source, 1)}: no column {column!r} in the header (found: {shown}); use --column")
         convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
                                        strings_can_be_null=False, quoted_strings_can_be_null=False)
@@ -103,7 +95,7 @@ def _header(source: Path) -> list[str]:
 def _read_parquet(source: Path, column: str) -> Cohort:
     schema = pq.read_schema(source)
     if column not in schema.names:
-        shown = ", ".join(schema.names[:10]) or "(none)"
+        shown = redact(", ".join(schema.names[:10])) or "(none)"
         raise InputError(f"{source}: no column {column!r} in the Parquet schema (found: {shown}); use --column")
     values = pq.read_table(source, columns=[column]).column(column).combine_chunks()
     values = values.cast(pa.string())  # an integer column is fine too: NHS numbers have no leading zero

@@ -148,6 +148,12 @@ def _client_secret(config: FhirClientConfig) -> str:
 # Retries
 
 
+def _url_without_query(url: str) -> str:
+    """Scheme, host and path: what an error may name (a query may hold an NHS number)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
 def _url_for_log(url: str | None) -> str:
     """Path only: a search URL's query may hold an NHS number."""
     return urlsplit(url or "").path or "?"
@@ -166,7 +172,7 @@ class LoggingRetry(Retry):
             _url_for_log(url),
             cause,
             len(new.history),
-            self.total if isinstance(self.total, int) else -1,
+            self.total + len(self.history) if isinstance(self.total, int) else -1,  # total counts down per retry
             f" after Retry-After {retry_after}" if retry_after else f", backoff {new.get_backoff_time():.1f} s",
         )
         return new
@@ -359,7 +365,13 @@ def response_reason(response: requests.Response) -> str:
     return text or f"HTTP {response.status_code} {response.reason or ''}".strip()
 
 
-def _check(response: requests.Response, what: str) -> dict[str, Any]:
+def _get(session: requests.Session, url: str, params: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """GET a search page; a server that never answers (after the session's retries) is one FhirError line."""
+    try:
+        response = session.get(url, params=params)
+    except requests.RequestException as exc:
+        raise FhirError(f"{what} failed: no answer from the FHIR server {_url_without_query(url)} "
+                        f"({type(exc).__name__})") from None
     if response.status_code != 200:
         raise FhirError(f"{what} failed: HTTP {response.status_code}: {response_reason(response)}")
     return response.json()
@@ -377,7 +389,7 @@ def iter_search(
     query: Mapping[str, Any] | None = params
     pages = 0
     while url:
-        bundle = _check(session.get(url, params=query), f"search {resource_type}")
+        bundle = _get(session, url, query, f"search {resource_type}")
         pages += 1
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource")
@@ -390,10 +402,8 @@ def iter_search(
 
 def search_total(session: requests.Session, base_url: str, resource_type: str, params: Mapping[str, Any]) -> int:
     """How many resources match (``_summary=count``)."""
-    bundle = _check(
-        session.get(f"{base_url.rstrip('/')}/{resource_type}", params={**params, "_summary": "count"}),
-        f"count {resource_type}",
-    )
+    bundle = _get(session, f"{base_url.rstrip('/')}/{resource_type}", {**params, "_summary": "count"},
+                  f"count {resource_type}")
     return int(bundle.get("total", 0))
 
 

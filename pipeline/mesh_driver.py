@@ -27,7 +27,7 @@ from mesh_client import DEP_ENDPOINT, INT_ENDPOINT, LIVE_ENDPOINT, MeshClient
 from mesh_client.io_helpers import SplitStream
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from pipeline import datfile
+from pipeline import datfile, nhs
 from pipeline.faults import FAULT_ENV, fault_point  # noqa: F401 (FAULT_ENV re-exported for tests)
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer
@@ -427,7 +427,7 @@ class MeshDriver:
             return False
         head = message.read(256)
         if len(head) < 256 and datfile.INVALID_NUMBERS_REPLY.lower() in head.decode("utf-8", "replace").lower():
-            reason = head.decode("utf-8", "replace").strip()
+            reason = nhs.redact(head.decode("utf-8", "replace").strip())  # NDOP's text: shown in logs and status
             self.work_dir.update(rid, state=REJECTED, rejection={
                 "message_id": message_id, "reason": reason, "at": isoformat(utcnow())})
             report.rejected.append((rid, reason))

@@ -6,6 +6,8 @@ numpy; ``tests/test_nhs.py`` holds the two to agreement.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,6 +23,8 @@ REASON_CHARACTERS = "contains characters other than digits, spaces and hyphens"
 REASON_CHECK_DIGIT = "invalid check digit (Modulus 11)"
 
 NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+
+_NUMBER_LIKE = re.compile(r"\d[\d -]{8,}\d")  # ten digits or more, as typed (spaces, hyphens) or not
 
 
 def normalise(value: str) -> str:
@@ -48,6 +52,12 @@ def mask(value: str) -> str:
     """What logs may show of a number: all but the last four characters hidden."""
     text = str(value)
     return "*" * max(len(text) - 4, 0) + text[-4:]
+
+
+def redact(text: str) -> str:
+    """Mask anything that looks like an NHS number in text we did not write (a library's error, a
+    server's reply) before it reaches a log, an error message or a record."""
+    return _NUMBER_LIKE.sub(lambda m: mask(normalise(m.group())), text)
 
 
 def normalise_array(values: pa.Array) -> pa.Array:

@@ -28,9 +28,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import datfile
+from pipeline import datfile, nhs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
-from pipeline.files import write_json
+from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.options import NdopOptions
 from pipeline.state import PROCESSED, REPLIED, WorkDir, isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
@@ -189,7 +189,7 @@ def _root_message(err: BaseException) -> str:
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
-    return (errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
+    return nhs.redact(errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
 
 
 def counters(result: Any) -> dict[str, int]:
@@ -302,9 +302,12 @@ def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[s
         source = folder / files.get(key, default)
         target = join_path(stage_dir, source.name)
         try:
-            with open(source, "rb") as src, FileSystems.create(
-                target, compression_type=CompressionTypes.UNCOMPRESSED
-            ) as out:
+            if _is_local(target):  # a shared disk: the copies hold NHS numbers, so 0600 in a 0700 folder
+                private_dir(stage_dir)
+                opened = atomic_writer(target)
+            else:
+                opened = FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED)
+            with open(source, "rb") as src, opened as out:
                 shutil.copyfileobj(src, out, _STAGE_BLOCK)
         except OSError as err:
             raise NdopError(f"cannot stage {source} to {target}: {err}") from None

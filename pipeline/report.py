@@ -20,7 +20,6 @@ from pipeline.state import ACKNOWLEDGED, PROCESSED, WorkDir, parse_time
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-_BLOCK = 64 << 20
 
 
 @dataclass
@@ -37,23 +36,8 @@ class Outcome:
 
 def read_reply_numbers(path: Path) -> pa.Array:
     """Every number in a reply ``.dat``, read in newline-aligned blocks so memory stays flat."""
-    chunks: list[pa.Array] = []
     with open(path, "rb") as handle:
-        carry, line = b"", 1
-        while True:
-            block = handle.read(_BLOCK)
-            data = carry + block
-            if not block:
-                cut = len(data)
-            else:
-                cut = data.rfind(b"\n") + 1
-            if cut:
-                parsed = datfile.parse(data[:cut], first_line=line, header_allowed=(line == 1))
-                chunks.append(parsed.numbers)
-                line += data[:cut].count(b"\n")
-            carry = data[cut:]
-            if not block:
-                break
+        chunks = [datfile.parse(block, first_line=line).numbers for line, block in datfile.iter_line_blocks(handle)]
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 

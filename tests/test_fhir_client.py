@@ -250,6 +250,30 @@ def test_failed_search_raises_with_the_outcome_text() -> None:
                 list(iter_search(session, stub.url, "Consent", {"foo": "1"}))
 
 
+def test_unreachable_server_is_one_clear_fhir_error() -> None:
+    """``ndop run --cohort fhir`` with the FHIR server down: a one-line error, not a requests traceback."""
+    from dev.service import free_port
+
+    base = f"http://127.0.0.1:{free_port()}/fhir"
+    with open_session(FhirClientConfig(base, max_retries=2, backoff=0)) as session:
+        with pytest.raises(FhirError, match=rf"^search Patient failed: no answer from the FHIR server {base}/Patient "
+                                            r"\(ConnectionError\)$"):
+            list(iter_search(session, base, "Patient", {"_elements": "identifier"}))
+        with pytest.raises(FhirError, match=r"^count Consent failed: no answer"):
+            search_total(session, base, "Consent", {})
+
+
+def test_retry_warnings_count_up_to_the_configured_retries(caplog: pytest.LogCaptureFixture) -> None:
+    from dev.service import free_port
+
+    base = f"http://127.0.0.1:{free_port()}/fhir"
+    with open_session(FhirClientConfig(base, max_retries=3, backoff=0)) as session:
+        with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"), pytest.raises(FhirError):
+            search_total(session, base, "Consent", {})
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 3", "retry 2 of 3", "retry 3 of 3"]
+
+
 def test_iter_search_follows_next_links(fhir_server: str) -> None:
     numbers = nhs.synthetic_numbers(25, seed=51).to_pylist()
     with open_session(FhirClientConfig(fhir_server)) as session:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -218,6 +219,25 @@ def test_invalid_number_reply_rejects_the_request(mesh: Mesh, work_dir: WorkDir,
     assert saved["state"] == REJECTED and "invalid NHS Numbers" in saved["rejection"]["reason"]
     assert not (work_dir.request_dir(record["request_id"]) / "reply.dat").exists()
     assert mesh.inbox() == []  # notice and rejection both acknowledged
+
+
+def test_rejection_text_quoting_a_number_is_masked_everywhere(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
+    """The rejection reason is NDOP's own text: if it ever names the bad number, no log, record or status shows it."""
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path)
+    assert ndop(["send"], mesh, work_dir).returncode == 0
+    quoted = numbers_of(record, work_dir)[0]
+    with mesh.client("X26HC065") as pos:
+        pos.send_message(OUR_MAILBOX, f"The file contains one or more invalid NHS Numbers: {quoted}\r\n".encode(),
+                         workflow_id="SPINE_NTT_UPHOLDING", local_id=record["local_id"], subject=record["subject"])
+    result = ndop(["poll"], mesh, work_dir)
+    status = ndop(["status"], mesh, work_dir)
+    saved = work_dir.load(record["request_id"])
+    assert result.returncode == 1 and saved["state"] == REJECTED
+    assert saved["rejection"]["reason"] == f"The file contains one or more invalid NHS Numbers: {nhs.mask(quoted)}"
+    for text in (result.stdout, result.stderr, status.stdout, status.stderr, json.dumps(saved)):
+        assert quoted not in text
+    assert nhs.mask(quoted) in status.stdout
 
 
 def test_mesh_report_fails_the_request(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:

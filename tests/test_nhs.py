@@ -75,3 +75,9 @@ def test_synthetic_range_capacity_is_enforced() -> None:
 def test_mask_hides_all_but_last_four() -> None:
     assert nhs.mask("9434765919") == "******5919"
     assert nhs.mask("12") == "12"
+
+
+def test_redact_masks_number_like_runs_in_foreign_text() -> None:
+    assert nhs.redact("Consent?identifier=x|9990000018 failed") == "Consent?identifier=x|******0018 failed"
+    assert nhs.redact('Expected 2 columns, got 1: "943 476 5919') == 'Expected 2 columns, got 1: "******5919'
+    assert nhs.redact("HTTP 404 in 12 s") == "HTTP 404 in 12 s"

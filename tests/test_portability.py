@@ -249,3 +249,18 @@ def test_ndop_process_stages_to_a_remote_folder(work_dir, fhir_server, mem_fs):
     assert not (work_dir.request_dir(rid) / "dead_letters.jsonl").exists()
     assert [c["status"] for c in _consents_of(fhir_server, numbers[0])] == ["active"]
     assert [c["status"] for c in _consents_of(fhir_server, numbers[5])] == ["inactive"]
+
+
+def test_ndop_process_stages_to_a_local_folder_privately(work_dir, fhir_server, tmp_path):
+    """A local ``--stage-dir`` (a disk shared with a cluster) gets the same 0600/0700 care as the work dir."""
+    numbers = nhs.synthetic_numbers(4, seed=9303).to_pylist()
+    rid = "X26ABC1-241126-0902"
+    _replied_request(work_dir, rid, numbers, numbers[1:])
+    stage = tmp_path / "shared" / "ndop"
+    record = process_request(work_dir, rid, fhir_server, [*RUNNER_ARGS, "--shards=2", "--fhir_auth=none"],
+                             stage_dir=str(stage))
+    assert record["state"] == PROCESSED and record["processing"]["counts"]["written"] == 4
+    for name in ("manifest.parquet", "reply.dat", "dead_letters.jsonl", "summary.json"):
+        assert (stage / rid / name).stat().st_mode & 0o777 == 0o600, name
+    assert (stage / rid).stat().st_mode & 0o777 == 0o700
+    assert (stage / rid / "manifest.parquet").read_bytes() == (work_dir.request_dir(rid) / "manifest.parquet").read_bytes()

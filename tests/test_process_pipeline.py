@@ -207,3 +207,18 @@ def test_ndop_process_acknowledges_the_reply_through_mesh(work_dir, fhir_server,
     assert "1 opted out, 5 not opted out, 6 Consents written" in done.stdout
     assert work_dir.load(rid)["state"] == ACKNOWLEDGED
     assert mesh.inbox() == []
+
+
+def test_pipeline_failure_line_never_quotes_an_nhs_number():
+    """A worker's error (say pydantic quoting the Consent it refused) becomes the CLI's error line: masked."""
+    from pipeline.process import _root_message
+
+    number = _numbers(1, seed=9109)[0]
+    try:
+        try:
+            raise ValueError(f"Consent abc is not valid FHIR R4: input_value={{'value': '{number}'}}")
+        except ValueError as inner:
+            raise RuntimeError("Pipeline failed in stage BuildConsent") from inner
+    except RuntimeError as err:
+        line = _root_message(err)
+    assert number not in line and nhs.mask(number) in line

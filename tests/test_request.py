@@ -153,13 +153,17 @@ def _assert_nothing_left(work_dir: WorkDir) -> None:
         (lambda d: write_text(d / "c.xlsx", ["x"]), r"c\.xlsx: unknown cohort format '\.xlsx'"),
         (lambda d: (d / "c.csv").write_text("patient,nhs\np1,9434765919\n") and d / "c.csv",
          r"c\.csv:1: no column 'nhs_number' in the header \(found: patient, nhs\)"),
+        (lambda d: (d / "c.csv").write_text(f"{VALID[0]},x\n{VALID[1]},y\n") and d / "c.csv",
+         r"c\.csv:1: no column 'nhs_number' in the header \(found: \*{6}\d{4}, x\)"),
+        (lambda d: pq.write_table(pa.table({VALID[0]: ["x"]}), d / "c.parquet") or d / "c.parquet",
+         r"c\.parquet: no column 'nhs_number' in the Parquet schema \(found: \*{6}\d{4}\)"),
         (lambda d: write_text(d / "c.txt", ["abc", "", "9434765918"]),
          r"c\.txt: no valid NHS number in the cohort \(2 read, 2 invalid; line 1: .*; line 3: invalid check digit"),
         (lambda d: (d / "c.txt").write_text("") or d / "c.txt", r"c\.txt: no valid NHS number"),
         (lambda d: write_text(d / "c.parquet", ["not parquet at all"]),
          r"c\.parquet: cannot read as parquet"),
     ],
-    ids=["missing", "directory", "unknown-format", "csv-no-column", "no-valid", "empty", "corrupt-parquet"],
+    ids=["missing", "directory", "unknown-format", "csv-no-column", "csv-no-header", "parquet-numbered-column", "no-valid", "empty", "corrupt-parquet"],
 )
 def test_bad_input_one_line_exit_2_nothing_left(tmp_path, make, message) -> None:
     src = tmp_path / "in"

@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import datfile, nhs
+from pipeline.datfile import iter_line_blocks
 from pipeline.errors import at
 from pipeline.state import isoformat, utcnow
 from transforms import shards as shardlib
@@ -30,7 +31,7 @@ _LOGGER = logging.getLogger(__name__)
 
 NAMESPACE = "ndop"
 MANIFEST_COLUMN = "nhs_number"
-BLOCK_BYTES = 8 << 20  # about 700,000 reply lines a block
+BLOCK_BYTES = datfile.BLOCK_BYTES
 REASON_INVALID_NOTICE = "NDOP rejected the request: " + datfile.INVALID_NUMBERS_REPLY
 
 
@@ -92,26 +93,6 @@ class ReadManifest(beam.PTransform):
             | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column], validate=False)
             | "ShardManifest" >> beam.ParDo(ShardManifestFn(self._path, self._shards, self._column))
         )
-
-
-def iter_line_blocks(handle: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """``(first line number, whole lines)`` blocks of a binary file, each cut after a newline."""
-    line = 1
-    rest = b""
-    while True:
-        chunk = handle.read(block_bytes)
-        if not chunk:
-            break
-        data = rest + chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            rest = data
-            continue
-        block, rest = data[:cut], data[cut:]
-        yield line, block
-        line += block.count(b"\n")
-    if rest:
-        yield line, rest
 
 
 class ParseReplyFn(beam.DoFn):

@@ -21,7 +21,6 @@ is above zero and counts every Consent as ``consents_refused``.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlencode
@@ -51,12 +50,6 @@ UPSERT_MODES = ("id", "conditional")
 DEFAULT_BATCH_SIZE = 500
 METRICS_NAMESPACE = "ndop"
 STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
-_TEN_DIGITS = re.compile(r"(?<!\d)\d{10}(?!\d)")
-
-
-def scrub(text: str) -> str:
-    """Mask anything that looks like an NHS number in server text before it reaches a log."""
-    return _TEN_DIGITS.sub(lambda m: nhs.mask(m.group(0)), text)
 
 
 def nhs_number_of(consent: Mapping[str, Any]) -> str:
@@ -160,7 +153,7 @@ class _PostBundlesFn(beam.DoFn):
                 self._bundle_type,
                 nhs.mask(first["nhs_number"]),
                 first["status"],
-                scrub(first["reason"]),
+                nhs.redact(first["reason"]),
             )
             for record in dead:
                 yield pvalue.TaggedOutput(WriteConsents.DEAD_LETTER, record)
@@ -215,7 +208,7 @@ class _PostBundlesFn(beam.DoFn):
             if bundle_type == "transaction" and 400 <= response.status_code < 500 and response.status_code != 429:
                 _LOGGER.warning(
                     "transaction of %d Consents refused whole (HTTP %d: %s); posting them again as a batch",
-                    len(consents), response.status_code, scrub(reason),
+                    len(consents), response.status_code, nhs.redact(reason),
                 )
                 return None
             # The session's retries are spent (5xx/429), or the server refused the bundle itself.
