@@ -377,6 +377,13 @@ def _get(session: requests.Session, url: str, params: Mapping[str, Any] | None, 
     return response.json()
 
 
+def check_server(config: FhirClientConfig) -> None:
+    """Fail fast, before a pipeline posts anything: a server that is down (or refuses our credentials)
+    would otherwise cost every bundle its whole retry budget before the run could fail."""
+    with open_session(config) as session:
+        _get(session, f"{config.base_url.rstrip('/')}/metadata", None, "FHIR server check")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Search and bundles
 

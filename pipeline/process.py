@@ -244,6 +244,9 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     options = pipeline_options(argv)
     opts = options.view_as(NdopOptions)
     check_inputs(opts)
+    from pipeline.fhir_client import check_server
+
+    check_server(fhir_config(opts))
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):

@@ -222,3 +222,19 @@ def test_pipeline_failure_line_never_quotes_an_nhs_number():
     except RuntimeError as err:
         line = _root_message(err)
     assert number not in line and nhs.mask(number) in line
+
+
+def test_fhir_server_down_fails_fast_before_any_write(work_dir):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/fhir"
+    _replied_request(work_dir, "X26ABC1-241126-0009", _numbers(4, seed=9110), [])
+    done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0009", "--fhir-url", closed, "--no-ack",
+                 env={"FHIR_AUTH": "none"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "ndop process: error: FHIR server check failed: no answer from the FHIR server")
+    assert work_dir.load("X26ABC1-241126-0009")["state"] == REPLIED
+    assert not (work_dir.request_dir("X26ABC1-241126-0009") / SUMMARY).exists()
