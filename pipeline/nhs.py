@@ -105,21 +105,28 @@ def _strings(digits: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), count, [None, offsets, data])
 
 
-def unique_in_order(valid: pa.Array) -> pa.Array:
-    """Distinct valid numbers in order of first appearance.
+def to_int64(values: pa.Array) -> np.ndarray:
+    """Valid 10-digit number strings as int64 keys (8 bytes each; sortable, hashable, joinable).
 
-    Keys are the numbers as int64 (8 bytes, not a hashed string each): a hash set of ten million
-    strings alone costs more memory than a national cohort's whole request step should.
+    Built column by column: a (n, 10) int64 matrix would cost 80 bytes a number for nothing.
     """
-    digits = _digits_matrix(valid)
+    digits = _digits_matrix(values)
     keys = np.zeros(len(digits), dtype=np.int64)
     for column in range(LENGTH):
         keys *= 10
         keys += digits[:, column]
-    _, first = np.unique(keys, return_index=True)
-    del keys
+    return keys
+
+
+def unique_in_order(valid: pa.Array) -> pa.Array:
+    """Distinct valid numbers in order of first appearance.
+
+    Keys are the numbers as int64, not hashed strings: a hash set of ten million strings alone
+    costs more memory than a national cohort's whole request step should.
+    """
+    _, first = np.unique(to_int64(valid), return_index=True)
     first.sort()
-    return _strings(digits[first])
+    return _strings(_digits_matrix(valid)[first])
 
 
 def validate_array(values: pa.Array) -> tuple[pa.Array, pa.Array]:

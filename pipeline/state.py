@@ -77,15 +77,15 @@ class WorkDir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def ids(self) -> list[str]:
-        """Request ids in creation order; folders still being built (dot-names) are not requests."""
+    def all(self) -> list[dict[str, Any]]:
+        """Every request's record in creation order; folders still being built (dot-names) are not requests."""
         if not self.requests.is_dir():
             return []
-        found = [p.name for p in self.requests.iterdir() if not p.name.startswith(".") and (p / REQUEST_FILE).is_file()]
-        return sorted(found, key=lambda rid: (self.load(rid).get("created_at", ""), rid))
-
-    def all(self) -> list[dict[str, Any]]:
-        return [self.load(rid) for rid in self.ids()]
+        records = [
+            self.load(p.name) for p in self.requests.iterdir()
+            if not p.name.startswith(".") and (p / REQUEST_FILE).is_file()
+        ]
+        return sorted(records, key=lambda r: (r.get("created_at", ""), r["request_id"]))
 
     def load(self, request_id: str) -> dict[str, Any]:
         path = self.request_dir(request_id) / REQUEST_FILE

@@ -14,7 +14,6 @@ import pyarrow as pa
 
 from pipeline import nhs
 
-_POWERS = 10 ** np.arange(nhs.LENGTH - 1, -1, -1, dtype=np.int64)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads sequential numbers evenly
 DTYPE = np.dtype("<i8")
 
@@ -25,7 +24,7 @@ def to_int64(numbers: pa.Array | pa.ChunkedArray) -> np.ndarray:
         numbers = numbers.combine_chunks() if numbers.num_chunks else pa.array([], pa.string())
     if len(numbers) == 0:
         return np.zeros(0, dtype=DTYPE)
-    return nhs._digits_matrix(numbers).astype(np.int64) @ _POWERS
+    return nhs.to_int64(numbers).astype(DTYPE, copy=False)
 
 
 def to_strings(numbers: np.ndarray) -> list[str]:
