@@ -29,13 +29,15 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import datfile, nhs
+from pipeline import ledger as ledger_dirs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
 from pipeline.files import atomic_writer, private_dir, write_json
-from pipeline.options import NdopOptions
+from pipeline.options import LedgerOptions, NdopOptions
 from pipeline.state import PROCESSED, REPLIED, WorkDir, isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters
-from transforms.join import MANIFEST, REPLY, JoinAndClassify
+from transforms import ledger
+from transforms.join import MANIFEST, REPLY
 from transforms.read_inputs import NAMESPACE, ReadManifest, ReadReply
 
 _LOGGER = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ _SUMMARY_COUNTERS = {
     "consents_built": "consents_built",
     "bundles_posted": "bundles_posted",
     "dead_letters": "dead_letters",
+    **ledger.COUNTERS,
 }
 
 
@@ -93,7 +96,8 @@ def fhir_config(opts: NdopOptions) -> Any:
 STAGES = ("join", "consents", "write")
 
 
-def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write") -> dict[str, Any]:
+def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
+                   ledger_opts: LedgerOptions | None = None) -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
     ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
@@ -103,20 +107,27 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write")
         raise ValueError(f"until must be one of {STAGES}")
     manifest = p | "ReadManifest" >> ReadManifest(opts.manifest, opts.shards)
     reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
-    joined = {MANIFEST: manifest, REPLY: reply.numbers} | "JoinAndClassify" >> JoinAndClassify()
+    lopts = ledger_opts or opts.view_as(LedgerOptions)
+    previous = p | "ReadLedger" >> ledger.ReadLedger(lopts.ledger_in, opts.shards)
+    joined = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous} | "JoinWithLedger" >> (
+        ledger.JoinWithLedger(opts.checked_at, opts.request_id, lopts.refresh_days, lopts.full_refresh))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
-        joined[JoinAndClassify.INTEGRITY_ERRORS],
+        joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
     ) | "FlattenIntegrityErrors" >> beam.Flatten()
     error_count = errors | "CountIntegrityErrors" >> beam.combiners.Count.Globally()
     outputs: dict[str, Any] = {
-        "classified": joined.classified,
+        "classified": joined.to_write,
+        "ledger": joined[ledger.LEDGER],
         "integrity_errors": errors,
         "integrity_error_count": error_count,
     }
+    if lopts.ledger_out:
+        outputs["ledger_files"] = joined[ledger.LEDGER] | "WriteLedger" >> ledger.WriteLedgerShards(
+            lopts.ledger_out, error_count)
     if until == "join":
         return outputs
-    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
+    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
@@ -210,8 +221,9 @@ def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: f
         problems.append(f"{counts['integrity_errors']} integrity errors in the reply: no Consent written")
     if counts["failed"] or counts["refused"]:
         problems.append(f"{counts['failed']} Consents failed, {counts['refused']} refused")
-    if not counts["integrity_errors"] and counts["written"] != classified:
-        problems.append(f"{counts['written']} Consents written for {classified} patients")
+    if not counts["integrity_errors"] and counts["written"] != counts["to_write"]:
+        problems.append(f"{counts['written']} Consents written of {counts['to_write']} to write "
+                        f"({classified} patients)")
     return {
         "request_id": opts.request_id,
         "checked_at": opts.checked_at,
@@ -247,17 +259,21 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     from pipeline.fhir_client import check_server
 
     check_server(fhir_config(opts))
+    lopts = options.view_as(LedgerOptions)
+    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, lopts.full_refresh)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):
         os.makedirs(opts.output_dir, mode=0o700, exist_ok=True)
+    if lopts.ledger_out and _is_local(lopts.ledger_out):
+        os.makedirs(lopts.ledger_out, mode=0o700, exist_ok=True)
     dead_letters = join_path(opts.output_dir, DEAD_LETTERS)
     _LOGGER.info("process %s: %s -> %s (runner %s)", opts.request_id or "-", opts.reply, opts.fhir_url or "FHIR from env", runner)
     started, clock = utcnow(), time.monotonic()
     try:
         with _private_files(local):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, opts)
+            build_pipeline(p, opts, ledger_opts=lopts)
             result = p.run()
             result.wait_until_finish()
     except NdopError:
@@ -268,6 +284,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     if _is_local(dead_letters) and os.path.exists(dead_letters):
         os.chmod(dead_letters, 0o600)
     summary = summarise(counters(result), opts, started, time.monotonic() - clock, dead_letters)
+    if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
+        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
     summary["summary"] = write_summary(opts.output_dir, summary)
     c = summary["counts"]
     _LOGGER.info(
@@ -359,6 +377,7 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
+    argv += ledger_dirs.pipeline_args(work_dir, request_id)  # the work dir's ledger in, a pending one out
     summary = run(argv)
     if stage_dir:
         write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
@@ -368,6 +387,7 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
         if not summary["ok"]:
             work_dir.update(request_id, **fields)
             raise NdopError(f"request {request_id}: {failure_message(summary)}")
+        ledger_dirs.promote(work_dir, request_id)  # every Consent stored: the new ledger in force
         record = work_dir.update(request_id, state=PROCESSED, processed_at=isoformat(utcnow()), **fields)
     return _acknowledge(work_dir, record, acknowledge)
 
