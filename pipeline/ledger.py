@@ -185,8 +185,17 @@ def status_line(work_dir: WorkDir) -> str | None:
 
 def cli_args(refresh_days: int | None, full_refresh: bool) -> list[str]:
     """What ``--refresh-days``/``--full-refresh`` (and ``NDOP_REFRESH_DAYS``) pass to the pipeline."""
-    days = refresh_days if refresh_days is not None else os.environ.get(REFRESH_ENV)
-    args = [f"--refresh_days={int(days)}"] if days not in (None, "") else []
+    days: Any = refresh_days if refresh_days is not None else os.environ.get(REFRESH_ENV)
+    if days in (None, ""):
+        args = []
+    else:
+        try:
+            number = int(days)
+        except ValueError:
+            raise InputError(f"{REFRESH_ENV}={days!r}: the refresh window must be a whole number of days") from None
+        if number < 0:
+            raise InputError(f"refresh days must be 0 or more, not {number}")
+        args = [f"--refresh_days={number}"]
     return args + (["--full_refresh"] if full_refresh else [])
 
 

@@ -230,6 +230,7 @@ def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: f
         "ok": not problems,
         "problems": problems,
         "counts": counts,
+        "changes": {key: counts[key] for key in ledger.COUNTERS if key != "ledger_rows"},
         "dead_letters": dead_letters,
         "timings": {
             "started_at": isoformat(started),

@@ -7,6 +7,13 @@ States, in order of a normal life::
 
     created -> sent | send-unknown -> accepted -> replied -> processed -> acknowledged
     (or rejected / failed, which end a request)
+
+The Consent ledger (``WORK/ledger/``, :mod:`pipeline.ledger`) follows the same rule: a process run
+writes its new ledger to a pending folder, and that ledger is swapped in (``current`` symlink replaced
+with ``os.replace``) only after every Consent of the run is stored, and before the request is marked
+``processed``. A crash at any point before the swap leaves the previous ledger in force, so the re-run
+decides, and writes, the same delta again (PUTs by id are idempotent); a crash after the swap leaves a
+ledger that already matches the store, so the re-run writes nothing it has not written.
 """
 from __future__ import annotations
 

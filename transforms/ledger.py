@@ -190,13 +190,13 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
     written_at[~write] = old_written[old_row[~write]]
     ids: list[pa.Array] = []
     if previous.num_rows:
-        ids.append(previous.column("consent_id").take(pa.array(np.where(known, old_row, 0))))
+        ids.append(previous.column("consent_id").combine_chunks().take(pa.array(np.where(known, old_row, 0))))
     fresh = pa.array([consent_id(n) for n in shardlib.to_strings(numbers[new])], pa.string())
     if previous.num_rows:
         consent_ids = _fill(ids[0], new, fresh)
     else:
         consent_ids = fresh
-    old_rid = (previous.column("request_id").cast(pa.string()).take(pa.array(np.where(known, old_row, 0)))
+    old_rid = (previous.column("request_id").combine_chunks().cast(pa.string()).take(pa.array(np.where(known, old_row, 0)))
                if previous.num_rows else pa.nulls(len(numbers), pa.string()))
     request_ids = pc.if_else(pa.array(write), pa.scalar(request_id, pa.string()), old_rid)
     current = pa.table({
