@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
-from pipeline.files import fsync_dir, private_dir, write_json
+from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.state import WorkDir, isoformat, utcnow
 from transforms.ledger import COUNTERS, SCHEMA, ledger_files
 
@@ -119,25 +119,64 @@ def _pending(work_dir: WorkDir, request_id: str) -> Path:
     return root(work_dir) / f".pending-{request_id}"
 
 
-def pipeline_args(work_dir: WorkDir, request_id: str) -> list[str]:
-    """``--ledger_in`` (the ledger in force, if any) and an emptied ``--ledger_out`` for this request."""
+def _copy(source: str, target: str) -> None:
+    """One ledger file, through ``FileSystems``; a local target is 0600 in a 0700 folder."""
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+        if _local(target):
+            private_dir(Path(target).parent)
+            opened = atomic_writer(target)
+        else:
+            opened = FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED)
+        with opened as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+
+
+def _ledger_and_meta(folder: str) -> list[str]:
+    meta = FileSystems.join(folder, META)
+    return ledger_files(folder) + ([meta] if FileSystems.exists(meta) else [])
+
+
+def _staged(stage_dir: str, request_id: str) -> tuple[str, str]:
+    base = FileSystems.join(stage_dir, request_id, "ledger")
+    return FileSystems.join(base, "in"), FileSystems.join(base, "out")
+
+
+def pipeline_args(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> list[str]:
+    """``--ledger_in`` (the ledger in force, if any) and an emptied ``--ledger_out`` for this request.
+
+    With ``stage_dir`` (remote workers cannot read the work dir) the ledger in force is copied to
+    ``<stage_dir>/<request id>/ledger/in`` and the new one written to ``.../ledger/out``.
+    """
     private_dir(root(work_dir))
     pending = _pending(work_dir, request_id)
     shutil.rmtree(pending, ignore_errors=True)  # a crashed run's partial ledger: never read
-    args = [f"--ledger_out={pending}"]
     found = current(work_dir)
-    if found is not None:
-        args.insert(0, f"--ledger_in={found.resolve()}")
-    return args
+    if not stage_dir:
+        return ([f"--ledger_in={found.resolve()}"] if found is not None else []) + [f"--ledger_out={pending}"]
+    staged_in, staged_out = _staged(stage_dir, request_id)
+    for folder in (staged_in, staged_out):
+        stale = _ledger_and_meta(folder)
+        if stale:
+            FileSystems.delete(stale)
+    if found is None:
+        return [f"--ledger_out={staged_out}"]
+    for path in _ledger_and_meta(str(found.resolve())):
+        _copy(path, FileSystems.join(staged_in, os.path.basename(path)))
+    return [f"--ledger_in={staged_in}", f"--ledger_out={staged_out}"]
 
 
-def promote(work_dir: WorkDir, request_id: str) -> Path:
+def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> Path:
     """Swap the request's new ledger in: rename it into place, then replace the ``current`` link atomically.
 
     A crash before the link swap leaves the previous ledger in force; the older ledger is removed last.
+    A staged ledger (``stage_dir``) is first copied back into the pending folder.
     """
     base = root(work_dir)
     pending = _pending(work_dir, request_id)
+    if stage_dir:
+        shutil.rmtree(pending, ignore_errors=True)
+        for path in _ledger_and_meta(_staged(stage_dir, request_id)[1]):
+            _copy(path, str(pending / path.rsplit("/", 1)[-1]))
     if not (pending / META).is_file():
         raise InputError(f"{pending}: no complete ledger to promote")
     target = base / f"v-{request_id}"

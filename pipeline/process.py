@@ -378,7 +378,7 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
-    argv += ledger_dirs.pipeline_args(work_dir, request_id)  # the work dir's ledger in, a pending one out
+    argv += ledger_dirs.pipeline_args(work_dir, request_id, stage_dir)  # the work dir's ledger in, a pending one out
     summary = run(argv)
     if stage_dir:
         write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
@@ -388,7 +388,7 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
         if not summary["ok"]:
             work_dir.update(request_id, **fields)
             raise NdopError(f"request {request_id}: {failure_message(summary)}")
-        ledger_dirs.promote(work_dir, request_id)  # every Consent stored: the new ledger in force
+        ledger_dirs.promote(work_dir, request_id, stage_dir)  # every Consent stored: the new ledger in force
         record = work_dir.update(request_id, state=PROCESSED, processed_at=isoformat(utcnow()), **fields)
     return _acknowledge(work_dir, record, acknowledge)
 

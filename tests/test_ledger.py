@@ -105,6 +105,34 @@ def test_offsets_are_deterministic_and_even() -> None:
     assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000
 
 
+def test_composites_join_decide_write_and_read_back(tmp_path) -> None:
+    """JoinWithLedger, WriteLedgerShards and ReadLedger in a TestPipeline (no FHIR: the write is not here)."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tests.beam_util import local_pipeline
+
+    people = _numbers(12, seed=9804)
+    first = ledger.decide(_classified(people[:10], set()), ledger.empty_ledger(), _at(0), "R1", refresh_days=0)
+    previous = tmp_path / "in"
+    previous.mkdir()
+    pq.write_table(first.ledger, previous / "part-00000.parquet")
+    manifest = shards.to_int64(pa.array(people[2:], pa.string()))  # 0, 1 left; 10, 11 new
+    reply = shards.to_int64(pa.array(people[3:], pa.string()))  # 2 opts out
+    with local_pipeline() as p:
+        joined = {
+            "manifest": p | "M" >> beam.Create(list(shards.split_by_shard(manifest, 3))),
+            "reply": p | "R" >> beam.Create(list(shards.split_by_shard(reply, 3))),
+            ledger.LEDGER: p | "L" >> ledger.ReadLedger(str(previous), 3),
+        } | ledger.JoinWithLedger(_at(1), "R2", refresh_days=0)
+        written = joined.to_write | beam.FlatMap(lambda batch: [(batch[0], n) for n in shards.to_strings(batch[1])])
+        assert_that(written, equal_to([("active", people[2]), ("inactive", people[10]), ("inactive", people[11])]))
+        joined[ledger.LEDGER] | ledger.WriteLedgerShards(str(tmp_path / "out"))
+    rows = _ledger_rows(tmp_path / "out")
+    assert len(rows) == 12 and len(list((tmp_path / "out").glob("*.parquet"))) <= 3
+    assert rows[people[0]]["request_id"] == "R1" and rows[people[2]]["status"] == "active"
+
+
 # -- the pipeline against the real FHIR server -----------------------------------------------------------
 
 
@@ -285,3 +313,23 @@ def test_crash_mid_write_then_rerun_store_and_ledger_agree(tmp_path, fhir_server
     errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
     assert refused.returncode == 2 and len(errors) == 1 and "describes FHIR server" in errors[0], refused.stderr
     assert work_dir.load("R3")["state"] == REPLIED and ledger_dirs.current(work_dir).resolve().name == "v-R2"
+
+
+def test_staged_ledger_for_remote_workers(tmp_path, fhir_server, mem_fs) -> None:
+    """``--stage-dir mem://...``: the ledger goes out beside the inputs and its successor comes back."""
+    from pipeline.process import process_request
+
+    work_dir = WorkDir(tmp_path / "work")
+    cohort = _numbers(30, seed=9815)
+    args = ["--runner=FnApiRunner", "--shards=2", "--fhir_auth=none", "--refresh_days=0"]
+    _replied_request(work_dir, "S1", cohort, set(cohort[:5]), _at(0))
+    first = process_request(work_dir, "S1", fhir_server, args, stage_dir="mem://bucket/ndop")
+    assert first["processing"]["counts"]["written"] == 30
+    assert any(p.startswith("mem://bucket/ndop/S1/ledger/out/part-") for p in mem_fs)
+    _replied_request(work_dir, "S2", cohort, set(cohort[:8]), _at(1))
+    second = process_request(work_dir, "S2", fhir_server, args, stage_dir="mem://bucket/ndop")
+    assert second["processing"]["counts"]["written"] == 3 and second["state"] == PROCESSED
+    assert any(p.startswith("mem://bucket/ndop/S2/ledger/in/part-") for p in mem_fs)
+    rows = _ledger_rows(ledger_dirs.current(work_dir).resolve())
+    assert len(rows) == 30 and sum(r["status"] == "active" for r in rows.values()) == 8
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in ledger_dirs.current(work_dir).resolve().iterdir())
