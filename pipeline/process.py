@@ -9,6 +9,9 @@ Runs the same on the local runner (``ndop process --request-id ID``) and on Data
 Every path goes through Beam's ``FileSystems``; nothing here imports MESH or relies on local
 state. The run's outcome is ``summary.json`` (counts from Beam metrics, timings) and
 ``dead_letters.jsonl`` beside it. When the reply has any integrity error, no Consent is written.
+
+With ``--ledger_in``/``--ledger_out`` (the Consent ledger, :mod:`transforms.ledger`) only new patients,
+changed statuses and due refreshes are written, and the new ledger comes out of the same join.
 """
 from __future__ import annotations
 

@@ -153,6 +153,8 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
     old_numbers = previous.column("nhs_number").to_numpy() if previous.num_rows else np.zeros(0, np.int64)
     old_order = np.argsort(old_numbers, kind="stable")
     old_sorted = old_numbers[old_order]
+    if len(old_sorted) > 1 and bool((old_sorted[1:] == old_sorted[:-1]).any()):
+        raise ValueError("the previous ledger holds a patient more than once (stale *.parquet in --ledger_in?)")
     pos = np.searchsorted(old_sorted, numbers)
     pos_clipped = np.minimum(pos, max(len(old_sorted) - 1, 0))
     known = (pos < len(old_sorted)) & (old_sorted[pos_clipped] == numbers) if len(old_sorted) else np.zeros(len(numbers), bool)
