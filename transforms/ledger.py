@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam import pvalue
+from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.fileio import EmptyMatchTreatment
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -322,12 +324,20 @@ class ReadLedger(beam.PTransform):
         self._shards = shards
 
     def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
-        paths = ledger_files(self._folder) if self._folder else []
-        return (
-            pbegin
-            | "LedgerFiles" >> beam.Create(paths, reshuffle=False).with_output_types(str)
-            | "ReadLedgerFiles" >> beam.ParDo(ReadLedgerFileFn(self._shards))
-        )
+        if not self._folder:
+            paths = pbegin | "NoLedger" >> beam.Create([]).with_output_types(str)
+        else:  # matched when the pipeline runs: building the graph reads nothing
+            paths = (
+                pbegin
+                | "MatchLedgerFiles" >> fileio.MatchFiles(FileSystems.join(self._folder, "*.parquet"),
+                                                          empty_match_treatment=EmptyMatchTreatment.ALLOW)
+                | "LedgerPaths" >> beam.Map(_path_of)
+            )
+        return paths | "ReadLedgerFiles" >> beam.ParDo(ReadLedgerFileFn(self._shards))
+
+
+def _path_of(metadata: Any) -> str:
+    return str(metadata.path)
 
 
 class DecideShardFn(ClassifyShardFn):
