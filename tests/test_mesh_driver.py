@@ -17,7 +17,8 @@ import requests
 from dev.mesh_sandbox import NDOP_MAILBOX
 from pipeline import datfile, nhs
 from pipeline.errors import EXIT_WAITING, InputError, NdopError
-from pipeline.mesh_driver import FAULT_ENV, MeshDriver, format_status, status_rows
+from pipeline.faults import FAULT_ENV
+from pipeline.mesh_driver import MeshDriver
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
     ACCEPTED,
@@ -32,6 +33,7 @@ from pipeline.state import (
     WorkDir,
     utcnow,
 )
+from pipeline.status import format_status, status_rows
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import datfile, nhs
 from pipeline.options import NdopOptions
-from pipeline.process import build_pipeline, check_inputs, process_request
+from pipeline.process import build_pipeline, check_inputs
+from pipeline.process_step import process_request
 from pipeline.state import PROCESSED
 from tests.beam_util import RUNNER_ARGS
 from tests.test_process_pipeline import _consents_of, _replied_request

@@ -42,13 +42,13 @@ from pipeline.fhir_client import (
     status_code,
 )
 from pipeline.state import isoformat, utcnow
+from transforms.vocabulary import METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
 BUNDLE_TYPES = ("batch", "transaction")
 UPSERT_MODES = ("id", "conditional")
 DEFAULT_BATCH_SIZE = 500
-METRICS_NAMESPACE = "ndop"
 STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
 
 
