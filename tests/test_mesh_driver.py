@@ -35,8 +35,8 @@ from pipeline.state import (
 )
 from pipeline.status import format_status, status_rows
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
+from tests.helpers import REPO_ROOT, cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_request(work_dir: WorkDir, tmp_path: Path, count: int = 20, seed: int = 1) -> dict:
@@ -53,9 +53,7 @@ def numbers_of(record: dict, work_dir: WorkDir) -> list[str]:
 
 def ndop(args: list[str], mesh: Mesh, work_dir: WorkDir, **env: str) -> subprocess.CompletedProcess[str]:
     """The real CLI in a subprocess running this checkout's code."""
-    full_env = {**os.environ, **mesh.env(), "PYTHONPATH": str(REPO_ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--work-dir", str(work_dir.root)],
-                          cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+    return cli(*args, "--work-dir", str(work_dir.root), env={**mesh.env(), **env})
 
 
 def lose_response(point: str):
@@ -392,7 +390,7 @@ def test_acknowledge_after_processing_and_late_duplicate_reply(mesh: Mesh, work_
         with pytest.raises(NdopError, match="only a processed request"):
             driver.acknowledge(rid)
     replied = work_dir.load(rid)
-    work_dir.update(rid, state=PROCESSED)  # what `ndop process` does once the Consents are stored
+    work_dir.update(rid, state=PROCESSED, expect=REPLIED)  # what `ndop process` does once the Consents are stored
     with MeshDriver(mesh.config(), work_dir) as later_run:  # a new run: the message id comes from request.json
         acknowledged = later_run.acknowledge(rid)
         assert acknowledged["state"] == ACKNOWLEDGED and acknowledged["acknowledged_at"]
