@@ -90,7 +90,7 @@ MARKERS = (SENDING, CTL_SENDING, ACKNOWLEDGING)
 REQUEST_FILE = "request.json"
 LOCK_FILE = ".lock"
 DEFAULT_WORK_DIR = "./ndop-work"
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
 _LOCK_POLL_SECONDS = 0.1
 
 
@@ -182,7 +182,7 @@ def initial_state(at: datetime) -> dict[str, Any]:
 def check_request_id(request_id: str | None) -> str:
     """A request id as the request step makes them (e.g. ``X26ABC1-021226-0001``); anything else, including
     ``''`` (an empty shell variable) or a path, is bad input."""
-    if request_id is None or not REQUEST_ID_PATTERN.match(request_id):
+    if request_id is None or not REQUEST_ID_PATTERN.fullmatch(request_id):
         shown = "" if request_id is None else request_id[:80].encode("unicode_escape").decode("ascii")
         raise InputError(f"not a request id: {shown!r} (letters, digits, '-' and '_' only, as `ndop request` prints)")
     return request_id
