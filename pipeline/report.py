@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import datfile
 from pipeline.files import write_bytes, write_json
-from pipeline.state import ACKNOWLEDGED, PROCESSED, WorkDir, parse_time
+from pipeline.state import ACKNOWLEDGED, PROCESSED, REPLIED, SEND_UNKNOWN, SENT, WorkDir, parse_time
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -84,9 +84,9 @@ def _stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
     history = record.get("history", [])
     if history and "wait_for_ndop" not in stages:
         times = {h["state"]: parse_time(h["at"]) for h in history}
-        sent = times.get("sent") or times.get("send-unknown")
-        if sent and "replied" in times:
-            stages["wait_for_ndop"] = round((times["replied"] - sent).total_seconds(), 1)
+        sent = times.get(SENT) or times.get(SEND_UNKNOWN)
+        if sent and REPLIED in times:
+            stages["wait_for_ndop"] = round((times[REPLIED] - sent).total_seconds(), 1)
     return {name: stages[name] for name in sorted(stages, key=lambda n: (STAGES + (n,)).index(n))}
 
 

@@ -114,6 +114,59 @@ def test_send_ctl_option_sends_the_control_file_too(mesh: Mesh, work_dir: WorkDi
     assert report.replies == [record["request_id"]] and not report.problems
 
 
+def lose_nth_response(point: str, n: int):
+    """Like :func:`lose_response`, for the ``n``-th time ``point`` is reached only (1: the .dat, 2: the .ctl)."""
+    seen = {"count": 0}
+
+    def hook(at: str) -> None:
+        if at == point:
+            seen["count"] += 1
+            if seen["count"] == n:
+                raise requests.ConnectionError("connection reset by peer")
+    return hook
+
+
+def test_a_ctl_whose_send_outcome_is_unknown_is_resent_only_after_the_limit(mesh: Mesh, work_dir: WorkDir,
+                                                                            tmp_path: Path) -> None:
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path)
+    rid = record["request_id"]
+    with MeshDriver(mesh.config(send_ctl=True), work_dir) as driver:
+        driver.fault_hook = lose_nth_response("after-outbox-post", 2)
+        [result] = driver.send()
+        driver.fault_hook = None
+        assert result.outcome == "sent" and ".ctl outcome unknown" in result.detail
+        saved = work_dir.load(rid)
+        assert saved["ctl_send_unknown_since"] and not saved.get("ctl_sending") and not saved.get("ctl_message_id")
+        assert len(mesh.inbox(NDOP_MAILBOX)) == 2  # the .dat, and the .ctl that did arrive
+        [early] = driver.send(now=utcnow() + timedelta(hours=23))
+        assert early.outcome == "waiting" and len(mesh.inbox(NDOP_MAILBOX)) == 2  # not sent again blindly
+        [late] = driver.send(now=utcnow() + timedelta(hours=25))
+        assert ".ctl as message" in late.detail and len(mesh.inbox(NDOP_MAILBOX)) == 3
+    saved = work_dir.load(rid)
+    assert saved["state"] == SENT and saved["ctl_message_id"] and saved.get("ctl_send_unknown_since") is None
+
+
+def test_a_crash_while_the_ctl_is_sent_is_settled_as_unknown(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path)
+    rid = record["request_id"]
+    with MeshDriver(mesh.config(send_ctl=True), work_dir) as driver:
+        def crash(at: str) -> None:
+            if at == "after-outbox-post" and work_dir.load(rid).get("ctl_sending"):
+                raise KeyboardInterrupt  # dies mid-.ctl: the marker stays
+        driver.fault_hook = crash
+        with pytest.raises(KeyboardInterrupt):
+            driver.send()
+        assert work_dir.load(rid)["ctl_sending"]
+        driver.fault_hook = None
+        [result] = driver.send()  # the next send settles the marker: maybe sent, so not sent again now
+        assert result.outcome == "waiting"
+    saved = work_dir.load(rid)
+    assert saved.get("ctl_sending") is None and saved["ctl_send_unknown_since"] and not saved.get("ctl_message_id")
+    assert len(mesh.inbox(NDOP_MAILBOX)) == 2
+
+
 def test_unreachable_mesh_leaves_the_request_created(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
     record = make_request(work_dir, tmp_path)
     closed = f"http://127.0.0.1:{_closed_port()}"
