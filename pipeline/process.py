@@ -9,6 +9,7 @@ Runs the same on the local runner (``ndop process --request-id ID``) and on Data
 Every path goes through Beam's ``FileSystems``; nothing here imports MESH or relies on local
 state. The run's outcome is ``summary.json`` (counts from Beam metrics, timings) and
 ``dead_letters.jsonl`` beside it. When the reply has any integrity error, no Consent is written.
+Running it for a work-dir request (staging, state, acknowledgement): pipeline/process_step.py.
 """
 from __future__ import annotations
 

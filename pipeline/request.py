@@ -2,7 +2,7 @@
 
 One invalid number makes NDOP reject the whole file, so nothing invalid is ever written to the
 ``.dat``; rejects go to ``rejects.csv`` with their source line. The request folder is built under
-a dot-name and renamed into place last: a crash never leaves a request that looks complete.
+a dot-name and renamed into place last (what a crash leaves: pipeline/state.py).
 """
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
 """``ndop run``: request -> send -> poll -> process -> acknowledge, as one resumable command.
 
-What a data exchange puts on its scheduler. Every step reads and moves state only through the
-work dir's ``request.json``, so a run killed anywhere is finished by the next run: an unfinished
-request is always carried on before a new one is built (no second message for the same cohort),
-Consents are upserts (a repeat writes no duplicate), and the MESH reply is acknowledged only once
-the Consents are stored, by whichever run gets there.
+What a data exchange puts on its scheduler. An unfinished request is always carried on before a new
+one is built; the whole run holds the work dir's lock. Why a run killed anywhere is finished by the
+next, exactly once: the crash and idempotency contract in pipeline/state.py.
 
-Exit status: 0 done, 3 still waiting for NDOP, 1 failed (the report says what and where), 2 bad input.
+Exit status: 0 done, 3 still waiting for NDOP, 1 failed (the report says what and where), 2 bad input,
+4 another ndop command holds the work dir.
 """
 from __future__ import annotations
 

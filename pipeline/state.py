@@ -284,7 +284,7 @@ class WorkDir:
             return []
         records = [
             self.load(p.name) for p in self.requests.iterdir()
-            if not p.name.startswith(".") and (p / REQUEST_FILE).is_file()
+            if REQUEST_ID_PATTERN.fullmatch(p.name) and (p / REQUEST_FILE).is_file()
         ]
         return sorted(records, key=lambda r: (r.get("created_at", ""), r["request_id"]))
 

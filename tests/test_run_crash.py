@@ -1,6 +1,6 @@
 """``ndop run`` killed at every step, then run again: the second run finishes the job, exactly once.
 
-The issue's invariants, checked after each crash and re-run against the real mesh-sandbox (playing
+The contract is stated in pipeline/state.py's module docstring; its invariants, checked after each crash and re-run against the real mesh-sandbox (playing
 NDOP) and the real FHIR server:
 
 1. one request in the work dir, ``acknowledged`` (the re-run carried it on; no second request);
