@@ -84,10 +84,10 @@ def classify_inbox_message(message: InboxMessage, record: Mapping[str, object] |
     expected_sender = str(record.get("ndop_mailbox") or ndop_mailbox).upper()
     if message.sender and message.sender.upper() != expected_sender:
         return Action.LEAVE_FOREIGN_SENDER
+    if record.get("reply_message_id") == message.message_id:  # the saved reply, whatever else it claims to be
+        return Action.ACK_PROCESSED if state in (PROCESSED, ACKNOWLEDGED) else Action.AWAIT_PROCESSING
     if message.subject.strip().upper() == NOTICE_SUBJECT:
         return Action.ACCEPT if state in OPEN else Action.DUPLICATE_NOTICE
-    if record.get("reply_message_id") == message.message_id:
-        return Action.ACK_PROCESSED if state in (PROCESSED, ACKNOWLEDGED) else Action.AWAIT_PROCESSING
     if state not in OPEN:
         return Action.LATE_DUPLICATE
     if is_invalid_numbers_reply(message.head):
