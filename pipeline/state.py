@@ -222,7 +222,10 @@ class WorkDir:
         self.requests = self.root / "requests"
 
     def ensure(self) -> "WorkDir":
-        private_dir(self.requests)
+        try:
+            private_dir(self.requests)
+        except OSError as err:  # e.g. under /proc, or a path through a regular file
+            raise InputError(f"{self.root}: cannot create the work dir: {err.strerror or err}") from None
         return self
 
     def request_dir(self, request_id: str) -> Path:

@@ -231,3 +231,12 @@ def test_two_runs_on_one_replied_request_process_and_acknowledge_it_once(mesh: M
     assert mesh.requests_to("PUT", acked) == [200]
     assert all(len(c) == 1 for c in consents_of(fhir_server, cohort.numbers).values())
     assert len(cohort.numbers) == PATIENTS
+
+
+def test_a_work_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = cli("poll", "--work-dir", str(blocker / "work"), env={"MESH_URL": "http://127.0.0.1:9"})
+    assert done.returncode == EXIT_BAD_INPUT
+    assert done.stderr.strip().splitlines() == [f"ndop poll: error: {blocker / 'work'}: cannot create the work dir: "
+                                                "Not a directory"]
