@@ -45,6 +45,7 @@ from pipeline.state import (
     SENT,
     RequestRecord,
     WorkDir,
+    check_request_id,
     isoformat,
     marker,
     parse_time,
@@ -144,10 +145,13 @@ class MeshDriver:
     def send(self, request_id: str | None = None, now: datetime | None = None) -> list[SendResult]:
         """Send one request (or every request due) to NDOP; never twice unless provably lost."""
         results: list[SendResult] = []
+        if request_id is not None:
+            check_request_id(request_id)  # '' (an empty shell variable) is bad input, not "every request"
         with self.work_dir.lock():
             self._settle_interrupted_sends()
-            records = [self.work_dir.load(request_id)] if request_id else self.work_dir.all()
-            due_resend = [r for r in records if r["state"] == SEND_UNKNOWN and self._resend_due(r, now)]
+            records = [self.work_dir.load(request_id)] if request_id is not None else self.work_dir.all()
+            due_resend = [r for r in records if (r["state"] == SEND_UNKNOWN and self._resend_due(r, now))
+                          or self._ctl_resend_due(r, now)]
             if due_resend:
                 # What we know of the inbox decides a resend: look once more before sending again.
                 self.handshake()
@@ -161,10 +165,18 @@ class MeshDriver:
         since = record.get("send_unknown_since") or record.get("sent_at") or record["created_at"]
         return (now or utcnow()) - parse_time(since) >= self.config.resend_after
 
+    def _ctl_unknown(self, record: RequestRecord) -> bool:
+        return bool(record["state"] == SENT and self.config.send_ctl and record.get("ctl_send_unknown_since")
+                    and not record.get("ctl_message_id"))
+
+    def _ctl_resend_due(self, record: RequestRecord, now: datetime | None) -> bool:
+        since = record.get("ctl_send_unknown_since")
+        return self._ctl_unknown(record) and since is not None and \
+            (now or utcnow()) - parse_time(since) >= self.config.resend_after
+
     def _send_one(self, record: RequestRecord, now: datetime | None, explicit: bool) -> SendResult:
         rid, state = record["request_id"], record["state"]
-        if state == SENT and self.config.send_ctl and record.get("ctl_send_unknown_since") \
-                and not record.get("ctl_message_id"):
+        if self._ctl_unknown(record):
             return self._resend_ctl(record, now)
         if state == SEND_UNKNOWN:
             if not self._resend_due(record, now):

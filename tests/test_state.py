@@ -240,3 +240,14 @@ def test_a_work_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path: Path
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.strip().splitlines() == [f"ndop poll: error: {blocker / 'work'}: cannot create the work dir: "
                                                 "Not a directory"]
+
+
+def test_the_driver_refuses_an_empty_request_id_too(work_dir: WorkDir) -> None:
+    from pipeline.mesh_config import MeshConfig
+    from pipeline.mesh_driver import MeshDriver
+
+    _record(work_dir)
+    config = MeshConfig(url="http://127.0.0.1:9", mailbox="X26ABC1", password="p", shared_key="k")
+    with MeshDriver(config, work_dir) as driver, pytest.raises(Exception, match="not a request id"):
+        driver.send(request_id="")
+    assert work_dir.load(RID)["state"] == CREATED
