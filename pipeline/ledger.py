@@ -66,7 +66,8 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
     try:
         meta = read_meta(folder)
         if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
-            raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, not {fhir_base_url}; "
+            raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
+                             f"not {fhir_base_url}; "
                              "give --full-refresh to rewrite this store and start a new ledger")
         for path in ledger_files(folder):
             try:
@@ -76,7 +77,8 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
                 raise InputError(f"{path}: ledger file cannot be read ({type(err).__name__}); "
                                  "give --full-refresh to rewrite the store and start a new ledger") from None
             if not set(SCHEMA.names) <= names:
-                raise InputError(f"{path}: not a ledger file (columns {', '.join(sorted(set(SCHEMA.names) - names))} missing)")
+                missing = ", ".join(sorted(set(SCHEMA.names) - names))
+                raise InputError(f"{path}: not a ledger file (columns {missing} missing)")
     except InputError as err:
         if not full_refresh:
             raise

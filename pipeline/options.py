@@ -18,10 +18,12 @@ class NdopOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
-        parser.add_argument("--manifest", help="manifest.parquet of the request (column nhs_number); any FileSystems path")
+        parser.add_argument("--manifest",
+                            help="manifest.parquet of the request (column nhs_number); any FileSystems path")
         parser.add_argument("--reply", help="the NDOP reply .dat; any FileSystems path")
         parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
-        parser.add_argument("--output_dir", help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
+        parser.add_argument("--output_dir",
+                            help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
         parser.add_argument("--request_id", default="", help="the request id, for labels and logs only")
         parser.add_argument("--fhir_url", help="FHIR R4 base URL (default: env FHIR_URL)")
         parser.add_argument("--fhir_auth", choices=AUTH_MODES, help="FHIR auth (default: env FHIR_AUTH, else none)")
@@ -46,10 +48,12 @@ class LedgerOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
         parser.add_argument("--ledger_in", default=None,
-                            help="folder of the previous ledger (every *.parquet in it); none: a first load, write everybody")
+                            help="folder of the previous ledger (every *.parquet in it); "
+                                 "none: a first load, write everybody")
         parser.add_argument("--ledger_out", default=None,
                             help="empty folder for the new ledger (*.parquet); valid only when the run succeeds")
         parser.add_argument("--refresh_days", type=int, default=30,
-                            help="rewrite an unchanged Consent once per this many days, spread evenly (0: only changes)")
+                            help="rewrite an unchanged Consent once per this many days, spread evenly "
+                                 "(0: only changes)")
         parser.add_argument("--full_refresh", action="store_true", default=False,
                             help="write every Consent (e.g. after a store restore)")

@@ -6,10 +6,10 @@ and printed at the end of ``ndop run``. It carries counts only: never an NHS num
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.files import write_bytes, write_json
-from pipeline.state import WorkDir, parse_time
+from pipeline.state import REPLIED, SEND_UNKNOWN, SENT, WorkDir, parse_time
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -18,18 +18,18 @@ REPORT_MD = "report.md"
 STAGES = ("request", "send", "wait_for_ndop", "poll", "process")
 
 
-def _stage_seconds(record: dict[str, Any]) -> dict[str, float]:
+def _stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
     stages = dict(record.get("stage_seconds", {}))
     history = record.get("history", [])
     if history and "wait_for_ndop" not in stages:
         times = {h["state"]: parse_time(h["at"]) for h in history}
-        sent = times.get("sent") or times.get("send-unknown")
-        if sent and "replied" in times:
-            stages["wait_for_ndop"] = round((times["replied"] - sent).total_seconds(), 1)
+        sent = times.get(SENT) or times.get(SEND_UNKNOWN)
+        if sent and REPLIED in times:
+            stages["wait_for_ndop"] = round((times[REPLIED] - sent).total_seconds(), 1)
     return {name: stages[name] for name in sorted(stages, key=lambda n: (STAGES + (n,)).index(n))}
 
 
-def build_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
+def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]:
     """Assemble the report of a processed (or failed) request from its record and summary."""
     folder = work_dir.request_dir(record["request_id"])
     summary_path = folder / "summary.json"
@@ -91,9 +91,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| to write | new patients | newly opted out | opt-out withdrawn | refreshed | unchanged (not written) "
             "| left the cohort |",
             "|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {change.get('to_write', '-')} | {change.get('new_patients', '-')} | {change.get('newly_opted_out', '-')} "
-            f"| {change.get('opt_out_withdrawn', '-')} | {change.get('refreshed', '-')} | {change.get('unchanged', '-')} "
-            f"| {change.get('left_cohort', '-')} |",
+            "| " + " | ".join(str(change.get(key, "-")) for key in (
+                "to_write", "new_patients", "newly_opted_out", "opt_out_withdrawn", "refreshed", "unchanged",
+                "left_cohort")) + " |",
         ]
     if report.get("problems"):
         lines += ["", "## Problems", ""] + [f"- {problem}" for problem in report["problems"]]
@@ -106,7 +106,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
+def write_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]:
     report = build_report(work_dir, record)
     folder = work_dir.request_dir(record["request_id"])
     write_json(folder / REPORT_JSON, report)

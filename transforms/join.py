@@ -20,12 +20,10 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import shards as shardlib
-from transforms.read_inputs import NAMESPACE, integrity_error
+from transforms.vocabulary import METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT, consent_id, integrity_error
 
 _LOGGER = logging.getLogger(__name__)
 
-OPTED_OUT = "active"  # Consent.status when an opt-out is in force
-NOT_OPTED_OUT = "inactive"
 MANIFEST = "manifest"
 REPLY = "reply"
 REASON_REPLY_ONLY = "in the reply but not in the request: the reply is not an answer to this request"
@@ -71,7 +69,7 @@ class ClassifyShardFn(beam.DoFn):
 
     def __init__(self) -> None:
         self._counters = {
-            name: Metrics.counter(NAMESPACE, name)
+            name: Metrics.counter(METRICS_NAMESPACE, name)
             for name in ("requested", "replied", "opted_out", "not_opted_out", "reply_only",
                          "manifest_duplicates", "reply_duplicates", "integrity_errors")
         }
@@ -89,8 +87,6 @@ class ClassifyShardFn(beam.DoFn):
 
     def integrity_outputs(self, result: Classified) -> Iterator[Any]:
         """One dead-letter record per number found only in the reply."""
-        from transforms.build_consent import consent_id  # one id rule, wherever it is needed
-
         for number in shardlib.to_strings(result.reply_only):
             yield pvalue.TaggedOutput(
                 self.INTEGRITY_ERRORS, integrity_error(REASON_REPLY_ONLY, number, consent_id(number))

@@ -44,7 +44,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import shards as shardlib
 from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
-from transforms.read_inputs import NAMESPACE
+from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,17 +64,7 @@ SCHEMA = pa.schema([
     ("request_id", pa.dictionary(pa.int32(), pa.string())),
 ])
 
-# The ledger's Beam counters (namespace "ndop"): summary.json key -> counter name. The one place they are named.
-COUNTERS = {
-    "to_write": "ledger_to_write",
-    "new_patients": "ledger_new_patients",
-    "newly_opted_out": "ledger_newly_opted_out",
-    "opt_out_withdrawn": "ledger_opt_out_withdrawn",
-    "refreshed": "ledger_refreshed",
-    "unchanged": "ledger_unchanged",
-    "left_cohort": "ledger_left_cohort",
-    "ledger_rows": "ledger_rows",
-}
+COUNTERS = LEDGER_COUNTERS  # the ledger's counter names, defined once in transforms.vocabulary
 
 _KEY = np.uint64(0x6E646F702D6C6467)  # "ndop-ldg": fixed, so a patient keeps its place in the window
 
@@ -129,7 +119,8 @@ def _status_codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         lookup = np.array([value == OPTED_OUT for value in array.dictionary.to_pylist()], dtype=np.int8)
         indices = array.indices.to_numpy(zero_copy_only=False)
         return lookup[indices] if len(lookup) else np.zeros(len(array), np.int8)
-    return pc.fill_null(pc.equal(array.cast(pa.string()), OPTED_OUT), False).to_numpy(zero_copy_only=False).astype(np.int8)
+    opted_out = pc.fill_null(pc.equal(array.cast(pa.string()), OPTED_OUT), False)
+    return opted_out.to_numpy(zero_copy_only=False).astype(np.int8)
 
 
 def _seconds(column: pa.ChunkedArray) -> np.ndarray:
@@ -159,7 +150,10 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
         raise ValueError("the previous ledger holds a patient more than once (stale *.parquet in --ledger_in?)")
     pos = np.searchsorted(old_sorted, numbers)
     pos_clipped = np.minimum(pos, max(len(old_sorted) - 1, 0))
-    known = (pos < len(old_sorted)) & (old_sorted[pos_clipped] == numbers) if len(old_sorted) else np.zeros(len(numbers), bool)
+    if len(old_sorted):
+        known = (pos < len(old_sorted)) & (old_sorted[pos_clipped] == numbers)
+    else:
+        known = np.zeros(len(numbers), bool)
     old_row = np.where(known, old_order[pos_clipped] if len(old_sorted) else 0, -1)  # row in previous, -1 if new
 
     old_status = _status_codes(previous.column("status")) if previous.num_rows else np.zeros(0, np.int8)
@@ -200,8 +194,11 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
         consent_ids = _fill(ids[0], new, fresh)
     else:
         consent_ids = fresh
-    old_rid = (previous.column("request_id").combine_chunks().cast(pa.string()).take(pa.array(np.where(known, old_row, 0)))
-               if previous.num_rows else pa.nulls(len(numbers), pa.string()))
+    if previous.num_rows:
+        old_rid = previous.column("request_id").combine_chunks().cast(pa.string()).take(
+            pa.array(np.where(known, old_row, 0)))
+    else:
+        old_rid = pa.nulls(len(numbers), pa.string())
     request_ids = pc.if_else(pa.array(write), pa.scalar(request_id, pa.string()), old_rid)
     current = pa.table({
         "nhs_number": pa.array(numbers, pa.int64()),
@@ -355,7 +352,7 @@ class DecideShardFn(ClassifyShardFn):
         self._request_id = request_id
         self._refresh_days = refresh_days
         self._full_refresh = full_refresh
-        self._ledger_counters = {key: Metrics.counter(NAMESPACE, name) for key, name in COUNTERS.items()}
+        self._ledger_counters = {key: Metrics.counter(METRICS_NAMESPACE, name) for key, name in COUNTERS.items()}
 
     def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
         shard, grouped = element
