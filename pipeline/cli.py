@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
@@ -271,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # Beam's INFO lines drown the progress a person wants to follow
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
     try:
         if getattr(args, "read_only", False):
             return args.handler(args)

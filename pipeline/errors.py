@@ -1,6 +1,8 @@
 """Errors the CLI turns into one line on stderr and an exit status."""
 from __future__ import annotations
 
+import logging
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -23,3 +25,15 @@ class InputError(NdopError):
 def at(path: object, line: int | None = None) -> str:
     """``file`` or ``file:line``, the prefix every input error starts with."""
     return f"{path}:{line}" if line is not None else str(path)
+
+
+class OneLineNdopErrors(logging.Filter):
+    """Drop the traceback from log records about an :class:`NdopError` (Beam's runner logs a worker's error
+    with its stack): such an error is one line by design, and the CLI prints it last. Any other exception
+    keeps its traceback: that is a bug to see."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], NdopError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
