@@ -62,3 +62,10 @@ def test_only_a_header_naming_the_nhs_number_is_tolerated() -> None:
 def test_blank_lines_only_is_an_empty_reply() -> None:
     parsed = datfile.parse(b"\r\n\r\n  \r\n")
     assert len(parsed.numbers) == 0 and parsed.bad_lines == [] and parsed.header_lines == 0
+
+
+def test_a_line_of_control_characters_is_not_blank() -> None:
+    """Found by tests/test_reply_properties.py: Arrow's whitespace trim ate \\x1c, so this read as an empty reply."""
+    for body in (b"\x1c", b"\x1f\r\n", b"\x1d\x1e\n"):
+        parsed = datfile.parse(body)
+        assert parsed.blank_lines == 0 and parsed.bad_lines == [(1, "not an NHSNUMBER, line")], body
