@@ -58,8 +58,8 @@ def parse(data: bytes, first_line: int = 1, header_allowed: bool = True) -> Pars
     """Parse a block of whole lines; ``first_line`` is the file line number of its first line.
 
     A header line naming the NHS number (``NHS_NUMBER,``) is tolerated only at the top of the file
-    (``header_allowed``); blank lines anywhere. Any other line that is not a valid ``NHSNUMBER,`` is reported with its line number
-    and why, never with the number itself.
+    (``header_allowed``); blank lines anywhere. Any other line that is not a valid ``NHSNUMBER,``
+    is reported with its line number and why, never with the number itself.
     """
     try:
         text = data.decode("ascii")

@@ -17,7 +17,6 @@ from pipeline import cli, nhs
 from pipeline.cohort import read_cohort
 from pipeline.errors import InputError, printable
 from pipeline.files import check_folder
-from pipeline.state import WorkDir
 
 VALID = nhs.synthetic_numbers(8, seed=77).to_pylist()
 MAILBOX = ["--mailbox", "X26ABC1"]
@@ -171,7 +170,8 @@ def csv_cell(value: str) -> str:
     return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\r\n') else value
 
 
-_PROPERTY = settings(max_examples=int(os.environ.get("NDOP_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_PROPERTY = settings(max_examples=int(os.environ.get("NDOP_HYPOTHESIS_EXAMPLES", 60)),
+                     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _pieces = st.one_of(
     st.sampled_from(VALID),
     st.sampled_from([v[:3] + " " + v[3:6] + " " + v[6:] for v in VALID] + [v[:3] + "-" + v[3:] for v in VALID]),

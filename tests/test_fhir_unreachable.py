@@ -18,7 +18,7 @@ from pipeline import fhir_client, nhs
 from pipeline.fhir_client import FhirClientConfig, FhirUnreachableError, backoff_seconds, make_retry
 from pipeline.state import REPLIED
 from tests.fixtures.http_stub import Reply, StubServer
-from tests.test_run import ROOT, ndop_run
+from tests.test_run import ROOT
 from tests.test_write_consents import _all_ok, make_consent, numbers, run
 from transforms.write_consents import summarise
 

@@ -64,7 +64,8 @@ def test_no_number_and_no_secret_leaks_anywhere(tmp_path, work_dir, mesh, fhir_a
     typed = [f"{n[:3]} {n[3:6]} {n[6:]}" for n in numbers[:3]]  # as people type them
     wrong = numbers[29][:9] + str((int(numbers[29][9]) + 1) % 10)  # a full number too, rejected
     cohort = tmp_path / "cohort.csv"
-    cohort.write_text("name,nhs_number\n" + "".join(f"p{i},{v}\n" for i, v in enumerate(typed + numbers[3:29] + [wrong])))
+    values = typed + numbers[3:29] + [wrong]
+    cohort.write_text("name,nhs_number\n" + "".join(f"p{i},{v}\n" for i, v in enumerate(values)))
     (tmp_path / "opted-out.txt").write_text("\n".join(numbers[:5]) + "\n")
     mesh.plugin(opted_out_file=str(tmp_path / "opted-out.txt"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mesh.env(), "FHIR_URL": fhir_auth_server.base_url,

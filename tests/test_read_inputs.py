@@ -102,7 +102,8 @@ def test_invalid_numbers_notice_is_an_integrity_error(tmp_path):
                     equal_to([f"{path}:1: NDOP rejected the request: {datfile.INVALID_NUMBERS_REPLY}"]))
 
 
-@pytest.mark.parametrize("body", [b"NHS_NUMBER,\r\n", b"NHS_NUMBER,\r\n\r\n", b"Service temporarily unavailable, retry\r\n"])
+@pytest.mark.parametrize("body", [b"NHS_NUMBER,\r\n", b"NHS_NUMBER,\r\n\r\n",
+                                  b"Service temporarily unavailable, retry\r\n"])
 def test_a_reply_that_is_not_data_is_an_integrity_error_never_everyone_opted_out(tmp_path, body):
     path = tmp_path / "reply.dat"
     path.write_bytes(body)

@@ -125,7 +125,8 @@ class ParseReplyFn(beam.DoFn):
         if header_lines and not numbers_seen:
             # Zero numbers reads as "everyone opted out": only a truly empty reply may say that.
             self._errors.inc()
-            yield pvalue.TaggedOutput(self.INTEGRITY_ERRORS, integrity_error(f"{at(path, 1)}: {datfile.REASON_HEADER_ONLY}"))
+            reason = f"{at(path, 1)}: {datfile.REASON_HEADER_ONLY}"
+            yield pvalue.TaggedOutput(self.INTEGRITY_ERRORS, integrity_error(reason))
 
 
 class ReadReply(beam.PTransform):

@@ -10,15 +10,16 @@ pipeline writes to a 0600 file. Logs only ever show masked numbers.
 
 Retries: the session (``pipeline.fhir_client``) retries whole requests on 429 (honouring Retry-After),
 5xx and timeouts. Inside a ``batch`` response, entries that failed with one of those statuses are posted
-again (only them), spaced by the same rule (``fhir_client.backoff_seconds``).
+again (only them), spaced by the same rule (``fhir_client.backoff_seconds``). A ``transaction`` refused as
+a whole with a 4xx (one bad entry rolls the lot back, or the server refuses large transactions) is posted
+once more as a ``batch`` of the same entries, so the good Consents land and only the bad ones are
+dead-lettered; a transaction that still fails with 5xx/429 after the retries dead-letters all its entries
+with the server's reason.
 
 Unreachable: a bundle that gets no answer because the connection is refused or reset (after the session's
 few ``connect_retries``), or the second bundle in a row that times out, raises
-:class:`~pipeline.fhir_client.FhirUnreachableError`: the run fails in seconds, the reply unacknowledged,
-rather than every remaining bundle spending its retries. A 429 or a 5xx keeps the retries above. A ``transaction`` refused as a whole with a 4xx (one bad
-entry rolls the lot back, or the server refuses large transactions) is posted once more as a ``batch``
-of the same entries, so the good Consents land and only the bad ones are dead-lettered; a transaction
-that still fails with 5xx/429 after the retries dead-letters all its entries with the server's reason.
+:class:`~pipeline.fhir_client.FhirUnreachableError`: the run fails in seconds (so nothing is acknowledged)
+rather than every remaining bundle spending its retries. A 429 or a 5xx keeps the retries above.
 
 Integrity gate: given ``integrity_errors`` (a PCollection of one int), the writer posts nothing when it
 is above zero and counts every Consent as ``consents_refused``.
@@ -227,7 +228,6 @@ class _PostBundlesFn(beam.DoFn):
             # The session's retries are spent (5xx/429), or the server refused the bundle itself.
             return [(response.status_code, reason)] * len(consents), False
 
-
     def _check_reachable(self, exc: requests.RequestException, count: int) -> None:
         """Raise FhirUnreachableError when no answer means the server is gone, not one slow bundle."""
         if is_timeout(exc):
@@ -243,7 +243,7 @@ class _PostBundlesFn(beam.DoFn):
                       self._config.base_url, why, count)
         raise FhirUnreachableError(
             f"the FHIR server {self._config.base_url} is unreachable: {why}, after "
-            f"{self._config.no_answer_retries} retries each; stopped writing, the MESH reply is not acknowledged"
+            f"{self._config.no_answer_retries} retries each; stopped writing: the run fails, nothing is acknowledged"
         )
 
 
