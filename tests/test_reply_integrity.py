@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import requests
 
 from pipeline import nhs
@@ -17,13 +16,11 @@ from tests.test_run import ndop_run
 SYSTEM = nhs.NHS_NUMBER_SYSTEM
 
 
-@pytest.mark.parametrize("body, why", [
-    (b"Service Unavailable, please try again later\r\n", "not an NHSNUMBER, line"),
-    (b"NHS_NUMBER,\r\n", "a header line and no NHS number"),
-])
-def test_a_reply_that_is_not_data_writes_nothing_and_is_not_acknowledged(tmp_path, work_dir, mesh, fhir_server,
-                                                                         body, why) -> None:
-    numbers = nhs.synthetic_numbers(6, seed=9901 + len(body)).to_pylist()
+def test_a_reply_that_is_not_data_writes_nothing_and_is_not_acknowledged(tmp_path, work_dir, mesh,
+                                                                         fhir_server) -> None:
+    """A service's error text as the whole reply (the header-only reply: tests/test_read_inputs.py)."""
+    body, why = b"Service Unavailable, please try again later\r\n", "not an NHSNUMBER, line"
+    numbers = nhs.synthetic_numbers(6, seed=9901).to_pylist()
     cohort = tmp_path / "cohort.txt"
     cohort.write_text("\n".join(numbers) + "\n")
     env = {**mesh.env(), "FHIR_URL": fhir_server}
