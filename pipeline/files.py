@@ -58,13 +58,13 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def folder_error(path: str | os.PathLike[str], err: OSError) -> NdopError:
+def folder_error(path: str | os.PathLike[str], err: OSError, what: str = "folder") -> NdopError:
     """One line for a folder that cannot be made: :class:`InputError` (exit 2) when the path is the problem."""
     cls = InputError if err.errno in _BAD_PATH else NdopError
-    return cls(f"{path}: cannot create the folder ({err.strerror or type(err).__name__})")
+    return cls(f"{path}: cannot create the {what}: {err.strerror or type(err).__name__}")
 
 
-def check_folder(path: str | os.PathLike[str]) -> Path:
+def check_folder(path: str | os.PathLike[str], what: str = "folder") -> Path:
     """The one check that ``path`` is a folder, or one this process could create, changing nothing.
 
     A path through a regular file, under ``/proc``, or without write permission raises one
@@ -74,24 +74,21 @@ def check_folder(path: str | os.PathLike[str]) -> Path:
     if target.is_dir():
         return target
     if target.exists() or target.is_symlink():
-        raise InputError(f"{path}: not a folder")
+        raise folder_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), what)
     parent = target.parent
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
-        raise folder_error(path, NotADirectoryError(errno.ENOTDIR, f"{parent} is not a folder"))
+    if not parent.is_dir():  # a path through a regular file
+        raise folder_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), what)
     try:  # the honest test: make (and remove) a folder where the first missing one would go
         os.rmdir(tempfile.mkdtemp(prefix=".ndop-probe-", dir=parent))
     except OSError as err:
-        raise folder_error(path, err) from None
+        raise folder_error(path, err, what) from None
     return target
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (and parents) readable by the owner only; one line (no traceback) when it cannot be."""
+    """Create ``path`` (and parents) readable by the owner only."""
     target = Path(path)
-    try:
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as err:
-        raise folder_error(target, err) from None
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
     return target

@@ -55,15 +55,17 @@ def test_a_work_dir_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys, 
     for args in (["request", "--cohort", str(tmp_path / "c.txt"), *MAILBOX], ["status"]):
         code, out, err = ndop(capsys, *args, "--work-dir", work)
         assert code == 2 and out == "", (args, out, err)
-        assert err.count("\n") == 1 and err.startswith(f"ndop {args[0]}: error: {work}: cannot create the folder")
+        assert err.count("\n") == 1 and err.startswith(f"ndop {args[0]}: error: {work}: cannot create the work dir: ")
 
 
 def test_check_folder_accepts_what_can_be_made_and_changes_nothing(tmp_path) -> None:
     assert check_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert list(tmp_path.iterdir()) == []  # the probe folder is gone
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="not a folder"):
+    with pytest.raises(InputError, match="cannot create the folder: Not a directory"):
         check_folder(tmp_path / "file")
+    with pytest.raises(InputError, match="cannot create the folder: Not a directory"):
+        check_folder(tmp_path / "file" / "below")
 
 
 @pytest.mark.parametrize("values, kind", [
