@@ -275,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
+        if getattr(args, "read_only", False):
+            return args.handler(args)
+        with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
+            return args.handler(args)
     except NdopError as err:
         print(f"ndop {args.command}: error: {printable(str(err))}", file=sys.stderr)
         return err.exit_code

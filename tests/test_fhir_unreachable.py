@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,9 +17,8 @@ from pipeline import fhir_client, nhs
 from pipeline.fhir_client import FhirClientConfig, FhirUnreachableError, backoff_seconds, make_retry
 from pipeline.state import REPLIED
 from tests.fixtures.http_stub import Reply, StubServer
-from tests.test_run import ROOT
-from tests.test_write_consents import _all_ok, make_consent, numbers, run
-from transforms.write_consents import summarise
+from tests.helpers import REPO_ROOT, cli_command, cli_env
+from tests.test_write_consents import _all_ok, make_consent, numbers, run, summarise
 
 
 # --- the one backoff rule -------------------------------------------------------------------------------
@@ -112,10 +110,9 @@ def test_fhir_server_killed_mid_write_fails_the_run_fast_and_leaves_the_reply(tm
     with FhirServer(tmp_path / "fhir") as server:
         env = {**mesh.env(), "FHIR_URL": server.base_url}
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--work-dir", str(work_dir.root), "--wait", "20",
-             "--interval", "0.2", "--runner=FnApiRunner", "--batch_size=25", "--cohort", str(cohort)],
-            cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cli_command("run", "--work-dir", str(work_dir.root), "--wait", "20", "--interval", "0.2",
+                        "--runner=FnApiRunner", "--batch_size=25", "--cohort", str(cohort)),
+            cwd=REPO_ROOT, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while _consent_count(server.base_url) == 0 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.05)

@@ -6,10 +6,8 @@ secrets in use. Numbers belong only in the data files (``.dat``, manifest, rejec
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 from pipeline import nhs
 from pipeline.state import ACKNOWLEDGED, REPLIED
 from tests.fixtures.fhir import SMART_CLIENT_ID, SMART_CLIENT_SECRET
-from tests.test_run import ROOT
+from tests.helpers import REPO_ROOT, cli_command, cli_env
 
 DATA_FILES = {".dat", ".parquet", ".csv"}  # hold numbers by design; their modes are checked instead
 
@@ -47,7 +45,7 @@ def _watch_cmdlines(process: subprocess.Popen, seen: set[str]) -> None:
 
 
 def _ndop(args: list[str], env: dict[str, str], cmdlines: set[str]) -> subprocess.CompletedProcess:
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, text=True,
+    process = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watcher = threading.Thread(target=_watch_cmdlines, args=(process, cmdlines), daemon=True)
     watcher.start()
@@ -68,9 +66,9 @@ def test_no_number_and_no_secret_leaks_anywhere(tmp_path, work_dir, mesh, fhir_a
     cohort.write_text("name,nhs_number\n" + "".join(f"p{i},{v}\n" for i, v in enumerate(values)))
     (tmp_path / "opted-out.txt").write_text("\n".join(numbers[:5]) + "\n")
     mesh.plugin(opted_out_file=str(tmp_path / "opted-out.txt"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **mesh.env(), "FHIR_URL": fhir_auth_server.base_url,
-           "FHIR_AUTH": "client-credentials", "FHIR_TOKEN_URL": fhir_auth_server.token_url,
-           "FHIR_CLIENT_ID": SMART_CLIENT_ID, "FHIR_CLIENT_SECRET": SMART_CLIENT_SECRET}
+    env = cli_env({**mesh.env(), "FHIR_URL": fhir_auth_server.base_url, "FHIR_AUTH": "client-credentials",
+                   "FHIR_TOKEN_URL": fhir_auth_server.token_url, "FHIR_CLIENT_ID": SMART_CLIENT_ID,
+                   "FHIR_CLIENT_SECRET": SMART_CLIENT_SECRET})
     secrets = [SMART_CLIENT_SECRET, mesh.sandbox.shared_key]
     cmdlines: set[str] = set()
     run = ["run", "-v", "--work-dir", str(work_dir.root), "--wait", "20", "--interval", "0.2", "--runner=FnApiRunner"]
