@@ -52,7 +52,9 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
         "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
         "stage_seconds": _stage_seconds(record),
     }
-    if summary.get("changes"):  # counted by the pipeline's ledger join, not re-derived from earlier requests
+    # Counted by the pipeline's ledger join, not re-derived from earlier requests. A reply with integrity
+    # errors is suspect: changes computed from it would be fiction.
+    if summary.get("changes") and not counts.get("integrity_errors"):
         report["changes"] = summary["changes"]
     return report
 

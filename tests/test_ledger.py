@@ -317,7 +317,7 @@ def test_crash_mid_write_then_rerun_store_and_ledger_agree(tmp_path, fhir_server
 
 def test_staged_ledger_for_remote_workers(tmp_path, fhir_server, mem_fs) -> None:
     """``--stage-dir mem://...``: the ledger goes out beside the inputs and its successor comes back."""
-    from pipeline.process import process_request
+    from pipeline.process_step import process_request
 
     work_dir = WorkDir(tmp_path / "work")
     cohort = _numbers(30, seed=9815)
