@@ -91,7 +91,7 @@ def trial(kind: str, manifest: str, reply: str, shards: int, extra: list[str]) -
     result = p.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_mb(), **counters(result)}
+    return {"seconds": seconds, "peak_mb": _peak_mb(), **(counters(result) or {})}
 
 
 def _ingest(manifest: str, base_url: str, batch_size: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
 
 from pipeline import datfile, nhs
 from pipeline import ledger as ledger_dirs
@@ -49,7 +49,9 @@ _LOGGER = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 _STAGE_BLOCK = 8 << 20
 DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to download Prism here
-_LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+# Runners whose workers run on this machine (Prism with its default LOOPBACK harness: in this process).
+_LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner"}
+PRISM_ENV = "NDOP_PRISM"  # a local Prism binary (dev/build_prism.sh builds one), so Beam downloads none
 
 
 def join_path(folder: str, name: str) -> str:
@@ -131,6 +133,9 @@ def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_RUNNER
+    prism = options.view_as(PrismRunnerOptions)
+    if standard.runner in ("PrismRunner", "DirectRunner") and not prism.prism_location and os.environ.get(PRISM_ENV):
+        prism.prism_location = os.environ[PRISM_ENV]
     return options
 
 
@@ -182,21 +187,34 @@ def _root_message(err: BaseException) -> str:
     return nhs.redact(errors[-1] if errors else lines[0] if lines else type(err).__name__)[:500]
 
 
-def counters(result: Any) -> dict[str, int]:
-    """Committed counters of namespace ``ndop`` (attempted where a runner has no committed values)."""
+def counters(result: Any) -> dict[str, int] | None:
+    """Committed counters of namespace ``ndop`` (attempted where a runner has no committed values).
+
+    None when the runner reports no metrics (it cannot, or returned none at all: every run counts
+    its manifest rows, so an empty answer means the counters were lost, not that nothing happened).
+    """
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]
+    except (NotImplementedError, AttributeError, KeyError) as err:
+        _LOGGER.warning("the runner returned no metrics (%s: %s)", type(err).__name__, err)
+        return None
     found: dict[str, int] = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]:
+    for counter in queried:
         value = counter.committed if counter.committed is not None else counter.attempted
         found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + int(value or 0)
-    return found
+    return found or None
 
 
-def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float, dead_letters: str,
+def summarise(found: dict[str, int] | None, opts: NdopOptions, started: Any, seconds: float, dead_letters: str,
               integrity_reasons: Sequence[str] = ()) -> dict[str, Any]:
-    counts = {name: found.get(metric, 0) for name, metric in SUMMARY_COUNTERS.items()}
+    """The run's summary; ``ok`` only when the counters were read and they add up."""
+    metrics_available = found is not None
+    counts = {name: (found or {}).get(metric, 0) for name, metric in SUMMARY_COUNTERS.items()}
     counts["written"] = counts["created"] + counts["updated"]
     classified = counts["opted_out"] + counts["not_opted_out"]
     problems = []
+    if not metrics_available:
+        problems.append("the runner returned no metrics: counts unknown, so the run is not reported as a success")
     if counts["integrity_errors"]:
         why = f" ({'; '.join(integrity_reasons)})" if integrity_reasons else ""
         problems.append(f"{counts['integrity_errors']} integrity errors in the reply{why}: no Consent written")
@@ -210,6 +228,7 @@ def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: f
         "checked_at": opts.checked_at,
         "ok": not problems,
         "problems": problems,
+        "metrics_available": metrics_available,
         "counts": counts,
         "changes": {key: counts[key] for key in LEDGER_COUNTERS if key != "ledger_rows"},
         "dead_letters": dead_letters,
