@@ -27,3 +27,13 @@ if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ]; then
   "$ROOT/.venv-fhir/bin/python" -m pip install -q --disable-pip-version-check "sekmet-fhir==$SEKMET_VERSION" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   [ -x "$ROOT/.venv-fhir/bin/sekmet" ] || { echo "setup failed: no sekmet in $ROOT/.venv-fhir" >&2; exit 1; }
 fi
+
+# Beam's Prism runner, built from Beam's Go module (tests marked `prism`); NDOP_WITH_PRISM=0 skips it.
+if [ "${NDOP_WITH_PRISM:-1}" != "0" ]; then
+  bash "$ROOT/dev/build_prism.sh"
+fi
+
+# Flink 1.19 + Beam 2.62's Flink job server + .venv-flink (tests marked `flink`): opt-in, NDOP_WITH_FLINK=1.
+if [ "${NDOP_WITH_FLINK:-0}" = "1" ]; then
+  bash "$ROOT/dev/build_flink.sh"
+fi
