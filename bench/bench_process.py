@@ -122,9 +122,10 @@ def _ingest(manifest: str, base_url: str, batch_size: int) -> dict[str, Any]:
     return {"seconds": seconds, "peak_mb": _peak_mb(), "consents": len(consents)}
 
 
-def run_trial(kind: str, manifest: Path, reply: Path, shards: int, extra: list[str] | None = None) -> dict[str, Any]:
+def run_trial(kind: str, manifest: Path, reply: Path, shards: int, extra: list[str] | None = None,
+              python: str = sys.executable) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "bench.bench_process", "--trial", kind, "--manifest", str(manifest),
+    cmd = [python, "-m", "bench.bench_process", "--trial", kind, "--manifest", str(manifest),
            "--reply", str(reply), "--shards", str(shards), "--", *(extra or [])]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:

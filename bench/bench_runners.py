@@ -1,7 +1,7 @@
 """The process pipeline on Beam's Prism runner vs the in-process FnApiRunner, measured in the same run.
 
     PYTHONPATH=. python -m bench.bench_runners [--patients 1000000] [--fhir-patients 100000]
-        [--runs 3] [--fhir-runs 1] [--shards 32] [--skip-fhir]
+        [--runs 3] [--fhir-runs 1] [--shards 32] [--skip-fhir] [--flink]
 
 (a) read + CoGroupByKey + classification of ``--patients`` on each runner; (b) the whole pipeline of
 ``--fhir-patients`` into a fresh local FHIR server (sekmet) on each runner. Every trial runs in its own
@@ -12,6 +12,8 @@ process, Prism's own process plans and moves the data between stages).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,18 +33,35 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--skip-fhir", action="store_true")
+    parser.add_argument("--flink", action="store_true", help="also FlinkRunner (needs NDOP_WITH_FLINK=1 setup)")
     args = parser.parse_args()
-    runners = {"FnApiRunner": FNAPI, "PrismRunner": prism_args()}
+    with contextlib.ExitStack() as stack:
+        runners = {"FnApiRunner": (FNAPI, sys.executable), "PrismRunner": (prism_args(), sys.executable)}
+        if args.flink:
+            from dev.flink import FLINK_PYTHON, FlinkCluster, flink_args
+
+            OUT.mkdir(parents=True, exist_ok=True)
+            cluster = stack.enter_context(FlinkCluster(tempfile.mkdtemp(dir=OUT)))
+            runners["FlinkRunner"] = (flink_args(cluster), str(FLINK_PYTHON))
+        bench(args, runners)
+
+
+def _ratios(medians: dict[str, float]) -> str:
+    base = medians["FnApiRunner"]
+    return ", ".join(f"{name} median {t:.2f}s ({t / base:.2f}x)" for name, t in medians.items())
+
+
+def bench(args: argparse.Namespace, runners: dict[str, tuple[list[str], str]]) -> None:
 
     manifest, reply = generate(OUT / str(args.patients), args.patients)
     print(f"inputs: {args.patients:,} patients, 5% opted out; {args.runs} runs each; shards={args.shards}")
-    joins = {name: [run_trial("join", manifest, reply, args.shards, argv) for _ in range(args.runs)]
-             for name, argv in runners.items()}
+    joins = {name: [run_trial("join", manifest, reply, args.shards, argv, python) for _ in range(args.runs)]
+             for name, (argv, python) in runners.items()}
     outcome = {name: (t[0]["opted_out"], t[0]["not_opted_out"]) for name, t in joins.items()}
     assert len(set(outcome.values())) == 1, outcome
-    tf, tp = _median(joins["FnApiRunner"]), _median(joins["PrismRunner"])
-    print(f"(a) join+classify of {args.patients:,}: FnApiRunner median {tf:.2f}s, PrismRunner median {tp:.2f}s; "
-          f"ratio Prism/FnApi {tp / tf:.2f}x; same counts on both ({outcome['FnApiRunner'][0]:,} opted out)")
+    print(f"(a) join+classify of {args.patients:,} (ratio vs FnApiRunner): "
+          f"{_ratios({name: _median(t) for name, t in joins.items()})}; "
+          f"same counts on all ({outcome['FnApiRunner'][0]:,} opted out)")
 
     if args.skip_fhir:
         return
@@ -51,19 +70,17 @@ def main() -> None:
     fmanifest, freply = generate(OUT / str(args.fhir_patients), args.fhir_patients)
     piped: dict[str, list[dict]] = {name: [] for name in runners}
     for _ in range(args.fhir_runs):
-        for name, argv in runners.items():
+        for name, (argv, python) in runners.items():
             with tempfile.TemporaryDirectory(dir=OUT) as data, FhirServer(Path(data) / "fhir") as server:
                 piped[name].append(run_trial("write", fmanifest, freply, args.shards, [
                     *argv, f"--fhir_url={server.base_url}", "--fhir_auth=none", f"--output_dir={Path(data) / 'out'}",
-                    f"--batch_size={args.batch_size}", "--bundle_type=batch", "--upsert=id"]))
-    for name, trials in piped.items():
-        assert all(t["ok"] and t["created"] == args.fhir_patients for t in trials), (name, trials)
-        assert all(t["bundles_posted"] == -(-args.fhir_patients // args.batch_size) for t in trials), (name, trials)
-    tf, tp = _median(piped["FnApiRunner"]), _median(piped["PrismRunner"])
+                    f"--batch_size={args.batch_size}", "--bundle_type=batch", "--upsert=id"], python))
+    for name, trials in piped.items():  # a fresh store each time: every Consent a create, none twice
+        assert all(t["ok"] and t["created"] == args.fhir_patients and t["updated"] == 0 for t in trials), (name, trials)
     n = args.fhir_patients
-    print(f"(b) whole pipeline -> FHIR, {n:,} creates: FnApiRunner median {tf:.1f}s ({n / tf:,.0f}/s), "
-          f"PrismRunner median {tp:.1f}s ({n / tp:,.0f}/s); ratio Prism/FnApi {tp / tf:.2f}x; "
-          f"{piped['PrismRunner'][0]['bundles_posted']} bundles posted on each, none twice")
+    print(f"(b) whole pipeline -> FHIR, {n:,} creates (ratio vs FnApiRunner): "
+          f"{_ratios({name: _median(t) for name, t in piped.items()})}; bundles posted: "
+          + ", ".join(f"{name} {t[0]['bundles_posted']}" for name, t in piped.items()))
 
 
 if __name__ == "__main__":
