@@ -29,7 +29,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.options.pipeline_options import (PipelineOptions, PortableOptions, PrismRunnerOptions,
+                                                  StandardOptions)
 
 from pipeline import datfile, nhs
 from pipeline import ledger as ledger_dirs
@@ -52,6 +53,10 @@ DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to dow
 # Runners whose workers run on this machine (Prism with its default LOOPBACK harness: in this process).
 _LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner"}
 PRISM_ENV = "NDOP_PRISM"  # a local Prism binary (dev/build_prism.sh builds one), so Beam downloads none
+# Portable runners: Beam's driver reads the job's state stream with --job_server_timeout (default 300 s) as
+# its deadline, so a run longer than that fails with DEADLINE_EXCEEDED (seen on Prism, 100k to FHIR).
+_PORTABLE_RUNNERS = {"PrismRunner", "DirectRunner", "FlinkRunner", "PortableRunner", "SparkRunner"}
+JOB_SERVER_TIMEOUT = 7 * 24 * 3600
 
 
 def join_path(folder: str, name: str) -> str:
@@ -133,6 +138,9 @@ def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_RUNNER
+    if standard.runner in _PORTABLE_RUNNERS and not any(a.startswith(("--job_server_timeout", "--job-server-timeout"))
+                                                        for a in argv):
+        options.view_as(PortableOptions).job_server_timeout = JOB_SERVER_TIMEOUT
     prism = options.view_as(PrismRunnerOptions)
     if standard.runner in ("PrismRunner", "DirectRunner") and not prism.prism_location and os.environ.get(PRISM_ENV):
         prism.prism_location = os.environ[PRISM_ENV]

@@ -15,7 +15,9 @@ import pytest
 
 from dev.prism import prism_args
 from pipeline.options import NdopOptions
-from pipeline.process import DEAD_LETTERS, counters, run, summarise
+from apache_beam.options.pipeline_options import PortableOptions
+
+from pipeline.process import DEAD_LETTERS, JOB_SERVER_TIMEOUT, counters, pipeline_options, run, summarise
 from tests.test_process_pipeline import T1, T2, _consents_of, _inputs, _numbers
 from transforms.build_consent import consent_id
 
@@ -127,3 +129,11 @@ def test_counters_read_from_a_real_run(tmp_path, fhir_server):
     _inputs(tmp_path, _numbers(4, seed=9403), [])
     summary = _process(tmp_path, fhir_server, FNAPI, T1)
     assert summary["metrics_available"] and summary["ok"] and summary["counts"]["opted_out"] == 4
+
+
+def test_portable_runs_may_outlast_the_job_server_timeout():
+    """Beam uses --job_server_timeout as the deadline of the whole job's state stream on portable runners."""
+    timeout = lambda *argv: pipeline_options(list(argv)).view_as(PortableOptions).job_server_timeout  # noqa: E731
+    assert timeout("--runner=PrismRunner") == timeout("--runner=FlinkRunner") == JOB_SERVER_TIMEOUT
+    assert timeout("--runner=PrismRunner", "--job_server_timeout=60") == 60
+    assert timeout("--runner=FnApiRunner") == 300  # Beam's default, unused in process
