@@ -15,7 +15,8 @@ import pytest
 
 from dev.flink import FLINK_PYTHON, FlinkCluster, flink_args
 from pipeline.process import DEAD_LETTERS, SUMMARY
-from tests.test_process_pipeline import T1, T2, _consents_of, _inputs, _numbers
+from tests.helpers import consents_for_patient as _consents_of
+from tests.test_process_pipeline import T1, T2, _inputs, _numbers
 from tests.test_runners import FNAPI, _INPUT_COUNTS, _process, _store
 from transforms.build_consent import consent_id
 
