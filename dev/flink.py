@@ -112,7 +112,8 @@ class FlinkCluster:
 
     def __init__(self, folder: str | os.PathLike[str], slots: int = PARALLELISM) -> None:
         if missing():
-            raise FileNotFoundError(f"Flink is not built ({', '.join(missing())}): run NDOP_WITH_FLINK=1 dev/setup_env.sh")
+            raise FileNotFoundError(
+                f"Flink is not built ({', '.join(missing())}): run NDOP_WITH_FLINK=1 dev/setup_env.sh")
         self.folder = Path(folder).resolve()
         self.conf_dir = self.folder / "conf"
         self.slots = slots

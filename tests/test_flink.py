@@ -50,7 +50,8 @@ def test_flink_writes_what_fnapi_writes(tmp_path, fhir_server, flink_cluster):
 
     assert on_flink["ok"] and on_flink["metrics_available"], on_flink["problems"]
     assert {k: on_flink["counts"][k] for k in _INPUT_COUNTS} == {k: on_fnapi["counts"][k] for k in _INPUT_COUNTS}
-    assert (on_fnapi["counts"]["created"], on_flink["counts"]["updated"], on_fnapi["counts"]["bundles_posted"]) == (45, 45, 7)
+    assert (on_fnapi["counts"]["created"], on_flink["counts"]["updated"]) == (45, 45)
+    assert on_fnapi["counts"]["bundles_posted"] == 7
     assert 7 <= on_flink["counts"]["bundles_posted"] <= 14  # batches are cut per bundle on each of 2 workers
     for number in numbers:
         fid, fstatus, fdate, fversion = after_fnapi[number]

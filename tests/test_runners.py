@@ -123,7 +123,8 @@ def test_no_metrics_is_never_success(result):
     opts = NdopOptions(["--request_id=R1", f"--checked_at={T1}"])
     summary = summarise(found, opts, datetime.now(timezone.utc), 1.0, "dead_letters.jsonl")
     assert summary["ok"] is False and summary["metrics_available"] is False
-    assert summary["problems"] == ["the runner returned no metrics: counts unknown, so the run is not reported as a success"]
+    assert summary["problems"] == [
+        "the runner returned no metrics: counts unknown, so the run is not reported as a success"]
 
 
 def test_counters_read_from_a_real_run(tmp_path, fhir_server):
