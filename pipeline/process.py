@@ -294,7 +294,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     if _is_local(dead_letters) and os.path.exists(dead_letters):
         os.chmod(dead_letters, 0o600)
     found = counters(result)
-    reasons = file_level_reasons(dead_letters) if found.get("integrity_errors") else []
+    reasons = file_level_reasons(dead_letters) if found and found.get("integrity_errors") else []
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
     if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
         ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
