@@ -155,6 +155,18 @@ def chart_failures(runs: Sequence[dict[str, Any]]) -> str:
     return svg(fig)
 
 
+def chart_stage_bars(stages: dict[str, float]) -> str:
+    """One request: seconds per stage, one bar each."""
+    fig, ax = _figure("Seconds per stage", height=0.5 + 0.35 * len(stages))
+    names = list(stages)[::-1]
+    ax.barh(names, [float(stages[n]) for n in names], color=STAGE_COLOURS[0])
+    for i, name in enumerate(names):
+        ax.annotate(f"{float(stages[name]):g}", (float(stages[name]), i), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_xlabel("seconds")
+    return svg(fig)
+
+
 def chart_outcome(report: dict[str, Any]) -> str:
     """One request: opted out / not, and what happened to the Consents."""
     results = report.get("results") or {}
@@ -246,16 +258,16 @@ def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> st
                    [[cohort.get("read"), cohort.get("invalid"), cohort.get("duplicates"), cohort.get("sent")]])]
     if results:
         body += ['<h2>Results</h2><div class="chart">', chart_outcome(report), "</div>",
-                 _table(list(results), [list(results.values())])]
+                 _table(["figure", "patients"], [[k.replace("_", " "), v] for k, v in results.items()])]
     if change.get("previous_request_id"):
         keys = [k for k in change if k != "previous_request_id"]
         body += [f"<h2>Changes since {_e(change['previous_request_id'])}</h2>",
-                 _table([k.replace("_", " ") for k in keys], [[change[k] for k in keys]])]
+                 _table(["change", "patients"], [[k.replace("_", " "), change[k]] for k in keys])]
     if report.get("problems"):
         body += ["<h2>Problems</h2><ul>"] + [f"<li class=\"failed\">{_e(p)}</li>" for p in report["problems"]] + ["</ul>"]
     if report.get("stage_seconds"):
         body += ['<h2>Time per stage</h2><div class="chart">',
-                 chart_stages([{"ended_at": "", "stage_seconds": report["stage_seconds"]}], "Seconds per stage"),
+                 chart_stage_bars(report["stage_seconds"]),
                  "</div>"]
     mine = [r for r in runs if r.get("request_id") == rid]
     if mine:

@@ -1,0 +1,263 @@
+"""What operators look at: run log, HTML pages (in headless Chromium), metrics file, JSON logs, progress.
+
+The end-to-end test runs ``ndop run`` against the real mesh-sandbox (playing NDOP) and FHIR server.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import py_compile
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import logs, nhs
+from pipeline.metrics import build_registry, write_metrics
+from pipeline.progress import Reporter, advance_writes, follow_job, poll_sleeper, tracking_writes
+from pipeline.runlog import append_run, read_runs, run_entry, typical_wait
+from pipeline.state import WorkDir
+from tests.browser import Browser
+from tests.test_run import ndop_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text file, parsed by prometheus_client's own parser."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(path.read_text()) for s in family.samples}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_renders_offline(browser: Browser, page: Path, shot: Path, min_charts: int) -> str:
+    browser.connections.clear()
+    dom = browser.dom(page)
+    assert len(re.findall(r"<svg\b", dom)) >= min_charts, "charts missing from the rendered page"
+    assert re.search(r"<path\b", dom), "the charts have no drawing in them"
+    assert 'name="viewport"' in dom
+    browser.screenshot(page, shot)
+    assert shot.stat().st_size > 10_000  # a page with charts on it, not a blank one
+    assert browser.page_requests() == [], f"{page.name} asked the network for {browser.page_requests()}"
+    return dom
+
+
+def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, work_dir, mesh, fhir_server) -> None:
+    numbers = nhs.synthetic_numbers(40, seed=9701).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    opted = tmp_path / "opted-out.txt"
+    opted.write_text("\n".join(numbers[:6]) + "\n")
+    mesh.plugin(opted_out_file=str(opted))
+    metrics = tmp_path / "textfile" / "ndop.prom"
+    env = {**mesh.env(), "FHIR_URL": fhir_server, "NDOP_METRICS_FILE": str(metrics), "NDOP_LOG_FORMAT": "json",
+           "NDOP_PROGRESS_SECONDS": "0"}
+
+    first = ndop_run(work_dir, env, "--cohort", str(cohort))
+    assert first.returncode == 0, first.stderr
+    assert "[write] 40/40 Consents written (100%)" in first.stderr
+    json_lines = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
+    assert json_lines and all({"time", "level", "logger", "message"} <= set(e) for e in json_lines)
+    after_first = samples(metrics)
+    assert after_first[("ndop_last_run_exit_status", ())] == 0
+    assert after_first[("ndop_cohort_size", ())] == 40
+    assert after_first[("ndop_opted_out", ())] == 6
+    assert after_first[("ndop_written", ())] == 40
+    assert after_first[("ndop_failed", ())] == 0 and after_first[("ndop_dead_letters", ())] == 0
+    assert after_first[("ndop_requests", (("state", "acknowledged"),))] == 1
+    assert after_first[("ndop_last_success_timestamp_seconds", ())] == after_first[("ndop_last_run_end_timestamp_seconds", ())]
+    assert after_first[("ndop_stage_duration_seconds", (("stage", "process"),))] > 0
+
+    # A second request whose FHIR server is down: the run fails; the last success stays where it was.
+    second = ndop_run(work_dir, {**env, "FHIR_URL": f"http://127.0.0.1:{closed_port()}"}, "--cohort", str(cohort),
+                      "--new-request", "--log-format", "text")
+    assert second.returncode == 1, second.stderr
+    after_second = samples(metrics)
+    assert after_second[("ndop_last_run_exit_status", ())] == 1
+    assert after_second[("ndop_last_run_end_timestamp_seconds", ())] >= after_first[("ndop_last_run_end_timestamp_seconds", ())]
+    assert after_second[("ndop_last_success_timestamp_seconds", ())] == after_first[("ndop_last_success_timestamp_seconds", ())]
+    assert after_second[("ndop_requests", (("state", "replied"),))] == 1
+    assert after_second[("ndop_written", ())] == 40  # the figures of the latest request that was processed
+
+    runs = read_runs(work_dir)
+    assert [(r["outcome"], r["exit_status"]) for r in runs] == [("done", 0), ("failed", 1)]
+    first_id, second_id = runs[0]["request_id"], runs[1]["request_id"]
+    assert runs[0]["results"]["opted_out"] == 6 and runs[0]["cohort"]["sent"] == 40
+
+    index = work_dir.root / "index.html"
+    pages = [index, work_dir.request_dir(first_id) / "report.html", work_dir.request_dir(second_id) / "report.html"]
+    index_text = index.read_text()
+    assert index_text.index(second_id) < index_text.index(first_id)  # newest first
+    outputs = [p.read_text() for p in pages] + [metrics.read_text(), (work_dir.root / "runs.jsonl").read_text(),
+                                                 first.stdout, first.stderr, second.stdout, second.stderr]
+    for text in outputs:
+        assert not any(n in text for n in numbers)
+    assert oct((work_dir.root / "runs.jsonl").stat().st_mode & 0o777) == "0o600"
+
+    browser = Browser(tmp_path / "chromium")
+    try:
+        shots = tmp_path / "screenshots"
+        shots.mkdir()
+        dom = assert_renders_offline(browser, index, shots / "index.png", min_charts=5)
+        assert first_id in dom and second_id in dom
+        dom = assert_renders_offline(browser, pages[1], shots / "report.png", min_charts=2)
+        assert "Results" in dom and "acknowledged" in dom
+    finally:
+        browser.close()
+
+    # `ndop report` regenerates every page; --request-id just one (and the index)
+    for page in pages:
+        page.unlink()
+    regenerated = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "report", "--work-dir", str(work_dir.root), "--request-id", first_id],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert regenerated.returncode == 0, regenerated.stderr
+    assert pages[0].exists() and pages[1].exists() and not pages[2].exists()
+    assert pages[1].read_text().count("<svg") >= 2
+
+
+def test_the_browser_check_sees_a_page_that_asks_the_network(tmp_path) -> None:
+    """The control for the no-network assertion above: a page with remote images is caught."""
+    page = tmp_path / "remote.html"
+    page.write_text('<!DOCTYPE html><html><body><svg></svg><img src="http://cdn.example.org/a.png">'
+                    '<img src="https://fonts.example.net/b.png"></body></html>')
+    browser = Browser(tmp_path / "chromium")
+    try:
+        browser.dom(page)
+        hosts = " ".join(browser.page_requests())
+    finally:
+        browser.close()
+    assert "cdn.example.org" in hosts and "fonts.example.net" in hosts
+
+
+def _entry(code: int, ended: str, **report) -> dict:
+    return run_entry(code, "2026-12-01-001", "m", report or None, ended, ended, 1.0)
+
+
+def test_metrics_keep_the_last_success_from_the_previous_file_and_skip_absent_figures(tmp_path) -> None:
+    work_dir = WorkDir(tmp_path / "work")
+    metrics = tmp_path / "ndop.prom"
+    append_run(work_dir, _entry(0, "2026-12-01T06:00:00Z", results={"written": 3}))
+    write_metrics(metrics, work_dir)
+    success = samples(metrics)[("ndop_last_success_timestamp_seconds", ())]
+    assert ("ndop_stale_patients", ()) not in samples(metrics)  # no ledger figures: no stale gauge
+    (work_dir.root / "runs.jsonl").unlink()  # the run log lost (or rotated): the file still knows
+    append_run(work_dir, _entry(1, "2026-12-02T06:00:00Z"))
+    write_metrics(metrics, work_dir)
+    after = samples(metrics)
+    assert after[("ndop_last_run_exit_status", ())] == 1
+    assert after[("ndop_last_success_timestamp_seconds", ())] == success
+    append_run(work_dir, _entry(0, "2026-12-03T06:00:00Z", results={"written": 5}, ledger={"stale": 2}))
+    assert "ndop_stale_patients 2.0" in __import__("prometheus_client").generate_latest(
+        build_registry(work_dir)).decode()
+
+
+def test_json_logs_one_object_a_line_with_tracebacks_redacted() -> None:
+    stream = io.StringIO()
+    logs.configure("json", stream=stream)
+    try:
+        log = logging.getLogger("ndop.test")
+        log.info("request %s: %d sent", "2026-12-01-001", 40)
+        try:
+            raise ValueError("bad number 9990001234 in reply")
+        except ValueError:
+            log.exception("failed for %s", nhs.mask("9990001234"))
+    finally:
+        logs.configure("text")
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first["message"] == "request 2026-12-01-001: 40 sent" and first["level"] == "INFO"
+    assert second["message"] == "failed for ******1234" and "ValueError" in second["exception"]
+    assert "9990001234" not in stream.getvalue()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_poll_progress_says_elapsed_next_poll_and_the_usual_ndop_time_at_most_every_few_seconds() -> None:
+    clock, out = _Clock(), io.StringIO()
+    reporter = Reporter("poll", total=60, stream=out, every=5, clock=clock, tty=False)
+    sleeper = poll_sleeper(60, 20, typical=7200, reporter=reporter, sleep=clock.sleep)
+    sleeper(20)
+    sleeper(20)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[poll] waited 0s of 1m 00s; next poll in 20s; NDOP usually answers in 2h 00m"
+    assert 8 <= len(lines) <= 10  # 40 s of waiting, one line each 5 s
+    assert "waited 35s of 1m 00s; next poll in 5s" in lines[-2]
+
+
+def test_typical_wait_is_the_median_over_requests() -> None:
+    runs = [{"request_id": f"r{i}", "stage_seconds": {"wait_for_ndop": w}} for i, w in enumerate((10, 300, 40))]
+    assert typical_wait(runs) == 40 and typical_wait([]) is None
+
+
+def test_write_progress_plain_lines_rate_and_eta_and_a_tqdm_bar_on_a_terminal() -> None:
+    clock, out = _Clock(), io.StringIO()
+    with tracking_writes(100, reporter=Reporter("write", total=100, stream=out, every=5, clock=clock, tty=False)):
+        for _ in range(4):
+            clock.sleep(5)
+            advance_writes(25)
+    advance_writes(10)  # nothing tracks after the block: a remote worker's calls do nothing
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[write] 25/100 Consents written (25%), 5/s, ETA 15s"
+    assert lines[-1].startswith("[write] 100/100 Consents written (100%)")
+    tty = io.StringIO()
+    with tracking_writes(10, reporter=Reporter("write", total=10, stream=tty, every=0, tty=True)):
+        advance_writes(5)
+    assert "50%|" in tty.getvalue() and "5/10" in tty.getvalue()
+
+
+def test_remote_job_progress_from_its_metrics() -> None:
+    class Job:  # a runner's result: RUNNING twice, then DONE
+        def __init__(self) -> None:
+            self.states, self.state = ["RUNNING", "DONE"], "RUNNING"
+            self.written = 0
+
+        def wait_until_finish(self, duration: int) -> str:
+            self.written += 50
+            self.state = self.states.pop(0)
+            return self.state
+
+    clock, out = _Clock(), io.StringIO()
+    follow_job(Job(), 100, lambda job: job.written, Reporter("write", total=100, stream=out, every=0, clock=clock,
+                                                               tty=False))
+    assert out.getvalue().splitlines()[-1].startswith("[write] 100/100 Consents written")
+
+
+def test_scheduler_examples_are_valid(tmp_path) -> None:
+    examples = ROOT / "examples"
+    analyze = shutil.which("systemd-analyze")
+    if analyze:  # ExecStart must exist for verify: point it at this checkout's ndop
+        for name in ("ndop.service", "ndop.timer"):
+            text = (examples / name).read_text().replace("/srv/ndop/.venv/bin/ndop", str(ROOT / ".venv" / "bin" / "ndop"))
+            (tmp_path / name).write_text(text)
+        done = subprocess.run([analyze, "verify", str(tmp_path / "ndop.service"), str(tmp_path / "ndop.timer")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    service = (examples / "ndop.service").read_text()
+    assert "SuccessExitStatus=3" in service and "--metrics-file" not in service  # env, not a CLI secret/option
+    [cron] = [line for line in (examples / "crontab").read_text().splitlines() if line and not line.startswith("#")]
+    fields = cron.split(None, 5)
+    assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5]) and "ndop run" in fields[5]
+    # Airflow is too heavy for CI's setup: the DAG is compiled here; importing it under Airflow is a manual check.
+    py_compile.compile(str(examples / "airflow_ndop_dag.py"), cfile=str(tmp_path / "dag.pyc"), doraise=True)
+    dag = (examples / "airflow_ndop_dag.py").read_text()
+    assert "EXIT_WAITING = 3" in dag and "AirflowFailException" in dag
