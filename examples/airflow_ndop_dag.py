@@ -11,12 +11,13 @@ import os
 import subprocess
 from datetime import datetime, timedelta
 
-from airflow import DAG
-from airflow.exceptions import AirflowException, AirflowFailException
-
 try:  # Airflow 3
     from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import DAG
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 2
+    from airflow import DAG
+    from airflow.exceptions import AirflowException, AirflowFailException
     from airflow.operators.python import PythonOperator
 
 NDOP = os.environ.get("NDOP_BIN", "/srv/ndop/.venv/bin/ndop")
