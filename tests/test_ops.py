@@ -11,7 +11,6 @@ import os
 import py_compile
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +33,6 @@ def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a Prometheus text file, parsed by prometheus_client's own parser."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(path.read_text()) for s in family.samples}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_renders_offline(browser: Browser, page: Path, shot: Path, min_charts: int) -> str:
@@ -80,20 +73,32 @@ def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, 
     assert after_first[("ndop_last_success_timestamp_seconds", ())] == after_first[("ndop_last_run_end_timestamp_seconds", ())]
     assert after_first[("ndop_stage_duration_seconds", (("stage", "process"),))] > 0
 
-    # A second request whose FHIR server is down: the run fails; the last success stays where it was.
-    second = ndop_run(work_dir, {**env, "FHIR_URL": f"http://127.0.0.1:{closed_port()}"}, "--cohort", str(cohort),
-                      "--new-request", "--log-format", "text")
-    assert second.returncode == 1, second.stderr
-    after_second = samples(metrics)
-    assert after_second[("ndop_last_run_exit_status", ())] == 1
-    assert after_second[("ndop_last_run_end_timestamp_seconds", ())] >= after_first[("ndop_last_run_end_timestamp_seconds", ())]
-    assert after_second[("ndop_last_success_timestamp_seconds", ())] == after_first[("ndop_last_success_timestamp_seconds", ())]
-    assert after_second[("ndop_requests", (("state", "replied"),))] == 1
-    assert after_second[("ndop_written", ())] == 40  # the figures of the latest request that was processed
+    # A second request NDOP has not answered yet (exit 3: a success for the scheduler), then rejects (exit 1).
+    mesh.plugin(mode="silent")
+    second = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "--wait", "0", "--log-format", "text")
+    assert second.returncode == 3, second.stderr
+    after_waiting = samples(metrics)
+    assert after_waiting[("ndop_last_run_exit_status", ())] == 3
+    assert after_waiting[("ndop_last_success_timestamp_seconds", ())] == after_waiting[("ndop_last_run_end_timestamp_seconds", ())]
+    assert after_waiting[("ndop_last_done_timestamp_seconds", ())] == after_first[("ndop_last_run_end_timestamp_seconds", ())]
+    waiting = work_dir.all()[1]
+    with mesh.client("X26HC065") as ndop:
+        ndop.send_message("X26ABC1", b"The file contains one or more invalid NHS Numbers\r\n",
+                          workflow_id="SPINE_NTT_UPHOLDING", local_id=waiting["local_id"], subject=waiting["subject"])
+    third = ndop_run(work_dir, env, "--wait", "0")
+    assert third.returncode == 1, third.stderr
+    after_failed = samples(metrics)
+    assert after_failed[("ndop_last_run_exit_status", ())] == 1
+    assert after_failed[("ndop_last_run_end_timestamp_seconds", ())] >= after_waiting[("ndop_last_run_end_timestamp_seconds", ())]
+    assert after_failed[("ndop_last_success_timestamp_seconds", ())] == after_waiting[("ndop_last_success_timestamp_seconds", ())]
+    assert after_failed[("ndop_requests", (("state", "rejected"),))] == 1
+    assert after_failed[("ndop_requests", (("state", "acknowledged"),))] == 1
+    assert after_failed[("ndop_written", ())] == 40  # the figures of the latest request that was processed
 
     runs = read_runs(work_dir)
-    assert [(r["outcome"], r["exit_status"]) for r in runs] == [("done", 0), ("failed", 1)]
+    assert [(r["outcome"], r["exit_status"]) for r in runs] == [("done", 0), ("waiting", 3), ("failed", 1)]
     first_id, second_id = runs[0]["request_id"], runs[1]["request_id"]
+    assert runs[2]["request_id"] == second_id and second_id in runs[2]["message"] and "rejected" in runs[2]["message"]
     assert runs[0]["results"]["opted_out"] == 6 and runs[0]["cohort"]["sent"] == 40
 
     index = work_dir.root / "index.html"
@@ -101,7 +106,8 @@ def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, 
     index_text = index.read_text()
     assert index_text.index(second_id) < index_text.index(first_id)  # newest first
     outputs = [p.read_text() for p in pages] + [metrics.read_text(), (work_dir.root / "runs.jsonl").read_text(),
-                                                 first.stdout, first.stderr, second.stdout, second.stderr]
+                                                 first.stdout, first.stderr, second.stdout, second.stderr,
+                                                 third.stdout, third.stderr]
     for text in outputs:
         assert not any(n in text for n in numbers)
     assert oct((work_dir.root / "runs.jsonl").stat().st_mode & 0o777) == "0o600"
