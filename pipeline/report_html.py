@@ -20,6 +20,8 @@ REPORT_HTML = "report.html"
 INDEX_HTML = "index.html"
 COLOURS = {"opted_out": "#d4351c", "not_opted_out": "#00703c", "written": "#1d70b8", "unchanged": "#b1b4b6",
            "failed": "#d4351c", "newly": "#f47738", "withdrawn": "#4c2c92", "rate": "#0b0c0c"}
+MAX_TICKS = 12
+CHART_RUNS = 90  # charts show the latest runs; the table below them lists every run
 STAGE_COLOURS = ("#1d70b8", "#5694ca", "#f47738", "#00703c", "#4c2c92", "#b1b4b6")
 
 _CSS = """
@@ -53,7 +55,7 @@ def svg(fig: Any) -> str:
     """The figure as an inline ``<svg>`` element (no XML prologue, no fixed size: it scales to the page)."""
     plt = _pyplot()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     text = buffer.getvalue()
     text = text[text.index("<svg"):]
@@ -62,7 +64,7 @@ def svg(fig: Any) -> str:
 
 def _figure(title: str, height: float = 3.0) -> tuple[Any, Any]:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, height))
+    fig, ax = plt.subplots(figsize=(6.4, height), layout="constrained")
     ax.set_title(title, loc="left", fontsize=11)
     return fig, ax
 
@@ -71,13 +73,20 @@ def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
     return [(r.get("ended_at") or "")[:16].replace("T", " ") for r in runs]
 
 
+def _ticks(ax: Any, labels: list[str]) -> None:
+    """Run labels on the x axis, thinned to about a dozen so a year of runs stays legible."""
+    step = max(1, -(-len(labels) // MAX_TICKS))
+    positions = list(range(0, len(labels), step))
+    ax.set_xticks(positions, [labels[i] for i in positions], rotation=30, ha="right", fontsize=8)
+
+
 def _stacked(ax: Any, labels: list[str], series: dict[str, tuple[list[float], str]]) -> None:
     bottom = [0.0] * len(labels)
     x = list(range(len(labels)))
     for name, (values, colour) in series.items():
         ax.bar(x, values, bottom=bottom, label=name, color=colour)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    _ticks(ax, labels)
     if series:
         ax.legend(fontsize=8, frameon=False, ncols=min(len(series), 4), loc="upper left", bbox_to_anchor=(0, -0.35))
 
@@ -90,12 +99,13 @@ def chart_cohort(runs: Sequence[dict[str, Any]]) -> str:
     x = list(range(len(runs)))
     ax.bar(x, sizes, color=COLOURS["written"], label="cohort (patients sent)")
     ax.set_ylabel("patients")
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    _ticks(ax, labels)
     rate_ax = ax.twinx()
     rate_ax.plot(x, rates, color=COLOURS["rate"], marker="o", label="opted out (%)")
     rate_ax.set_ylabel("opted out (%)")
     rate_ax.set_ylim(0, max(rates + [1]) * 1.25)
-    fig.legend(fontsize=8, frameon=False, loc="upper left", ncols=2, bbox_to_anchor=(0.1, -0.02))
+    handles = ax.get_legend_handles_labels()[0] + rate_ax.get_legend_handles_labels()[0]
+    rate_ax.legend(handles, [h.get_label() for h in handles], fontsize=8, frameon=False, loc="lower right")
     return svg(fig)
 
 
@@ -108,7 +118,7 @@ def chart_changes(runs: Sequence[dict[str, Any]]) -> str:
            color=COLOURS["newly"], label="newly opted out")
     ax.bar([i + width / 2 for i in x], [r.get("changes", {}).get("opt_out_withdrawn", 0) for r in runs], width,
            color=COLOURS["withdrawn"], label="opt-out withdrawn")
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    _ticks(ax, labels)
     ax.set_ylabel("patients")
     ax.legend(fontsize=8, frameon=False)
     return svg(fig)
@@ -148,7 +158,7 @@ def chart_failures(runs: Sequence[dict[str, Any]]) -> str:
     failed = [i for i, r in enumerate(runs) if r.get("exit_status") not in (0, 3)]
     ax.scatter(failed, [0] * len(failed), marker="x", s=60, color=COLOURS["rate"], label="run failed", zorder=3,
                clip_on=False)
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    _ticks(ax, labels)
     ax.set_ylabel("patients")
     ax.set_ylim(bottom=0, top=max([r.get("dead_letters", 0) for r in runs] + [1]) * 1.2)
     ax.legend(fontsize=8, frameon=False)
@@ -228,7 +238,8 @@ def _runs_table(runs: Sequence[dict[str, Any]], link: bool = False) -> str:
 
 
 def render_index(runs: Sequence[dict[str, Any]]) -> str:
-    processed = [r for r in runs if r.get("results")]
+    processed = [r for r in runs if r.get("results")][-CHART_RUNS:]
+    charted = list(runs[-CHART_RUNS:])
     newest = list(reversed(runs))
     body = [f"<h1>NDOP runs</h1><p class=\"muted\">{len(runs)} run(s); newest first. Counts only: no NHS number.</p>"]
     if newest:
@@ -240,8 +251,8 @@ def render_index(runs: Sequence[dict[str, Any]]) -> str:
                  '<h2>Changes</h2><div class="chart">', chart_changes(processed), "</div>",
                  '<h2>Consents</h2><div class="chart">', chart_writes(processed), "</div>"]
     if runs:
-        body += ['<h2>Stage times</h2><div class="chart">', chart_stages(processed or runs), "</div>",
-                 '<h2>Failures</h2><div class="chart">', chart_failures(runs), "</div>"]
+        body += ['<h2>Stage times</h2><div class="chart">', chart_stages(processed or charted), "</div>",
+                 '<h2>Failures</h2><div class="chart">', chart_failures(charted), "</div>"]
     body += ["<h2>Every run</h2>", _runs_table(newest, link=True)]
     return page("NDOP runs", "".join(body))
 
