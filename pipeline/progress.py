@@ -99,7 +99,7 @@ def poll_sleeper(wait: float, interval: float, typical: float | None, reporter: 
                  sleep: Callable[[float], None] = time.sleep) -> Callable[[float], None]:
     """A ``sleep`` for :meth:`MeshDriver.poll` that reports the wait while it sleeps."""
     reporter = reporter or Reporter("poll", total=wait, unit="s")
-    usual = f"NDOP usually answers in {duration(typical)}" if typical else "no earlier reply to compare with"
+    usual = f"NDOP usually answers in {duration(typical)}" if typical is not None else "no earlier reply to compare with"
 
     def sleeper(seconds: float) -> None:
         until = reporter.clock() + seconds

@@ -75,8 +75,10 @@ def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, 
 
     # A second request NDOP has not answered yet (exit 3: a success for the scheduler), then rejects (exit 1).
     mesh.plugin(mode="silent")
-    second = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "--wait", "0", "--log-format", "text")
+    second = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "--wait", "1", "--interval", "0.4",
+                      "--log-format", "text")
     assert second.returncode == 3, second.stderr
+    assert re.search(r"\[poll\] waited \d+s of 1s; next poll in \d+s; NDOP usually answers in \d+s", second.stderr)
     after_waiting = samples(metrics)
     assert after_waiting[("ndop_last_run_exit_status", ())] == 3
     assert after_waiting[("ndop_last_success_timestamp_seconds", ())] == after_waiting[("ndop_last_run_end_timestamp_seconds", ())]
