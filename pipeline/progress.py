@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -51,8 +52,9 @@ class Reporter:
 
     def __init__(self, label: str, total: float | None = None, unit: str = "", stream: TextIO | None = None,
                  every: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, bar_postfix: bool = True) -> None:
         self.label = label
+        self.bar_postfix = bar_postfix  # the write bar shows count, rate and ETA itself
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.every = every_seconds() if every is None else every
@@ -63,15 +65,17 @@ class Reporter:
         if tty if tty is not None else _isatty(self.stream):
             from tqdm import tqdm
 
+            size = shutil.get_terminal_size((100, 20))  # a terminal that reports no size (0x0) still gets a bar
             self._bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, mininterval=self.every,
-                             dynamic_ncols=True, leave=True)
+                             ncols=size.columns, nrows=size.lines, leave=True)
 
     def update(self, done: float, text: str, force: bool = False) -> bool:
         """Show ``text`` (the plain line) or move the bar to ``done``; returns whether anything was shown."""
         now = self.clock()
         if self._bar is not None:
             self._bar.n = done
-            self._bar.set_postfix_str(text, refresh=False)
+            if self.bar_postfix:
+                self._bar.set_postfix_str(text, refresh=False)
             self._bar.refresh()
             return True
         if not force and self._last is not None and now - self._last < self.every:
@@ -164,7 +168,7 @@ def tracking_writes(total: int | None, enabled: bool = True, reporter: Reporter 
     if not enabled:
         yield None
         return
-    tracker = WriteTracker(total, reporter or Reporter("write", total=total, unit="Consent"))
+    tracker = WriteTracker(total, reporter or Reporter("write", total=total, unit="Consent", bar_postfix=False))
     _TRACKER = tracker
     try:
         yield tracker
@@ -177,7 +181,7 @@ def tracking_writes(total: int | None, enabled: bool = True, reporter: Reporter 
 
 def follow_job(result: Any, total: int | None, written: Callable[[Any], int], reporter: Reporter | None = None) -> None:
     """Report a remote job's writes from its metrics while it runs (``written(result)`` reads them)."""
-    tracker = WriteTracker(total, reporter or Reporter("write", total=total, unit="Consent"))
+    tracker = WriteTracker(total, reporter or Reporter("write", total=total, unit="Consent", bar_postfix=False))
     try:
         while True:
             state = str(getattr(result, "state", "") or "")
