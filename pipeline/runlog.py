@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,11 @@ def after_run(work_dir: WorkDir, outcome: RunOutcome, started_at: str, seconds: 
     if metrics_file:
         from pipeline.metrics import write_metrics
 
-        write_metrics(metrics_file, work_dir)
+        try:
+            write_metrics(metrics_file, work_dir)
+        except OSError as err:  # the run's own outcome (and exit status) stands; a stale file alerts by itself
+            print(f"ndop run: error: {metrics_file}: cannot write the metrics file: {err.strerror or err}",
+                  file=sys.stderr)
     return entry
 
 

@@ -287,3 +287,16 @@ def test_airflow_dag_retries_exit_3_and_fails_exit_1(tmp_path) -> None:
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == {"dag_id": "ndop_sync", "tasks": ["ndop_run"], "outcomes": {"0": "ok", "3": "retry", "1": "fail"},
                      "retries": 48}
+
+
+def test_an_unwritable_metrics_file_is_one_error_line_and_the_run_log_still_grows(tmp_path, capsys) -> None:
+    from pipeline.runlog import RunOutcome, after_run
+
+    work_dir = WorkDir(tmp_path / "work")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    entry = after_run(work_dir, RunOutcome(3, None, "waiting"), "2026-12-01T06:00:00Z", 1.0,
+                      metrics_file=str(blocker / "ndop.prom"))
+    assert entry["exit_status"] == 3 and len(read_runs(work_dir)) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"ndop run: error: {blocker / 'ndop.prom'}: cannot write the metrics file")
