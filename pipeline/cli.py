@@ -288,8 +288,8 @@ def _report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from pipeline.report_html import write_index, write_request_page
     from pipeline.report import write_report
+    from pipeline.report_html import write_index, write_request_page
 
     work_dir = WorkDir(args.work_dir)
     records = [work_dir.load(args.request_id)] if args.request_id else work_dir.all()

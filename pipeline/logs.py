@@ -51,8 +51,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+_JSON = False
+
+
+def json_active() -> bool:
+    """Whether stderr carries JSON lines: then progress lines go through logging too (one format a stream)."""
+    return _JSON
+
+
+def progress_line(line: str, stream: TextIO | None = None) -> None:
+    """A progress line on stderr: plain text, or a JSON log object (logger ``ndop.progress``) in json mode."""
+    if _JSON and stream in (None, sys.stderr):
+        logging.getLogger("ndop.progress").info("%s", line)
+    else:
+        print(line, file=stream if stream is not None else sys.stderr, flush=True)
+
+
 def configure(log_format: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
     """Replace the root logger's handlers with one on stderr in ``log_format``."""
+    global _JSON
+    _JSON = log_format == "json"
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()

@@ -37,7 +37,7 @@ def duration(seconds: float | None) -> str:
     """``1h 02m``, ``3m 20s``, ``45s``: how long, for a person."""
     if seconds is None:
         return "-"
-    total = int(round(max(seconds, 0)))
+    total = round(max(seconds, 0))
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -81,7 +81,9 @@ class Reporter:
         if not force and self._last is not None and now - self._last < self.every:
             return False
         self._last = now
-        print(f"[{self.label}] {text}", file=self.stream, flush=True)
+        from pipeline.logs import progress_line
+
+        progress_line(f"[{self.label}] {text}", self.stream)
         return True
 
     def close(self) -> None:

@@ -261,8 +261,8 @@ def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> st
     rid = report["request_id"]
     cohort, results, change = report.get("cohort") or {}, report.get("results") or {}, report.get("changes") or {}
     body = [f"<h1>NDOP request {_e(rid)}</h1>",
-            f"<p>State: <strong>{_e(report.get('state'))}</strong>. Created {_e(report.get('created_at'))}; "
-            f"sent {_e(report.get('sent_at'))}; NDOP answered {_e(report.get('checked_at'))}.</p>",
+            (f"<p>State: <strong>{_e(report.get('state'))}</strong>. Created {_e(report.get('created_at'))}; "
+             f"sent {_e(report.get('sent_at'))}; NDOP answered {_e(report.get('checked_at'))}.</p>"),
             '<p class="muted"><a href="../../index.html">every run</a></p>',
             "<h2>Cohort</h2>",
             _table(["read", "invalid", "duplicates", "sent"],

@@ -55,7 +55,9 @@ class RunResult:
 
 
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    from pipeline.logs import progress_line  # a JSON log object under --log-format json
+
+    progress_line(line)
 
 
 class Runner:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import logs, nhs
@@ -61,8 +60,9 @@ def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, 
     first = ndop_run(work_dir, env, "--cohort", str(cohort))
     assert first.returncode == 0, first.stderr
     assert "[write] 40/40 Consents written (100%)" in first.stderr
-    json_lines = [json.loads(line) for line in first.stderr.splitlines() if line.startswith("{")]
+    json_lines = [json.loads(line) for line in first.stderr.splitlines()]  # every stderr line: one JSON object
     assert json_lines and all({"time", "level", "logger", "message"} <= set(e) for e in json_lines)
+    assert any(e["logger"] == "ndop.progress" and e["message"].startswith("[request] ") for e in json_lines)
     after_first = samples(metrics)
     assert after_first[("ndop_last_run_exit_status", ())] == 0
     assert after_first[("ndop_cohort_size", ())] == 40
