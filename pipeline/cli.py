@@ -277,6 +277,7 @@ def _run_run(args: argparse.Namespace) -> int:
         outcome.exit_code, outcome.request_id, outcome.message, outcome.report = (
             result.exit_code, result.request_id, result.message, result.report)
     print_report(result, work_dir)
+    print(f"pages: {work_dir.root / 'index.html'}")
     return result.exit_code
 
 
