@@ -300,3 +300,13 @@ def test_an_unwritable_metrics_file_is_one_error_line_and_the_run_log_still_grow
     assert entry["exit_status"] == 3 and len(read_runs(work_dir)) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"ndop run: error: {blocker / 'ndop.prom'}: cannot write the metrics file")
+
+
+def test_index_of_no_runs_and_of_a_bad_input_run_quoting_a_number() -> None:
+    from pipeline.report_html import render_index
+
+    assert "0 run(s)" in render_index([])
+    entry = run_entry(2, None, "cohort.txt:3: 9990001234 is not valid", None, "2026-12-01T06:00:00Z",
+                      "2026-12-01T06:00:01Z", 1.0)
+    page = render_index([entry])
+    assert "bad input" in page and "******1234" in page and "9990001234" not in page and "<svg" in page
