@@ -66,7 +66,8 @@ def build_registry(work_dir: WorkDir, previous_file: str | os.PathLike[str] | No
 
     last = runs[-1] if runs else None
     if last:
-        gauge("ndop_last_run_exit_status", "Exit status of the latest ndop run (0 done, 3 waiting, 1 failed, 2 bad input)",
+        gauge("ndop_last_run_exit_status",
+              "Exit status of the latest ndop run (0 done, 3 waiting, 1 failed, 2 bad input)",
               last.get("exit_status"))
         gauge("ndop_last_run_end_timestamp_seconds", "When the latest ndop run ended (Unix time)",
               _timestamp(last.get("ended_at")))

@@ -297,7 +297,7 @@ def _manifest_rows(path: str) -> int | None:
 
 
 def _written(found: dict[str, int]) -> int:
-    return sum(found.get(_SUMMARY_COUNTERS[k], 0) for k in ("created", "updated", "failed", "refused"))
+    return sum(found.get(SUMMARY_COUNTERS[k], 0) for k in ("created", "updated", "failed", "refused"))
 
 
 def failure_message(summary: dict[str, Any]) -> str:

@@ -105,7 +105,8 @@ def poll_sleeper(wait: float, interval: float, typical: float | None, reporter: 
                  sleep: Callable[[float], None] = time.sleep) -> Callable[[float], None]:
     """A ``sleep`` for :meth:`MeshDriver.poll` that reports the wait while it sleeps."""
     reporter = reporter or Reporter("poll", total=wait, unit="s")
-    usual = f"NDOP usually answers in {duration(typical)}" if typical is not None else "no earlier reply to compare with"
+    usual = (f"NDOP usually answers in {duration(typical)}" if typical is not None
+             else "no earlier reply to compare with")
 
     def sleeper(seconds: float) -> None:
         until = reporter.clock() + seconds
@@ -164,7 +165,8 @@ def advance_writes(count: int) -> None:
 
 
 @contextlib.contextmanager
-def tracking_writes(total: int | None, enabled: bool = True, reporter: Reporter | None = None) -> Iterator[WriteTracker | None]:
+def tracking_writes(total: int | None, enabled: bool = True,
+                    reporter: Reporter | None = None) -> Iterator[WriteTracker | None]:
     """Track the writes of an in-process pipeline run for the duration of the block."""
     global _TRACKER
     if not enabled:

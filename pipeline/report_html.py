@@ -275,7 +275,7 @@ def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> st
         body += [f"<h2>Changes since {_e(change['previous_request_id'])}</h2>",
                  _table(["change", "patients"], [[k.replace("_", " "), change[k]] for k in keys])]
     if report.get("problems"):
-        body += ["<h2>Problems</h2><ul>"] + [f"<li class=\"failed\">{_e(p)}</li>" for p in report["problems"]] + ["</ul>"]
+        body += ["<h2>Problems</h2><ul>", *(f'<li class="failed">{_e(p)}</li>' for p in report["problems"]), "</ul>"]
     if report.get("stage_seconds"):
         body += ['<h2>Time per stage</h2><div class="chart">',
                  chart_stage_bars(report["stage_seconds"]),

@@ -93,7 +93,7 @@ def run_entry(exit_code: int, request_id: str | None, message: str, report: dict
 
 
 def _redact_keeping(text: str, request_id: str | None) -> str:
-    """:func:`nhs.redact`, leaving our own request id (mailbox, date, counter: digits that are no NHS number) readable."""
+    """:func:`nhs.redact`, leaving our own request id readable (mailbox, date, counter: no NHS number)."""
     if not request_id:
         return nhs.redact(text)
     return request_id.join(nhs.redact(part) for part in text.split(request_id))
