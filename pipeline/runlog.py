@@ -74,6 +74,9 @@ def run_entry(exit_code: int, request_id: str | None, message: str, report: dict
               started_at: str, ended_at: str, seconds: float) -> dict[str, Any]:
     report = report or {}
     results = dict(report.get("results") or {})
+    changes = report.get("changes") or {}
+    if results and "unchanged" not in results and isinstance(changes.get("unchanged"), int):
+        results["unchanged"] = changes["unchanged"]  # the Consent ledger's "unchanged (not written)"
     return {
         "started_at": started_at,
         "ended_at": ended_at,
@@ -100,7 +103,11 @@ def _redact_keeping(text: str, request_id: str | None) -> str:
 
 
 def _stale(report: dict[str, Any]) -> int | None:
-    """Stale patients, when the report carries a Consent ledger's figures (optional: older reports do not)."""
+    """Stale patients, when the report carries a Consent ledger's figures (optional: older reports do not):
+    the ledger's ``refreshed`` count (Consents rewritten because they had grown stale)."""
+    refreshed = (report.get("changes") or {}).get("refreshed")
+    if isinstance(refreshed, int):
+        return refreshed
     ledger = report.get("ledger")
     if isinstance(ledger, dict):
         for key in ("stale", "stale_patients"):
