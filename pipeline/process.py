@@ -288,7 +288,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             with progress.tracking_writes(total, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()
             if runner not in _LOCAL_RUNNERS:  # Dataflow, Flink: progress from the job's metrics while it runs
-                progress.follow_job(result, total, lambda r: _written(counters(r)))
+                progress.follow_job(result, total, lambda r: _written(counters(r) or {}))
             result.wait_until_finish()
     except NdopError:
         raise
