@@ -50,12 +50,22 @@ class LocalService:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "LocalService":
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> "LocalService":
+        """Start the process without waiting for it (a slow server can boot while other work runs)."""
         self.prepare()
         argv, cwd, env = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True)
+        self._launched = time.monotonic()
+        return self
+
+    def wait_ready(self) -> "LocalService":
+        """Block until the launched process answers its health check (stopping it if it never does)."""
         try:
             self._wait_ready()
         except BaseException:
@@ -64,7 +74,7 @@ class LocalService:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
+        deadline = getattr(self, "_launched", time.monotonic()) + self.start_timeout
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.state import WorkDir
 
-pytest_plugins = ["tests.fixtures.fhir", "tests.fixtures.mesh", "tests.fixtures.memfs"]
+pytest_plugins = ["tests.fixtures.fhir", "tests.fixtures.hapi", "tests.fixtures.mesh", "tests.fixtures.memfs"]
 
 
 @pytest.fixture
