@@ -19,6 +19,8 @@ class NdopOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
         parser.add_argument("--manifest", help="manifest.parquet of the request (column nhs_number); any FileSystems path")
+        parser.add_argument("--patient_ids", action="store_true",
+                            help="the manifest has a patient_id column: Consents reference Patient/<id>")
         parser.add_argument("--reply", help="the NDOP reply .dat; any FileSystems path")
         parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
         parser.add_argument("--output_dir", help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")

@@ -36,7 +36,7 @@ from pipeline.state import PROCESSED, REPLIED, WorkDir, isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters
 from transforms.join import MANIFEST, REPLY, JoinAndClassify
-from transforms.read_inputs import NAMESPACE, ReadManifest, ReadReply
+from transforms.read_inputs import NAMESPACE, ReadManifest, ReadPatientIds, ReadReply
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write")
     }
     if until == "join":
         return outputs
-    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
+    patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
+    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
@@ -296,6 +297,15 @@ def _acknowledge(work_dir: WorkDir, record: dict[str, Any], acknowledge: Acknowl
         return acknowledge(record["request_id"])
 
 
+def has_patient_ids(manifest: Path) -> bool:
+    """Whether the request's (local) manifest carries the optional ``patient_id`` column."""
+    import pyarrow.parquet as pq
+
+    from transforms.read_inputs import PATIENT_ID_COLUMN
+
+    return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
+
+
 def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
     """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
     remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
@@ -359,6 +369,8 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
+    if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
+        argv.append("--patient_ids")
     summary = run(argv)
     if stage_dir:
         write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
