@@ -62,8 +62,10 @@ class HapiServer(LocalService):
     name = "hapi"
 
     def __init__(self, log_dir: str | os.PathLike[str], port: int | None = None,
-                 start_timeout: float = START_TIMEOUT) -> None:
+                 start_timeout: float = START_TIMEOUT, validate: bool = True) -> None:
+        """``validate=False`` leaves HAPI's validator off (storage speed only; tests keep it on)."""
         self.log_dir = Path(log_dir).resolve()
+        self.validate = validate
         super().__init__(self.log_dir / "hapi.log", start_timeout)
         self.port = port or free_port()
         self.base_url = f"http://{HOST}:{self.port}/fhir"
@@ -73,7 +75,7 @@ class HapiServer(LocalService):
 
     def command(self) -> tuple[list[str], Path, dict[str, str]]:
         java = shutil.which("java") or "java"
-        argv = [java, *JVM_OPTIONS, "-cp", hapi_classpath(), MAIN_CLASS,
+        argv = [java, *JVM_OPTIONS, f"-Dndop.validate={str(self.validate).lower()}", "-cp", hapi_classpath(), MAIN_CLASS,
                 f"--server.port={self.port}", f"--server.address={HOST}"]
         return argv, self.log_dir, dict(os.environ)
 

@@ -74,8 +74,10 @@ class LocalService:
         return self
 
     def _wait_ready(self) -> None:
+        # counted from launch: a server launched early has had that time already; but always asked at
+        # least once (it may have been up for minutes when the first test needs it)
         deadline = getattr(self, "_launched", time.monotonic()) + self.start_timeout
-        while time.monotonic() < deadline:
+        while True:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self._process.returncode} before answering; "
@@ -85,6 +87,8 @@ class LocalService:
                     return
             except Exception:  # noqa: BLE001 - not up yet, whatever the client says
                 pass
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not answer within {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}")
 

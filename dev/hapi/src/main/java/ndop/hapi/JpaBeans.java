@@ -108,7 +108,10 @@ public class JpaBeans {
 		server.setPagingProvider(pagingProvider);
 		server.setServerConformanceProvider(new JpaCapabilityStatementProvider(
 				server, systemDao, storageSettings, searchParamRegistry, validationSupport));
-		server.registerInterceptor(validateOnWrite);
+		// -Dndop.validate=false: storage only (the benchmark's figure without HAPI's validator)
+		if (Boolean.parseBoolean(System.getProperty("ndop.validate", "true"))) {
+			server.registerInterceptor(validateOnWrite);
+		}
 		return server;
 	}
 
