@@ -28,6 +28,9 @@ setup(
         "test": [
             "pytest>=8,<10",
             "mesh-sandbox>=1.0.130,<2",
+            "hypothesis>=6.100,<7",
+            "ruff>=0.6,<1",
+            "mypy>=1.10,<2",
         ],
     },
     entry_points={"console_scripts": ["ndop=pipeline.cli:main"]},

@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,24 +36,16 @@ from dev.fhir_server import FhirServer  # noqa: E402
 from dev.hapi_server import HapiServer  # noqa: E402
 from pipeline import nhs  # noqa: E402
 from pipeline.fhir_client import FhirClientConfig  # noqa: E402
+from transforms.build_consent import build_consent  # noqa: E402
+from transforms.vocabulary import OPTED_OUT  # noqa: E402
 from transforms.write_consents import WriteConsents  # noqa: E402
 
-_NAMESPACE = uuid.UUID("5b0a4c57-8f0e-4b53-9a43-3c2f8f1d2a10")
+CHECKED_AT = "2024-11-26T10:00:00Z"
 
 
 def consent(number: str) -> dict:
-    return {
-        "resourceType": "Consent",
-        "id": str(uuid.uuid5(_NAMESPACE, number)),
-        "identifier": [{"system": "https://example.org/bench/ndop-consent", "value": number}],
-        "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "INFA"}]}],
-        "patient": {"identifier": {"system": nhs.NHS_NUMBER_SYSTEM, "value": number}},
-        "dateTime": "2024-11-26T10:00:00+00:00",
-        "policy": [{"authority": "https://www.gov.uk/"}],
-        "provision": {"type": "deny", "purpose": [{"system": "http://snomed.info/sct", "code": "370856009"}]},
-    }
+    """The Consent the pipeline writes (transforms/build_consent.py), on both sides of the comparison."""
+    return build_consent(number, OPTED_OUT, CHECKED_AT)
 
 
 def baseline(base_url: str, numbers: list[str], batch_size: int) -> float:

@@ -30,7 +30,7 @@ if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$ROOT/.venv/.ndop-stamp" 2>/de
   "$PYTHON" -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$ROOT/.venv/bin/python" -c "import apache_beam, mesh_client, mesh_sandbox, nhs_number, fhir.resources, pipeline" \
+  "$ROOT/.venv/bin/python" -c "import apache_beam, mesh_client, mesh_sandbox, nhs_number, fhir.resources, hypothesis, pipeline" \
     || { echo "setup failed: $ROOT/.venv is incomplete" >&2; exit 1; }
   _stamp > "$ROOT/.venv/.ndop-stamp"
 fi

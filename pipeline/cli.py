@@ -12,7 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
-from pipeline.state import DEFAULT_WORK_DIR, WorkDir
+from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
 
@@ -25,6 +25,9 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--work-dir", default=os.environ.get("NDOP_WORK_DIR", DEFAULT_WORK_DIR),
                         help="where requests and their state live (env NDOP_WORK_DIR, default %(default)s)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--wait-lock", action="store_true",
+                        help="if another ndop command is working in the work dir, wait for it "
+                             "(default: exit 4 at once)")
     return common
 
 
@@ -93,6 +96,8 @@ def _send(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_send(args: argparse.Namespace) -> int:
+    if args.request_id is not None:
+        check_request_id(args.request_id)
     with _mesh_driver(args, NDOP_SEND_CTL="1" if args.send_ctl else None) as driver:
         results = driver.send(request_id=args.request_id)
     if not results:
@@ -143,14 +148,14 @@ def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
     p.add_argument("--overdue-days", type=float, default=None,
                    help="flag requests with no reply after this many days (env NDOP_OVERDUE_DAYS, default 5)")
-    p.set_defaults(handler=_run_status)
+    p.set_defaults(handler=_run_status, read_only=True)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from pipeline.mesh_config import load_config
-    from pipeline.mesh_driver import format_status, status_rows
+    from pipeline.status import format_status, status_rows
 
     overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
                else load_config(validate=False).overdue_after)
@@ -178,7 +183,9 @@ def _process(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_process(args: argparse.Namespace) -> int:
-    from pipeline.process import process_request
+    from pipeline.process_step import process_request
+
+    check_request_id(args.request_id)
 
     if args.no_ack:
         record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
@@ -189,7 +196,8 @@ def _run_process(args: argparse.Namespace) -> int:
                                      acknowledge=driver.acknowledge, stage_dir=args.stage_dir)
     c = record.get("processing", {}).get("counts", {})
     print(
-        f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, {c.get('not_opted_out', 0)} not opted out, "
+        f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, "
+        f"{c.get('not_opted_out', 0)} not opted out, "
         f"{c.get('written', 0)} Consents written; state {record['state']}"
     )
     return EXIT_OK
@@ -271,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # Beam's INFO lines drown the progress a person wants to follow
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
-        return args.handler(args)
+        if getattr(args, "read_only", False):
+            return args.handler(args)
+        with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
+            return args.handler(args)
     except NdopError as err:
         print(f"ndop {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -46,10 +46,6 @@ class ParsedDat:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
     lines: int = 0
 
-    @property
-    def is_invalid_numbers_notice(self) -> bool:
-        return len(self.numbers) == 0 and any(INVALID_NUMBERS_REPLY.lower() in r.lower() for _, r in self.bad_lines)
-
 
 def parse(data: bytes, first_line: int = 1, header_allowed: bool = True) -> ParsedDat:
     """Parse a block of whole lines; ``first_line`` is the file line number of its first line.

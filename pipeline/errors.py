@@ -5,6 +5,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_WAITING = 3
+EXIT_BUSY = 4  # another ndop command holds the work dir (pipeline.state.WorkDirBusy)
 
 
 class NdopError(Exception):

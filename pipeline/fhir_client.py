@@ -223,7 +223,8 @@ class _FhirSessionMixin:
                 f"the FHIR server {self._config.base_url} wants authentication (401) but FHIR auth is 'none': "
                 f"set {ENV_AUTH} / --fhir-auth"
             )
-        _LOGGER.warning("FHIR %s %s: 401; refreshing the %s credentials once", method, _url_for_log(url), self._config.auth)
+        _LOGGER.warning("FHIR %s %s: 401; refreshing the %s credentials once", method, _url_for_log(url),
+                        self._config.auth)
         response.close()
         self._refresh_credentials()
         response = super().request(method, url, *args, **kwargs)  # type: ignore[misc]
@@ -239,7 +240,8 @@ def _auth_hint(config: FhirClientConfig) -> str:
     if config.auth == AUTH_TOKEN:
         return f"check the token in {config.token_file or ENV_TOKEN}"
     if config.auth == AUTH_CLIENT_CREDENTIALS:
-        return f"check the client id, scope and secret ({config.client_secret_file or ENV_CLIENT_SECRET}) at {config.token_url}"
+        secret = config.client_secret_file or ENV_CLIENT_SECRET
+        return f"check the client id, scope and secret ({secret}) at {config.token_url}"
     return "check the application default credentials and their IAM role on the FHIR store"
 
 
@@ -280,7 +282,8 @@ def _client_credentials_session(config: FhirClientConfig) -> requests.Session:
                     f"{exc.error}{': ' + exc.description if exc.description else ''}"
                 ) from None
             except requests.RequestException as exc:
-                raise FhirAuthError(f"cannot reach the token endpoint {config.token_url}: {type(exc).__name__}") from None
+                raise FhirAuthError(
+                    f"cannot reach the token endpoint {config.token_url}: {type(exc).__name__}") from None
             finally:
                 self._fetching_token = False
 

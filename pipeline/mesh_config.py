@@ -91,7 +91,8 @@ class MeshConfig:
         missing = [name for name, attr in (("MESH_URL", "url"), ("MESH_MAILBOX", "mailbox"),
                                            ("MESH_PASSWORD", "password")) if not getattr(self, attr)]
         if missing:
-            raise InputError(f"MESH settings missing: {', '.join(missing)} (set them in the environment or --mesh-config)")
+            raise InputError(
+                f"MESH settings missing: {', '.join(missing)} (set them in the environment or --mesh-config)")
         if self.url.lower() not in ENDPOINT_NAMES and urlparse(self.url).scheme not in ("http", "https"):
             raise InputError(f"MESH_URL {self.url!r}: use an http(s) URL or one of {', '.join(ENDPOINT_NAMES)}")
         if not self.shared_key and not self.is_local:

@@ -2,14 +2,9 @@
 
 MESH rules this module keeps (NDOP.md): never retry the first ``POST .../outbox`` blindly (it can
 duplicate the message); page the inbox past 500 ids; acknowledge a message only once what it
-carried is durably stored. The reply ``.dat`` is therefore *not* acknowledged by :meth:`poll`:
-the process step calls :meth:`MeshDriver.acknowledge` after the Consents are written.
-
-Crash safety: every state change is one atomic rewrite of ``request.json``. Before the outbox POST
-a ``sending`` marker is written; a record found later with the marker but no message id was
-interrupted mid-send and becomes ``send-unknown`` (the message may or may not be in MESH). MESH
-API v2 has no look-up by local id, so such a request is matched by local id when its notice or
-reply arrives, and re-sent (same local id) only after ``resend_after`` with neither.
+carried is durably stored. What to do with each inbox message is decided by
+:func:`pipeline.inbox.classify_inbox_message`; the crash and idempotency contract (the ``sending``,
+``ctl_sending`` and ``acknowledging`` markers, ``send-unknown``) is stated once, in pipeline/state.py.
 """
 from __future__ import annotations
 
@@ -27,24 +22,32 @@ from mesh_client import DEP_ENDPOINT, INT_ENDPOINT, LIVE_ENDPOINT, MeshClient
 from mesh_client.io_helpers import SplitStream
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from pipeline import datfile, nhs
-from pipeline.faults import FAULT_ENV, fault_point  # noqa: F401 (FAULT_ENV re-exported for tests)
+from pipeline import nhs
+from pipeline.faults import fault_point
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer
-from pipeline.mesh_config import DEFAULT_OVERDUE_AFTER, MeshConfig
+from pipeline.inbox import HEAD_BYTES, LEAVES, Action, InboxMessage, classify_inbox_message, match_request
+from pipeline.mesh_config import MeshConfig
 from pipeline.state import (
     ACCEPTED,
     ACKNOWLEDGED,
+    ACKNOWLEDGING,
     CREATED,
+    CTL_SENDING,
     FAILED,
     IN_FLIGHT,
+    OPEN,
     PROCESSED,
     REJECTED,
     REPLIED,
     SEND_UNKNOWN,
+    SENDING,
     SENT,
+    RequestRecord,
     WorkDir,
+    check_request_id,
     isoformat,
+    marker,
     parse_time,
     utcnow,
 )
@@ -52,8 +55,6 @@ from pipeline.state import (
 _LOGGER = logging.getLogger(__name__)
 
 REPLY_FILE = "reply.dat"
-NOTICE_SUBJECT = "SUCCESS"
-OPEN = (CREATED, SENT, SEND_UNKNOWN, ACCEPTED)  # a notice, reply or report may still come
 _NOTICE_MAX_BYTES = 64 * 1024
 _READ_BLOCK = 1 << 20
 _ENDPOINTS = {"int": INT_ENDPOINT, "live": LIVE_ENDPOINT, "dep": DEP_ENDPOINT}
@@ -88,18 +89,6 @@ class PollReport:
     @property
     def problems(self) -> list[tuple[str, str]]:
         return self.rejected + self.failed
-
-
-@dataclass
-class StatusRow:
-    request_id: str
-    state: str
-    sent: int | None
-    replied: int | None
-    age: timedelta
-    since: timedelta  # in this state for
-    overdue: bool
-    note: str = ""
 
 
 class MeshDriver:
@@ -156,10 +145,13 @@ class MeshDriver:
     def send(self, request_id: str | None = None, now: datetime | None = None) -> list[SendResult]:
         """Send one request (or every request due) to NDOP; never twice unless provably lost."""
         results: list[SendResult] = []
+        if request_id is not None:
+            check_request_id(request_id)  # '' (an empty shell variable) is bad input, not "every request"
         with self.work_dir.lock():
             self._settle_interrupted_sends()
-            records = [self.work_dir.load(request_id)] if request_id else self.work_dir.all()
-            due_resend = [r for r in records if r["state"] == SEND_UNKNOWN and self._resend_due(r, now)]
+            records = [self.work_dir.load(request_id)] if request_id is not None else self.work_dir.all()
+            due_resend = [r for r in records if (r["state"] == SEND_UNKNOWN and self._resend_due(r, now))
+                          or self._ctl_resend_due(r, now)]
             if due_resend:
                 # What we know of the inbox decides a resend: look once more before sending again.
                 self.handshake()
@@ -169,12 +161,23 @@ class MeshDriver:
                 results.append(self._send_one(record, now, explicit=request_id is not None))
         return results
 
-    def _resend_due(self, record: dict[str, Any], now: datetime | None) -> bool:
+    def _resend_due(self, record: RequestRecord, now: datetime | None) -> bool:
         since = record.get("send_unknown_since") or record.get("sent_at") or record["created_at"]
         return (now or utcnow()) - parse_time(since) >= self.config.resend_after
 
-    def _send_one(self, record: dict[str, Any], now: datetime | None, explicit: bool) -> SendResult:
+    def _ctl_unknown(self, record: RequestRecord) -> bool:
+        return bool(record["state"] == SENT and self.config.send_ctl and record.get("ctl_send_unknown_since")
+                    and not record.get("ctl_message_id"))
+
+    def _ctl_resend_due(self, record: RequestRecord, now: datetime | None) -> bool:
+        since = record.get("ctl_send_unknown_since")
+        return self._ctl_unknown(record) and since is not None and \
+            (now or utcnow()) - parse_time(since) >= self.config.resend_after
+
+    def _send_one(self, record: RequestRecord, now: datetime | None, explicit: bool) -> SendResult:
         rid, state = record["request_id"], record["state"]
+        if self._ctl_unknown(record):
+            return self._resend_ctl(record, now)
         if state == SEND_UNKNOWN:
             if not self._resend_due(record, now):
                 since = parse_time(record.get("send_unknown_since") or record["created_at"])
@@ -184,12 +187,13 @@ class MeshDriver:
             return self._post(record, resend=True)
         if state != CREATED:
             if explicit:
-                return SendResult(rid, "skipped", f"already {state} (message {record.get('message_id')}); nothing to do",
+                return SendResult(rid, "skipped",
+                                  f"already {state} (message {record.get('message_id')}); nothing to do",
                                   record.get("message_id"))
             return SendResult(rid, "skipped", f"already {state}")
         return self._post(record, resend=False)
 
-    def _post(self, record: dict[str, Any], resend: bool) -> SendResult:
+    def _post(self, record: RequestRecord, resend: bool) -> SendResult:
         rid = record["request_id"]
         folder = self.work_dir.request_dir(rid)
         dat = folder / record["files"]["dat"]
@@ -203,14 +207,15 @@ class MeshDriver:
                    "local_id": record["local_id"], "filename": record["files"]["dat"]}
         if self._handshake_at is None:
             self.handshake()
-        self.work_dir.update(rid, sending={"at": isoformat(utcnow()), "attempt": attempt})
+        expected = record["state"]
+        self.work_dir.update(rid, expect=expected, **marker(SENDING, {"at": isoformat(utcnow()), "attempt": attempt}))
         try:
             message_id = self._post_file(recipient, dat, headers)
         except _NotSent as err:
-            self.work_dir.update(rid, sending=None, last_send_error=str(err))
+            self.work_dir.update(rid, expect=expected, **{SENDING: None}, last_send_error=str(err))
             return SendResult(rid, "error", f"not sent: {err}")
         except _MaybeSent as err:
-            self.work_dir.update(rid, state=SEND_UNKNOWN, sending=None, send_attempts=attempt,
+            self.work_dir.update(rid, state=SEND_UNKNOWN, expect=expected, **{SENDING: None}, send_attempts=attempt,
                                  send_unknown_since=isoformat(utcnow()), last_send_error=str(err))
             return SendResult(rid, "send-unknown", f"the send failed after the request may have reached MESH ({err}); "
                               f"`ndop poll` completes it if it did; otherwise it is re-sent, same local id, after "
@@ -218,29 +223,55 @@ class MeshDriver:
         sent_at = isoformat(utcnow())
         history = list(record.get("messages_sent", [])) + [{"message_id": message_id, "at": sent_at}]
         fields: dict[str, Any] = {"message_id": message_id, "sent_at": sent_at, "send_attempts": attempt,
-                                  "messages_sent": history, "sending": None, "last_send_error": None}
-        record = self.work_dir.update(rid, state=SENT, **fields)
-        _LOGGER.info("request %s sent to %s as message %s (local id %s)", rid, recipient, message_id, record["local_id"])
+                                  "messages_sent": history, SENDING: None, "last_send_error": None}
+        record = self.work_dir.update(rid, state=SENT, expect=expected, **fields)
+        _LOGGER.info("request %s sent to %s as message %s (local id %s)", rid, recipient, message_id,
+                     record["local_id"])
         result = SendResult(rid, "resent" if resend else "sent", f"message {message_id} to {recipient}", message_id)
         if self.config.send_ctl and not record.get("ctl_message_id"):
             result.detail += self._send_ctl(record, recipient, headers)
         return result
 
-    def _send_ctl(self, record: dict[str, Any], recipient: str, headers: dict[str, str]) -> str:
-        """The ``.ctl`` as a message of its own (some integrations expect it); never retried blindly."""
+    def _send_ctl(self, record: RequestRecord, recipient: str, headers: dict[str, str]) -> str:
+        """The ``.ctl`` as a message of its own (some integrations expect it); the maybe-sent rule of the
+        ``.dat`` applies (pipeline/state.py): a lost answer or a crash mid-POST leaves ``ctl_send_unknown_since``
+        and the ``.ctl`` is sent again only after ``resend_after``, while NDOP has not answered."""
         rid = record["request_id"]
         ctl = self.work_dir.request_dir(rid) / record["files"]["ctl"]
-        self.work_dir.update(rid, ctl_sending=isoformat(utcnow()))
+        self.work_dir.update(rid, expect=SENT, **marker(CTL_SENDING, {"at": isoformat(utcnow())}))
         try:
             ctl_id = self._post_file(recipient, ctl, {**headers, "filename": record["files"]["ctl"]})
-        except (_NotSent, _MaybeSent) as err:
-            self.work_dir.update(rid, ctl_send_error=str(err))
-            _LOGGER.warning("request %s: the .ctl message failed (%s); the .dat was sent", rid, err)
+        except _NotSent as err:
+            self.work_dir.update(rid, **{CTL_SENDING: None}, ctl_send_error=str(err))
+            _LOGGER.warning("request %s: the .ctl message was not sent (%s); the .dat was sent", rid, err)
             return f"; .ctl not sent: {err}"
-        self.work_dir.update(rid, ctl_message_id=ctl_id, ctl_sending=None)
+        except _MaybeSent as err:
+            self.work_dir.update(rid, **{CTL_SENDING: None}, ctl_send_error=str(err),
+                                 ctl_send_unknown_since=isoformat(utcnow()))
+            _LOGGER.warning("request %s: the .ctl message may not have been sent (%s); sent again after %s "
+                            "if NDOP has not answered", rid, err, _hours(self.config.resend_after))
+            return f"; .ctl outcome unknown: {err}"
+        self.work_dir.update(rid, ctl_message_id=ctl_id, **{CTL_SENDING: None}, ctl_send_error=None,
+                             ctl_send_unknown_since=None)
         return f"; .ctl as message {ctl_id}"
 
-    def _post_file(self, recipient: str, path: Path, headers: dict[str, str]) -> str:
+    def _resend_ctl(self, record: RequestRecord, now: datetime | None) -> SendResult:
+        rid = record["request_id"]
+        since = parse_time(record.get("ctl_send_unknown_since") or record["created_at"])
+        if (now or utcnow()) - since < self.config.resend_after:
+            return SendResult(rid, "waiting", f"sent as message {record.get('message_id')}; the .ctl's outcome is "
+                              f"unknown; sent again after {isoformat(since + self.config.resend_after)} if NDOP has "
+                              f"not answered", record.get("message_id"))
+        if self._handshake_at is None:
+            self.handshake()
+        recipient = record.get("ndop_mailbox") or self.config.ndop_mailbox
+        headers = {"workflow_id": record["workflow_id"], "subject": record["subject"],
+                   "local_id": record["local_id"], "filename": record["files"]["dat"]}
+        detail = self._send_ctl(record, recipient, headers)
+        return SendResult(rid, "skipped", f"already sent (message {record.get('message_id')}){detail}",
+                          record.get("message_id"))
+
+    def _post_file(self, recipient: str, path: Path, headers: dict[str, Any]) -> str:
         """mesh-client's ``send_message``, chunk by chunk, telling a lost first POST from a refused one.
 
         mesh-client never retries the first POST (it could duplicate the message); later chunks it
@@ -278,14 +309,22 @@ class MeshDriver:
         return message_id
 
     def _settle_interrupted_sends(self) -> None:
-        """A ``sending`` marker without a result means a crash mid-POST: the outcome is unknown."""
-        for record in self.work_dir.in_state(CREATED):
-            marker = record.get("sending")
-            if marker:
-                _LOGGER.warning("request %s: an earlier send was interrupted; its outcome is unknown", record["request_id"])
-                self.work_dir.update(record["request_id"], state=SEND_UNKNOWN, sending=None,
-                                     send_attempts=marker.get("attempt", 1), send_unknown_since=marker["at"],
+        """A ``sending`` (or ``ctl_sending``) marker without a result means a crash mid-POST: the outcome is
+        unknown (pipeline/state.py)."""
+        for record in self.work_dir.all():
+            rid = record["request_id"]
+            sending: Any = record.get(SENDING)
+            if sending and record["state"] == CREATED:
+                _LOGGER.warning("request %s: an earlier send was interrupted; its outcome is unknown", rid)
+                self.work_dir.update(rid, state=SEND_UNKNOWN, expect=CREATED, **{SENDING: None},
+                                     send_attempts=sending.get("attempt", 1), send_unknown_since=sending["at"],
                                      last_send_error="interrupted during send")
+            ctl_marker: Any = record.get(CTL_SENDING)
+            if ctl_marker:
+                _LOGGER.warning("request %s: an earlier send of the .ctl was interrupted; its outcome is unknown", rid)
+                at = ctl_marker["at"] if isinstance(ctl_marker, dict) else str(ctl_marker)
+                self.work_dir.update(rid, **{CTL_SENDING: None}, ctl_send_unknown_since=at,
+                                     ctl_send_error="interrupted during send")
 
     # -- poll ---------------------------------------------------------------------------------------
 
@@ -340,112 +379,120 @@ class MeshDriver:
                 left_alone.add(message_id)
 
     def _handle(self, message: Any, by_local: dict[str, str], by_message: dict[str, str], report: PollReport) -> bool:
-        """Deal with one inbox message; True when it stays in the inbox untouched."""
-        message_id = message.id()
-        local_id = message.local_id or ""
+        """Deal with one inbox message as :func:`classify_inbox_message` decides; True when it stays untouched."""
         is_report = (message.message_type or "").upper() == "REPORT"
-        rid = by_local.get(local_id)
-        if rid is None and is_report:
-            rid = by_message.get(message.mex_header("linkedmsgid") or "")
-        if rid is None:
-            _LOGGER.info("message %s (local id %r, workflow %s) matches no request here; left in the inbox",
-                         message_id, local_id, message.workflow_id)
-            report.unknown_local_id.add(message_id)
+        facts = InboxMessage(
+            message_id=message.id(), local_id=message.local_id or "", message_type=message.message_type or "",
+            subject=message.subject or "", sender=message.sender or "", workflow_id=message.workflow_id or "",
+            linked_message_id=(message.mex_header("linkedmsgid") or "") if is_report else "",
+            head=b"" if is_report else message.read(HEAD_BYTES),
+        )
+        rid = match_request(facts, by_local, by_message)
+        record = self.work_dir.load(rid) if rid is not None else None
+        action = classify_inbox_message(facts, record, ndop_mailbox=self.config.ndop_mailbox,
+                                        workflow_ids=self.config.workflow_ids)
+        if record is None or action in LEAVES:
+            self._on_left_alone(facts, action, rid, report)
             return True
-        record = self.work_dir.load(rid)
-        if is_report:
-            return self._on_report(message, record, report)
-        sender = (message.sender or "").upper()
-        if sender and sender != (record.get("ndop_mailbox") or self.config.ndop_mailbox).upper():
+        if action in (Action.FAIL, Action.IGNORE_REPORT):
+            self._on_report(message, facts, action, record, report)
+        elif action in (Action.ACCEPT, Action.DUPLICATE_NOTICE):
+            self._on_notice(message, facts, action, record, report)
+        elif action == Action.ACK_PROCESSED:
+            self._ack(facts.message_id)
+            self.work_dir.update(record["request_id"], state=ACKNOWLEDGED, expect=(PROCESSED, ACKNOWLEDGED),
+                                 acknowledged_at=record.get("acknowledged_at") or isoformat(utcnow()))
+        elif action == Action.LATE_DUPLICATE:
+            _LOGGER.info("request %s is %s; late duplicate reply %s acknowledged and ignored",
+                         record["request_id"], record["state"], facts.message_id)
+            self._ack(facts.message_id)
+            self.work_dir.update(record["request_id"], expect=record["state"],
+                                 duplicate_replies=[*record.get("duplicate_replies", []), facts.message_id])
+            report.duplicates.append(facts.message_id)
+        elif action == Action.REJECT:
+            self._on_rejection(facts, record, report)
+        else:
+            self._on_reply(message, facts, record, report)
+            return True
+        return False
+
+    def _on_left_alone(self, facts: InboxMessage, action: Action, rid: str | None, report: PollReport) -> None:
+        if action == Action.AWAIT_PROCESSING and rid is not None:
+            report.awaiting_processing.add(rid)  # downloaded already; acknowledged once processed
+        elif action == Action.LEAVE_FOREIGN_SENDER:
             _LOGGER.warning("message %s for request %s comes from %s, not the NDOP mailbox; left in the inbox",
-                            message_id, rid, sender)
-            report.unknown_local_id.add(message_id)
-            return True
-        if (message.subject or "").strip().upper() == NOTICE_SUBJECT:
-            return self._on_notice(message, record, report)
-        return self._on_data(message, record, report)
+                            facts.message_id, rid, facts.sender.upper())
+            report.unknown_local_id.add(facts.message_id)
+        elif action == Action.LEAVE_OTHER_WORKFLOW:
+            report.other_workflow += 1
+        else:
+            _LOGGER.info("message %s (local id %r, workflow %s) matches no request here; left in the inbox",
+                         facts.message_id, facts.local_id, facts.workflow_id)
+            report.unknown_local_id.add(facts.message_id)
 
     def _ack(self, message_id: str) -> None:
         with _mesh_errors(self.config, f"acknowledge message {message_id}", gone_ok=True):
             self.client.acknowledge_message(message_id)
 
-    def _on_report(self, message: Any, record: dict[str, Any], report: PollReport) -> bool:
-        rid, message_id = record["request_id"], message.id()
+    def _on_report(self, message: Any, facts: InboxMessage, action: Action, record: RequestRecord,
+                   report: PollReport) -> None:
+        rid = record["request_id"]
         code = message.mex_header("statuscode") or ""
         description = message.mex_header("statusdescription") or ""
-        linked = message.mex_header("linkedmsgid") or None
-        current = record.get("message_id")
-        if record["state"] in OPEN and not (linked and current and linked != current):
+        linked = facts.linked_message_id or None
+        if action == Action.FAIL:
             reason = f"MESH report {code}: {description}".strip()
-            self.work_dir.update(rid, state=FAILED, failure={
-                "message_id": message_id, "code": code, "description": description, "linked_message_id": linked,
+            self.work_dir.update(rid, state=FAILED, expect=OPEN, failure={
+                "message_id": facts.message_id, "code": code, "description": description, "linked_message_id": linked,
                 "at": isoformat(utcnow())})
             report.failed.append((rid, reason))
             _LOGGER.error("request %s failed: %s", rid, reason)
         else:
             _LOGGER.info("request %s (%s): MESH report %s %s about message %s; acknowledged and ignored",
                          rid, record["state"], code, description, linked)
-            report.duplicates.append(message_id)
-        self._ack(message_id)
-        return False
+            report.duplicates.append(facts.message_id)
+        self._ack(facts.message_id)
 
-    def _on_notice(self, message: Any, record: dict[str, Any], report: PollReport) -> bool:
-        rid, message_id = record["request_id"], message.id()
-        body = message.read(_NOTICE_MAX_BYTES)
+    def _on_notice(self, message: Any, facts: InboxMessage, action: Action, record: RequestRecord,
+                   report: PollReport) -> None:
+        rid = record["request_id"]
+        body = facts.head + message.read(max(_NOTICE_MAX_BYTES - len(facts.head), 0))
         try:
             notice: Any = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             notice = {"text": body[:200].decode("utf-8", "replace")}
-        if record["state"] in OPEN:
-            self.work_dir.update(rid, state=ACCEPTED, notice={
-                "message_id": message_id, "received_at": isoformat(utcnow()),
+        if action == Action.ACCEPT:
+            self.work_dir.update(rid, state=ACCEPTED, expect=OPEN, notice={
+                "message_id": facts.message_id, "received_at": isoformat(utcnow()),
                 "at": _mesh_time(message) or isoformat(utcnow()), "body": notice})
             report.notices.append(rid)
-            _LOGGER.info("request %s accepted by NDOP (job created notice %s)", rid, message_id)
+            _LOGGER.info("request %s accepted by NDOP (job created notice %s)", rid, facts.message_id)
         else:
-            report.duplicates.append(message_id)
-        self._ack(message_id)
-        return False
+            report.duplicates.append(facts.message_id)
+        self._ack(facts.message_id)
 
-    def _on_data(self, message: Any, record: dict[str, Any], report: PollReport) -> bool:
-        rid, message_id = record["request_id"], message.id()
-        if record.get("reply_message_id") == message_id:
-            if record["state"] in (PROCESSED, ACKNOWLEDGED):
-                # Processed but not yet acknowledged (or the ack's state write was lost): safe to ack now.
-                self._ack(message_id)
-                if record["state"] == PROCESSED:
-                    self.work_dir.update(rid, state=ACKNOWLEDGED, acknowledged_at=isoformat(utcnow()))
-                return False
-            report.awaiting_processing.add(rid)
-            return True  # downloaded already; acknowledged once processed
-        if record["state"] not in OPEN:
-            _LOGGER.info("request %s is %s; late duplicate reply %s acknowledged and ignored",
-                         rid, record["state"], message_id)
-            self._ack(message_id)
-            self.work_dir.update(rid, duplicate_replies=list(record.get("duplicate_replies", [])) + [message_id])
-            report.duplicates.append(message_id)
-            return False
-        head = message.read(256)
-        if len(head) < 256 and datfile.INVALID_NUMBERS_REPLY.lower() in head.decode("utf-8", "replace").lower():
-            reason = nhs.redact(head.decode("utf-8", "replace").strip())  # NDOP's text: shown in logs and status
-            self.work_dir.update(rid, state=REJECTED, rejection={
-                "message_id": message_id, "reason": reason, "at": isoformat(utcnow())})
-            report.rejected.append((rid, reason))
-            _LOGGER.error("request %s rejected by NDOP: %s", rid, reason)
-            self._ack(message_id)
-            return False
-        size, lines, digest = self._save_reply(message, head, self.work_dir.request_dir(rid) / REPLY_FILE)
+    def _on_rejection(self, facts: InboxMessage, record: RequestRecord, report: PollReport) -> None:
+        rid = record["request_id"]
+        reason = nhs.redact(facts.head.decode("utf-8", "replace").strip())  # NDOP's text: shown in logs and status
+        self.work_dir.update(rid, state=REJECTED, expect=OPEN, rejection={
+            "message_id": facts.message_id, "reason": reason, "at": isoformat(utcnow())})
+        report.rejected.append((rid, reason))
+        _LOGGER.error("request %s rejected by NDOP: %s", rid, reason)
+        self._ack(facts.message_id)
+
+    def _on_reply(self, message: Any, facts: InboxMessage, record: RequestRecord, report: PollReport) -> None:
+        rid = record["request_id"]
+        size, lines, digest = self._save_reply(message, facts.head, self.work_dir.request_dir(rid) / REPLY_FILE)
         self._hook("after-reply-download")
         now = isoformat(utcnow())
         self.work_dir.update(
-            rid, state=REPLIED, reply_message_id=message_id, files={**record["files"], "reply": REPLY_FILE},
-            reply_bytes=size, reply_sha256=digest, reply_lines=lines, replied_at=now,
-            checked_at=_mesh_time(message) or now, reply_workflow_id=message.workflow_id,
+            rid, state=REPLIED, expect=OPEN, reply_message_id=facts.message_id,
+            files={**record["files"], "reply": REPLY_FILE}, reply_bytes=size, reply_sha256=digest, reply_lines=lines,
+            replied_at=now, checked_at=_mesh_time(message) or now, reply_workflow_id=message.workflow_id,
         )
         report.replies.append(rid)
         _LOGGER.info("request %s: reply %s saved (%d bytes, %d lines; %d sent)",
-                     rid, message_id, size, lines, record.get("counts", {}).get("sent", -1))
-        return True
+                     rid, facts.message_id, size, lines, record.get("counts", {}).get("sent", -1))
 
     @staticmethod
     def _save_reply(message: Any, head: bytes, target: Path) -> tuple[int, int, str]:
@@ -468,79 +515,32 @@ class MeshDriver:
 
     # -- acknowledge --------------------------------------------------------------------------------
 
-    def acknowledge(self, request_id: str) -> dict[str, Any]:
+    def acknowledge(self, request_id: str) -> RequestRecord:
         """Acknowledge a processed request's reply in MESH (deleting it there); idempotent, and once.
 
-        The process step calls this only once the Consents are durably stored. It does not take
-        the work-dir lock (the caller normally holds it; flock would deadlock on a second open).
-        An ``acknowledging`` marker is written before the PUT, like ``sending`` before a send: a
-        run killed between the PUT and the state write leaves it, and the next run then looks at
-        the inbox instead of acknowledging a second time (a reply no longer there was acknowledged).
+        The process step calls this only once the Consents are durably stored; decide and act run under
+        the work dir's lock. The ``acknowledging`` marker and what a crash leaves: pipeline/state.py.
         """
-        record = self.work_dir.load(request_id)
-        if record["state"] == ACKNOWLEDGED:
-            return record
-        if record["state"] != PROCESSED:
-            raise NdopError(f"request {request_id} is {record['state']}: only a processed request's reply is acknowledged")
-        message_id = record.get("reply_message_id")
-        if not message_id:
-            raise NdopError(f"request {request_id}: no reply message id recorded; cannot acknowledge")
-        if record.get("acknowledging") and message_id not in self._list_ids()[0]:
-            _LOGGER.info("request %s: reply %s already gone from the inbox: an interrupted run acknowledged it",
-                         request_id, message_id)
-        else:
-            self.work_dir.update(request_id, acknowledging=isoformat(utcnow()))
-            self._ack(message_id)
-            self._hook("after-ack")  # crash tests: acknowledged in MESH, not yet recorded
-            _LOGGER.info("request %s: reply %s acknowledged", request_id, message_id)
-        return self.work_dir.update(request_id, state=ACKNOWLEDGED, acknowledging=None,
-                                    acknowledged_at=isoformat(utcnow()))
-
-
-# -- status -----------------------------------------------------------------------------------------
-
-def status_rows(work_dir: WorkDir, overdue_after: timedelta = DEFAULT_OVERDUE_AFTER,
-                now: datetime | None = None) -> list[StatusRow]:
-    """One row per request: no MESH connection, no NHS numbers."""
-    now = now or utcnow()
-    rows = []
-    for record in work_dir.all():
-        state = record["state"]
-        history = record.get("history") or [{"at": record["created_at"]}]
-        since = now - parse_time(history[-1]["at"])
-        waiting_since = record.get("sent_at") or record.get("send_unknown_since")
-        overdue = state in IN_FLIGHT and waiting_since is not None and now - parse_time(waiting_since) > overdue_after
-        note = ""
-        if state == REJECTED:
-            note = (record.get("rejection") or {}).get("reason", "")
-        elif state == FAILED:
-            failure = record.get("failure") or {}
-            note = f"MESH {failure.get('code', '')} {failure.get('description', '')}".strip()
-        elif state == SEND_UNKNOWN:
-            note = "send outcome unknown; waiting for notice or reply"
-        elif state == REPLIED:
-            note = "reply downloaded; waiting for ndop process"
-        if overdue:
-            note = f"OVERDUE: no reply after {_age(now - parse_time(waiting_since))}" + (f"; {note}" if note else "")
-        rows.append(StatusRow(
-            request_id=record["request_id"], state=state, sent=(record.get("counts") or {}).get("sent"),
-            replied=record.get("reply_lines"), age=now - parse_time(record["created_at"]), since=since,
-            overdue=overdue, note=note,
-        ))
-    return rows
-
-
-def format_status(rows: list[StatusRow]) -> list[str]:
-    if not rows:
-        return ["no requests"]
-    header = ("REQUEST", "STATE", "SENT", "REPLY", "AGE", "IN STATE", "NOTE")
-    table = [header] + [
-        (r.request_id, r.state, "-" if r.sent is None else str(r.sent), "-" if r.replied is None else str(r.replied),
-         _age(r.age), _age(r.since), r.note)
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
+        with self.work_dir.lock():
+            record = self.work_dir.load(request_id)
+            if record["state"] == ACKNOWLEDGED:
+                return record
+            if record["state"] != PROCESSED:
+                raise NdopError(f"request {request_id} is {record['state']}: only a processed request's reply is "
+                                "acknowledged")
+            message_id = record.get("reply_message_id")
+            if not message_id:
+                raise NdopError(f"request {request_id}: no reply message id recorded; cannot acknowledge")
+            if record.get(ACKNOWLEDGING) and message_id not in self._list_ids()[0]:
+                _LOGGER.info("request %s: reply %s already gone from the inbox: an interrupted run acknowledged it",
+                             request_id, message_id)
+            else:
+                self.work_dir.update(request_id, expect=PROCESSED, **marker(ACKNOWLEDGING, isoformat(utcnow())))
+                self._ack(message_id)
+                self._hook("after-ack")  # crash tests: acknowledged in MESH, not yet recorded
+                _LOGGER.info("request %s: reply %s acknowledged", request_id, message_id)
+            return self.work_dir.update(request_id, state=ACKNOWLEDGED, expect=PROCESSED, **{ACKNOWLEDGING: None},
+                                        acknowledged_at=isoformat(utcnow()))
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -623,8 +623,8 @@ class _mesh_errors:
         if isinstance(err, requests.RequestException):
             hint = ("; check MESH_CLIENT_CERT, MESH_CLIENT_KEY and MESH_CA_CERT"
                     if isinstance(err, requests.ConnectionError) and not self.config.url.startswith("http://") else "")
-            raise NdopError(f"MESH {self.action} failed: cannot talk to {self.config.url} ({type(err).__name__}){hint}") \
-                from None
+            raise NdopError(
+                f"MESH {self.action} failed: cannot talk to {self.config.url} ({type(err).__name__}){hint}") from None
         return False
 
 
@@ -639,32 +639,16 @@ def _mesh_time(message: Any) -> str | None:
         return None
 
 
-def _check_dat(path: Path, record: dict[str, Any]) -> None:
-    """Send exactly the file the request step validated (it may be large: hash it in blocks)."""
-    digest = hashlib.sha256()
+def _check_dat(path: Path, record: RequestRecord) -> None:
+    """Send exactly the file the request step validated (it may be large: hashed without reading it whole)."""
     try:
         with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(_READ_BLOCK), b""):
-                digest.update(block)
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
     except FileNotFoundError:
         raise InputError(f"{path}: request file missing") from None
-    if record.get("dat_sha256") and digest.hexdigest() != record["dat_sha256"]:
+    if record.get("dat_sha256") and digest != record["dat_sha256"]:
         raise InputError(f"{path}: changed since `ndop request` validated it (SHA-256 differs); build a new request")
 
 
 def _hours(delta: timedelta) -> str:
     return f"{delta.total_seconds() / 3600:g} h"
-
-
-def _age(delta: timedelta) -> str:
-    seconds = int(max(delta.total_seconds(), 0))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"

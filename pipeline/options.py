@@ -18,12 +18,14 @@ class NdopOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
-        parser.add_argument("--manifest", help="manifest.parquet of the request (column nhs_number); any FileSystems path")
+        parser.add_argument("--manifest",
+                            help="manifest.parquet of the request (column nhs_number); any FileSystems path")
         parser.add_argument("--patient_ids", action="store_true",
                             help="the manifest has a patient_id column: Consents reference Patient/<id>")
         parser.add_argument("--reply", help="the NDOP reply .dat; any FileSystems path")
         parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
-        parser.add_argument("--output_dir", help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
+        parser.add_argument("--output_dir",
+                            help="folder for dead_letters.jsonl (and summary.json); any FileSystems path")
         parser.add_argument("--request_id", default="", help="the request id, for labels and logs only")
         parser.add_argument("--fhir_url", help="FHIR R4 base URL (default: env FHIR_URL)")
         parser.add_argument("--fhir_auth", choices=AUTH_MODES, help="FHIR auth (default: env FHIR_AUTH, else none)")

@@ -9,6 +9,7 @@ Runs the same on the local runner (``ndop process --request-id ID``) and on Data
 Every path goes through Beam's ``FileSystems``; nothing here imports MESH or relies on local
 state. The run's outcome is ``summary.json`` (counts from Beam metrics, timings) and
 ``dead_letters.jsonl`` beside it. When the reply has any integrity error, no Consent is written.
+Running it for a work-dir request (staging, state, acknowledgement): pipeline/process_step.py.
 """
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -30,13 +29,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import datfile, nhs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
-from pipeline.files import atomic_writer, private_dir, write_json
+from pipeline.files import write_json
 from pipeline.options import NdopOptions
-from pipeline.state import PROCESSED, REPLIED, WorkDir, isoformat, utcnow
+from pipeline.state import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters
 from transforms.join import MANIFEST, REPLY, JoinAndClassify
-from transforms.read_inputs import NAMESPACE, ReadManifest, ReadPatientIds, ReadReply
+from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
+from transforms.vocabulary import METRICS_NAMESPACE, SUMMARY_COUNTERS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,31 +44,6 @@ SUMMARY = "summary.json"
 _STAGE_BLOCK = 8 << 20
 DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to download Prism here
 _LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
-
-# Beam counters (namespace "ndop") copied into summary.json, under these names.
-_SUMMARY_COUNTERS = {
-    "requested": "requested",
-    "replied": "replied",
-    "opted_out": "opted_out",
-    "not_opted_out": "not_opted_out",
-    "created": "consents_created",
-    "updated": "consents_updated",
-    "failed": "consents_failed",
-    "refused": "consents_refused",
-    "integrity_errors": "integrity_errors",
-    "reply_only": "reply_only",
-    "reply_bad_lines": "reply_bad_lines",
-    "manifest_rows": "manifest_rows",
-    "manifest_duplicates": "manifest_duplicates",
-    "reply_rows": "reply_rows",
-    "reply_duplicates": "reply_duplicates",
-    "reply_blank_lines": "reply_blank_lines",
-    "reply_header_lines": "reply_header_lines",
-    "consents_built": "consents_built",
-    "bundles_posted": "bundles_posted",
-    "dead_letters": "dead_letters",
-}
-
 
 def join_path(folder: str, name: str) -> str:
     return FileSystems.join(folder, name)
@@ -196,14 +171,15 @@ def _root_message(err: BaseException) -> str:
 def counters(result: Any) -> dict[str, int]:
     """Committed counters of namespace ``ndop`` (attempted where a runner has no committed values)."""
     found: dict[str, int] = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+    for counter in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + int(value or 0)
     return found
 
 
-def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float, dead_letters: str) -> dict[str, Any]:
-    counts = {name: found.get(metric, 0) for name, metric in _SUMMARY_COUNTERS.items()}
+def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float,
+              dead_letters: str) -> dict[str, Any]:
+    counts = {name: found.get(metric, 0) for name, metric in SUMMARY_COUNTERS.items()}
     counts["written"] = counts["created"] + counts["updated"]
     classified = counts["opted_out"] + counts["not_opted_out"]
     problems = []
@@ -253,7 +229,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     if _is_local(opts.output_dir):
         os.makedirs(opts.output_dir, mode=0o700, exist_ok=True)
     dead_letters = join_path(opts.output_dir, DEAD_LETTERS)
-    _LOGGER.info("process %s: %s -> %s (runner %s)", opts.request_id or "-", opts.reply, opts.fhir_url or "FHIR from env", runner)
+    _LOGGER.info("process %s: %s -> %s (runner %s)", opts.request_id or "-", opts.reply,
+                 opts.fhir_url or "FHIR from env", runner)
     started, clock = utcnow(), time.monotonic()
     try:
         with _private_files(local):
@@ -281,107 +258,6 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
 
 def failure_message(summary: dict[str, Any]) -> str:
     return f"{'; '.join(summary['problems'])}; see {summary['dead_letters']}"
-
-
-Acknowledge = Callable[[str], dict[str, Any]]
-
-
-def _acknowledge(work_dir: WorkDir, record: dict[str, Any], acknowledge: Acknowledge | None) -> dict[str, Any]:
-    """Hand the processed request to the MESH driver's ``acknowledge`` (the caller supplies it, so the
-    pipeline side stays free of MESH imports); without one the record stays ``processed``."""
-    if acknowledge is None:
-        _LOGGER.info("process %s: processed; MESH reply left for `ndop process`/`ndop run` to acknowledge",
-                     record["request_id"])
-        return record
-    with work_dir.lock():
-        return acknowledge(record["request_id"])
-
-
-def has_patient_ids(manifest: Path) -> bool:
-    """Whether the request's (local) manifest carries the optional ``patient_id`` column."""
-    import pyarrow.parquet as pq
-
-    from transforms.read_inputs import PATIENT_ID_COLUMN
-
-    return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
-
-
-def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
-    """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
-    remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
-    any scheme Beam knows works; a re-run overwrites the same objects."""
-    staged = []
-    for key, default in (("manifest", "manifest.parquet"), ("reply", "reply.dat")):
-        source = folder / files.get(key, default)
-        target = join_path(stage_dir, source.name)
-        try:
-            if _is_local(target):  # a shared disk: the copies hold NHS numbers, so 0600 in a 0700 folder
-                private_dir(stage_dir)
-                opened = atomic_writer(target)
-            else:
-                opened = FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED)
-            with open(source, "rb") as src, opened as out:
-                shutil.copyfileobj(src, out, _STAGE_BLOCK)
-        except OSError as err:
-            raise NdopError(f"cannot stage {source} to {target}: {err}") from None
-        _LOGGER.info("staged %s -> %s", source, target)
-        staged.append(target)
-    return staged[0], staged[1]
-
-
-def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = None,
-                    beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None,
-                    stage_dir: str | None = None) -> dict[str, Any]:
-    """``ndop process``: run the pipeline for a replied request, then mark it processed and acknowledge.
-
-    A record already ``processed`` (an earlier run wrote everything but did not acknowledge) is only
-    acknowledged. Any failure or integrity error leaves the record ``replied`` and raises.
-
-    With ``stage_dir`` (a ``gs://`` folder for Dataflow) the inputs are copied to
-    ``<stage_dir>/<request_id>/`` and the pipeline reads and writes there, so ``--runner DataflowRunner``
-    works from the same work dir; ``summary.json`` is copied back beside the request.
-    """
-    with work_dir.lock():
-        record = work_dir.load(request_id)
-    if record.get("state") == PROCESSED:
-        _LOGGER.info("process %s: already processed; acknowledging only", request_id)
-        return _acknowledge(work_dir, record, acknowledge)
-    if record.get("state") != REPLIED:
-        raise InputError(f"request {request_id} is {record.get('state')!r}; process needs a 'replied' request")
-    if not record.get("checked_at"):
-        raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
-    folder = work_dir.request_dir(request_id)
-    files = record.get("files", {})
-    if stage_dir:
-        output_dir = join_path(stage_dir, request_id)
-        manifest, reply = stage_inputs(folder, files, output_dir)
-    else:
-        output_dir = str(folder)
-        manifest = str(folder / files.get("manifest", "manifest.parquet"))
-        reply = str(folder / files.get("reply", "reply.dat"))
-    argv = [
-        *beam_args,
-        f"--manifest={manifest}",
-        f"--reply={reply}",
-        f"--checked_at={record['checked_at']}",
-        f"--output_dir={output_dir}",
-        f"--request_id={request_id}",
-    ]
-    if fhir_url:
-        argv.append(f"--fhir_url={fhir_url}")
-    if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
-        argv.append("--patient_ids")
-    summary = run(argv)
-    if stage_dir:
-        write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
-    fields = {"processing": {"summary": SUMMARY, "ok": summary["ok"], "counts": summary["counts"],
-                             "at": summary["timings"]["finished_at"]}}
-    with work_dir.lock():
-        if not summary["ok"]:
-            work_dir.update(request_id, **fields)
-            raise NdopError(f"request {request_id}: {failure_message(summary)}")
-        record = work_dir.update(request_id, state=PROCESSED, processed_at=isoformat(utcnow()), **fields)
-    return _acknowledge(work_dir, record, acknowledge)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

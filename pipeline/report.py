@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import datfile
 from pipeline.files import write_bytes, write_json
-from pipeline.state import ACKNOWLEDGED, PROCESSED, WorkDir, parse_time
+from pipeline.state import ACKNOWLEDGED, PROCESSED, REPLIED, SEND_UNKNOWN, SENT, WorkDir, parse_time
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -41,7 +41,7 @@ def read_reply_numbers(path: Path) -> pa.Array:
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
-def outcome(work_dir: WorkDir, record: dict[str, Any]) -> Outcome:
+def outcome(work_dir: WorkDir, record: Mapping[str, Any]) -> Outcome:
     folder = work_dir.request_dir(record["request_id"])
     requested = pq.read_table(folder / record["files"]["manifest"]).column("nhs_number").combine_chunks()
     replied = read_reply_numbers(folder / record["files"].get("reply", "reply.dat"))
@@ -49,7 +49,7 @@ def outcome(work_dir: WorkDir, record: dict[str, Any]) -> Outcome:
     return Outcome(requested=requested, opted_out=opted_out)
 
 
-def previous_processed(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any] | None:
+def previous_processed(work_dir: WorkDir, record: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The latest request before this one whose Consents were all written (the baseline for changes)."""
     earlier = [
         r for r in work_dir.all()
@@ -79,18 +79,18 @@ def changes(now: Outcome, before: Outcome | None) -> dict[str, Any]:
 STAGES = ("request", "send", "wait_for_ndop", "poll", "process")
 
 
-def _stage_seconds(record: dict[str, Any]) -> dict[str, float]:
+def _stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
     stages = dict(record.get("stage_seconds", {}))
     history = record.get("history", [])
     if history and "wait_for_ndop" not in stages:
         times = {h["state"]: parse_time(h["at"]) for h in history}
-        sent = times.get("sent") or times.get("send-unknown")
-        if sent and "replied" in times:
-            stages["wait_for_ndop"] = round((times["replied"] - sent).total_seconds(), 1)
+        sent = times.get(SENT) or times.get(SEND_UNKNOWN)
+        if sent and REPLIED in times:
+            stages["wait_for_ndop"] = round((times[REPLIED] - sent).total_seconds(), 1)
     return {name: stages[name] for name in sorted(stages, key=lambda n: (STAGES + (n,)).index(n))}
 
 
-def build_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
+def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]:
     """Assemble the report of a processed (or failed) request from its record and summary."""
     folder = work_dir.request_dir(record["request_id"])
     summary_path = folder / "summary.json"
@@ -173,7 +173,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(work_dir: WorkDir, record: dict[str, Any]) -> dict[str, Any]:
+def write_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]:
     report = build_report(work_dir, record)
     folder = work_dir.request_dir(record["request_id"])
     write_json(folder / REPORT_JSON, report)

@@ -2,7 +2,7 @@
 
 One invalid number makes NDOP reject the whole file, so nothing invalid is ever written to the
 ``.dat``; rejects go to ``rejects.csv`` with their source line. The request folder is built under
-a dot-name and renamed into place last: a crash never leaves a request that looks complete.
+a dot-name and renamed into place last (what a crash leaves: pipeline/state.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pipeline import datfile, nhs
 from pipeline.cohort import DEFAULT_COLUMN, Cohort, read_cohort
 from pipeline.errors import InputError
 from pipeline.files import atomic_writer, fsync_dir, write_bytes, write_json
-from pipeline.state import CREATED, WorkDir, isoformat, utcnow
+from pipeline.state import WorkDir, initial_state, isoformat, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def build_request(
     if isinstance(cohort_source, Cohort):
         cohort, cohort_path, cohort_name = cohort_source, "FHIR store (Patient search)", cohort_source.format
     else:
-        cohort_path, cohort_name = cohort_source, Path(cohort_source).name
+        cohort_path, cohort_name = str(cohort_source), Path(cohort_source).name
         cohort = read_cohort(cohort_path, settings.column, settings.format, settings.patient_id_column)
     normalised, reason = nhs.validate_array(cohort.values)
 
@@ -135,12 +135,13 @@ def build_request(
         "reason": pc.filter(reason, invalid),
     })
     if counts["sent"] == 0:
-        first = "; ".join(
-            f"line {line}: {why}" for line, why in zip(rejects["line"][:3].to_pylist(), rejects["reason"][:3].to_pylist())
+        examples = "; ".join(
+            f"line {line}: {why}"
+            for line, why in zip(rejects["line"][:3].to_pylist(), rejects["reason"][:3].to_pylist())
         )
         raise InputError(
             f"{cohort_path}: no valid NHS number in the cohort ({counts['read']} read, {counts['invalid']} invalid"
-            + (f"; {first}" if first else "")
+            + (f"; {examples}" if examples else "")
             + ")"
         )
 
@@ -182,8 +183,7 @@ def build_request(
                 "counts": counts,
                 "dat_sha256": hashlib.sha256(body).hexdigest(),
                 "dat_bytes": len(body),
-                "state": CREATED,
-                "history": [{"state": CREATED, "at": isoformat(now)}],
+                **initial_state(now),
             }
             write_json(building / "request.json", record)
             os.rename(building, final)

@@ -1,12 +1,11 @@
 """``ndop run``: request -> send -> poll -> process -> acknowledge, as one resumable command.
 
-What a data exchange puts on its scheduler. Every step reads and moves state only through the
-work dir's ``request.json``, so a run killed anywhere is finished by the next run: an unfinished
-request is always carried on before a new one is built (no second message for the same cohort),
-Consents are upserts (a repeat writes no duplicate), and the MESH reply is acknowledged only once
-the Consents are stored, by whichever run gets there.
+What a data exchange puts on its scheduler. An unfinished request is always carried on before a new
+one is built; the whole run holds the work dir's lock. Why a run killed anywhere is finished by the
+next, exactly once: the crash and idempotency contract in pipeline/state.py.
 
-Exit status: 0 done, 3 still waiting for NDOP, 1 failed (the report says what and where), 2 bad input.
+Exit status: 0 done, 3 still waiting for NDOP, 1 failed (the report says what and where), 2 bad input,
+4 another ndop command holds the work dir.
 """
 from __future__ import annotations
 
@@ -25,7 +24,8 @@ from pipeline.mesh_driver import MeshDriver
 from pipeline.report import render_markdown, write_report
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
-    ACKNOWLEDGED, CREATED, FAILED, FINAL, IN_FLIGHT, PROCESSED, REJECTED, REPLIED, SEND_UNKNOWN, WorkDir,
+    ACKNOWLEDGED, CREATED, FAILED, FINAL, IN_FLIGHT, PROCESSED, REJECTED, REPLIED, SEND_UNKNOWN, RequestRecord,
+    WorkDir,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ def _stderr(line: str) -> None:
 class Runner:
     """Drives one request through every step, resuming from whatever state it was left in."""
 
-    def __init__(self, work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings, progress: Progress = _stderr) -> None:
+    def __init__(self, work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings,
+                 progress: Progress = _stderr) -> None:
         self.work_dir = work_dir
         self.mesh = mesh
         self.settings = settings
@@ -76,10 +77,10 @@ class Runner:
         stages[stage] = round(stages.get(stage, 0) + time.monotonic() - started, 2)
         self.work_dir.update(request_id, stage_seconds=stages)
 
-    def unfinished(self) -> list[dict[str, Any]]:
+    def unfinished(self) -> list[RequestRecord]:
         return [r for r in self.work_dir.all() if r.get("state") not in FINAL]
 
-    def choose(self) -> dict[str, Any]:
+    def choose(self) -> RequestRecord:
         """The request this run drives: the oldest unfinished one, else a new one from the cohort."""
         waiting = self.unfinished()
         if waiting and not self.settings.new_request:
@@ -96,13 +97,13 @@ class Runner:
             source: Any = read_fhir_cohort(config)
         else:
             source = self.settings.cohort
-        record = build_request(source, self.work_dir, self.settings.request)
-        self._timed(record["request_id"], "request", started)
-        c = record["counts"]
-        self.progress(f"[request] {record['request_id']}: {c['read']} read, {c['invalid']} invalid, "
+        built = build_request(source, self.work_dir, self.settings.request)
+        self._timed(built["request_id"], "request", started)
+        c = built["counts"]
+        self.progress(f"[request] {built['request_id']}: {c['read']} read, {c['invalid']} invalid, "
                       f"{c['duplicates']} duplicates, {c['sent']} to send")
         fault_point("after-request")
-        return self.work_dir.load(record["request_id"])
+        return self.work_dir.load(built["request_id"])
 
     def run(self) -> RunResult:
         record = self.choose()
@@ -135,7 +136,7 @@ class Runner:
             if state in (REPLIED, PROCESSED):
                 self.progress(f"[process] {rid}: joining the reply and writing Consents")
                 started = time.monotonic()
-                from pipeline.process import process_request  # Beam loads only when there is work for it
+                from pipeline.process_step import process_request  # Beam loads only when there is work for it
 
                 try:
                     process_request(self.work_dir, rid, self.settings.fhir_url, self.settings.beam_args,
@@ -147,8 +148,8 @@ class Runner:
             return self._finish(rid, EXIT_OK, f"request {rid} done: Consents written, MESH reply acknowledged")
         return self._finish(rid, EXIT_FAILED, f"request {rid} ended in state {record['state']}")
 
-    def _acknowledger(self, driver: MeshDriver) -> Callable[[str], dict[str, Any]]:
-        def acknowledge(request_id: str) -> dict[str, Any]:
+    def _acknowledger(self, driver: MeshDriver) -> Callable[[str], RequestRecord]:
+        def acknowledge(request_id: str) -> RequestRecord:
             fault_point("before-ack")
             self.progress(f"[acknowledge] {request_id}: Consents stored; acknowledging the MESH reply")
             return driver.acknowledge(request_id)
@@ -171,7 +172,8 @@ def run(work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings, progress: Pr
     """One scheduled run. Failures of the process step come back as a result with exit 1 and a report."""
     runner = Runner(work_dir, mesh, settings, progress)
     try:
-        return runner.run()
+        with work_dir.lock():  # choose() and every step's decide-and-act: one run at a time (pipeline/state.py)
+            return runner.run()
     except InputError:
         raise
     except NdopError as err:
@@ -182,7 +184,7 @@ def run(work_dir: WorkDir, mesh: MeshConfig, settings: RunSettings, progress: Pr
 
 def print_report(result: RunResult, work_dir: WorkDir) -> None:
     """The report on stdout (for people and cron mail); the one-line outcome on stderr when it failed."""
-    if result.report:
+    if result.report and result.request_id:
         print(render_markdown(result.report))
         print(f"report: {work_dir.request_dir(result.request_id) / 'report.md'}")
     if result.exit_code == EXIT_FAILED:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pipeline import datfile, nhs
+from pipeline.inbox import HEAD_BYTES, is_invalid_numbers_reply
 
 NUMBERS = nhs.synthetic_numbers(4, seed=5)
 
@@ -37,9 +38,9 @@ def test_line_numbers_follow_first_line_and_headers_only_at_file_start() -> None
 
 
 def test_invalid_numbers_notice_is_recognised() -> None:
-    parsed = datfile.parse((datfile.INVALID_NUMBERS_REPLY + "\r\n").encode())
-    assert parsed.is_invalid_numbers_notice
-    assert not datfile.parse(datfile.encode(NUMBERS)).is_invalid_numbers_notice
+    # The recogniser the MESH driver uses (pipeline/inbox.py), on the head of a reply's body.
+    assert is_invalid_numbers_reply((datfile.INVALID_NUMBERS_REPLY + "\r\n").encode())
+    assert not is_invalid_numbers_reply(datfile.encode(NUMBERS)[:HEAD_BYTES])
 
 
 def test_non_ascii_is_reported_with_its_line() -> None:

@@ -17,7 +17,8 @@ import requests
 from dev.mesh_sandbox import NDOP_MAILBOX
 from pipeline import datfile, nhs
 from pipeline.errors import EXIT_WAITING, InputError, NdopError
-from pipeline.mesh_driver import FAULT_ENV, MeshDriver, format_status, status_rows
+from pipeline.faults import FAULT_ENV
+from pipeline.mesh_driver import MeshDriver
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
     ACCEPTED,
@@ -32,9 +33,10 @@ from pipeline.state import (
     WorkDir,
     utcnow,
 )
+from pipeline.status import format_status, status_rows
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
+from tests.helpers import REPO_ROOT, cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_request(work_dir: WorkDir, tmp_path: Path, count: int = 20, seed: int = 1) -> dict:
@@ -51,9 +53,7 @@ def numbers_of(record: dict, work_dir: WorkDir) -> list[str]:
 
 def ndop(args: list[str], mesh: Mesh, work_dir: WorkDir, **env: str) -> subprocess.CompletedProcess[str]:
     """The real CLI in a subprocess running this checkout's code."""
-    full_env = {**os.environ, **mesh.env(), "PYTHONPATH": str(REPO_ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--work-dir", str(work_dir.root)],
-                          cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+    return cli(*args, "--work-dir", str(work_dir.root), env={**mesh.env(), **env})
 
 
 def lose_response(point: str):
@@ -112,6 +112,59 @@ def test_send_ctl_option_sends_the_control_file_too(mesh: Mesh, work_dir: WorkDi
         assert ctl.filename == record["files"]["ctl"] and ctl.read().startswith(b"<?xml")
     # The stand-in ignores the .ctl, as POS must: the request completes, not rejected.
     assert report.replies == [record["request_id"]] and not report.problems
+
+
+def lose_nth_response(point: str, n: int):
+    """Like :func:`lose_response`, for the ``n``-th time ``point`` is reached only (1: the .dat, 2: the .ctl)."""
+    seen = {"count": 0}
+
+    def hook(at: str) -> None:
+        if at == point:
+            seen["count"] += 1
+            if seen["count"] == n:
+                raise requests.ConnectionError("connection reset by peer")
+    return hook
+
+
+def test_a_ctl_whose_send_outcome_is_unknown_is_resent_only_after_the_limit(mesh: Mesh, work_dir: WorkDir,
+                                                                            tmp_path: Path) -> None:
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path)
+    rid = record["request_id"]
+    with MeshDriver(mesh.config(send_ctl=True), work_dir) as driver:
+        driver.fault_hook = lose_nth_response("after-outbox-post", 2)
+        [result] = driver.send()
+        driver.fault_hook = None
+        assert result.outcome == "sent" and ".ctl outcome unknown" in result.detail
+        saved = work_dir.load(rid)
+        assert saved["ctl_send_unknown_since"] and not saved.get("ctl_sending") and not saved.get("ctl_message_id")
+        assert len(mesh.inbox(NDOP_MAILBOX)) == 2  # the .dat, and the .ctl that did arrive
+        [early] = driver.send(now=utcnow() + timedelta(hours=23))
+        assert early.outcome == "waiting" and len(mesh.inbox(NDOP_MAILBOX)) == 2  # not sent again blindly
+        [late] = driver.send(now=utcnow() + timedelta(hours=25))
+        assert ".ctl as message" in late.detail and len(mesh.inbox(NDOP_MAILBOX)) == 3
+    saved = work_dir.load(rid)
+    assert saved["state"] == SENT and saved["ctl_message_id"] and saved.get("ctl_send_unknown_since") is None
+
+
+def test_a_crash_while_the_ctl_is_sent_is_settled_as_unknown(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path)
+    rid = record["request_id"]
+    with MeshDriver(mesh.config(send_ctl=True), work_dir) as driver:
+        def crash(at: str) -> None:
+            if at == "after-outbox-post" and work_dir.load(rid).get("ctl_sending"):
+                raise KeyboardInterrupt  # dies mid-.ctl: the marker stays
+        driver.fault_hook = crash
+        with pytest.raises(KeyboardInterrupt):
+            driver.send()
+        assert work_dir.load(rid)["ctl_sending"]
+        driver.fault_hook = None
+        [result] = driver.send()  # the next send settles the marker: maybe sent, so not sent again now
+        assert result.outcome == "waiting"
+    saved = work_dir.load(rid)
+    assert saved.get("ctl_sending") is None and saved["ctl_send_unknown_since"] and not saved.get("ctl_message_id")
+    assert len(mesh.inbox(NDOP_MAILBOX)) == 2
 
 
 def test_unreachable_mesh_leaves_the_request_created(mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
@@ -390,7 +443,7 @@ def test_acknowledge_after_processing_and_late_duplicate_reply(mesh: Mesh, work_
         with pytest.raises(NdopError, match="only a processed request"):
             driver.acknowledge(rid)
     replied = work_dir.load(rid)
-    work_dir.update(rid, state=PROCESSED)  # what `ndop process` does once the Consents are stored
+    work_dir.update(rid, state=PROCESSED, expect=REPLIED)  # what `ndop process` does once the Consents are stored
     with MeshDriver(mesh.config(), work_dir) as later_run:  # a new run: the message id comes from request.json
         acknowledged = later_run.acknowledge(rid)
         assert acknowledged["state"] == ACKNOWLEDGED and acknowledged["acknowledged_at"]

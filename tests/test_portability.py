@@ -30,13 +30,14 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import datfile, nhs
 from pipeline.options import NdopOptions
-from pipeline.process import build_pipeline, check_inputs, process_request
+from tests.helpers import REPO_ROOT
+from pipeline.process import build_pipeline, check_inputs
+from pipeline.process_step import process_request
 from pipeline.state import PROCESSED
 from tests.beam_util import RUNNER_ARGS
 from tests.test_process_pipeline import _consents_of, _replied_request
 from transforms.build_consent import consent_id
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SENTINEL = "sentinel-secret-4f1d9c"  # stands for the FHIR token / client secret
 BUCKET = "gs://ndop-test-bucket"
 CHECKED_AT = "2024-11-26T10:15:00Z"

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,12 +12,11 @@ import pytest
 
 from pipeline import datfile, nhs
 from pipeline.errors import NdopError
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
 from pipeline.process import DEAD_LETTERS, SUMMARY, run
 from pipeline.state import PROCESSED, REPLIED, WorkDir
+from tests.helpers import cli, consents_for_patient, force_state
 from transforms.build_consent import consent_id
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 T1 = "2024-11-26T10:15:00Z"
 T2 = "2024-12-17T09:00:00Z"
 
@@ -40,10 +37,7 @@ def _run(folder: Path, fhir_url: str, checked_at: str = T1, *extra: str) -> dict
 
 
 def _consents_of(fhir_url: str, number: str) -> list[dict]:
-    session = open_session(FhirClientConfig.from_env(base_url=fhir_url, auth="none"))
-    with session:
-        return list(iter_search(session, fhir_url, "Consent",
-                                {"patient:identifier": f"{nhs.NHS_NUMBER_SYSTEM}|{number}"}))
+    return consents_for_patient(fhir_url, number)
 
 
 def _numbers(count: int, seed: int) -> list[str]:
@@ -140,11 +134,7 @@ def _replied_request(work_dir: WorkDir, request_id: str, manifest: list[str], re
 
 
 def _ndop(work_dir: WorkDir, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "process", "--work-dir", str(work_dir.root), *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return cli("process", "--work-dir", str(work_dir.root), *args, env=env)
 
 
 def test_ndop_process_marks_processed(work_dir, fhir_server):
@@ -175,7 +165,7 @@ def test_ndop_process_integrity_error_exits_1_and_stays_replied(work_dir, fhir_s
 
 def test_ndop_process_needs_a_replied_request(work_dir):
     _replied_request(work_dir, "X26ABC1-241126-0003", _numbers(2, seed=9108), [])
-    work_dir.update("X26ABC1-241126-0003", state="sent")
+    force_state(work_dir, "X26ABC1-241126-0003", "sent")
     done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0003", "--no-ack")
     assert done.returncode == 2 and "process needs a 'replied' request" in done.stderr
 

@@ -7,7 +7,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,12 +16,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import REPO_ROOT, cli
 from pipeline import nhs
 from pipeline.errors import InputError
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import WorkDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 NOV = datetime(2026, 11, 24, 9, 30, tzinfo=timezone.utc)
 VALID = nhs.synthetic_numbers(6, seed=11).to_pylist()
 BAD_CHECK = VALID[0][:9] + str((int(VALID[0][9]) + 1) % 10)
@@ -38,9 +38,7 @@ def write_text(path: Path, lines: list[str], ending: str = "\n") -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return cli(*args, cwd=cwd)
 
 
 def test_text_cohort_normalises_skips_blanks_rejects_and_deduplicates(tmp_path, work_dir) -> None:

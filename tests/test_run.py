@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import requests
 
 from pipeline import nhs
 from pipeline.state import ACKNOWLEDGED, WorkDir
+from tests.helpers import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = nhs.NHS_NUMBER_SYSTEM
 
 
 def ndop_run(work_dir: WorkDir, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--work-dir", str(work_dir.root), "--wait", "20",
-         "--interval", "0.2", "--runner=FnApiRunner", *args],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True, timeout=180,
-    )
+    return cli("run", "--work-dir", str(work_dir.root), "--wait", "20", "--interval", "0.2", "--runner=FnApiRunner",
+               *args, env=env, timeout=180)
 
 
 def statuses(fhir: str, numbers: list[str], by: str = "patient:identifier") -> dict[str, list[str]]:

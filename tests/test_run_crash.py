@@ -1,6 +1,6 @@
 """``ndop run`` killed at every step, then run again: the second run finishes the job, exactly once.
 
-The issue's invariants, checked after each crash and re-run against the real mesh-sandbox (playing
+The contract is stated in pipeline/state.py's module docstring; its invariants, checked after each crash and re-run against the real mesh-sandbox (playing
 NDOP) and the real FHIR server:
 
 1. one request in the work dir, ``acknowledged`` (the re-run carried it on; no second request);
@@ -13,10 +13,8 @@ real SIGKILL while the run polls for NDOP's reply.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,12 +25,10 @@ import pytest
 from dev.mesh_sandbox import NDOP_MAILBOX
 from pipeline import nhs
 from pipeline.faults import EXIT_CODE, FAULT_ENV
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
 from pipeline.state import ACCEPTED, ACKNOWLEDGED, PROCESSED, REPLIED, WorkDir
+from tests.helpers import REPO_ROOT, cli_command, cli_env, consents_of
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
-from transforms.build_consent import IDENTIFIER_SYSTEM, consent_id
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PATIENTS = 24
 BATCH_SIZE = 5  # several bundles, so after-first-bundle really stops part-way through the writes
 
@@ -55,17 +51,13 @@ def make_cohort(mesh: Mesh, tmp_path: Path, seed: int, **plugin: object) -> Coho
 
 
 def ndop_run_command(work_dir: WorkDir, cohort: Cohort, fhir_url: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", "--work-dir", str(work_dir.root), "--cohort", str(cohort.file),
+    return [*cli_command("run"), "--work-dir", str(work_dir.root), "--cohort", str(cohort.file),
             "--fhir-url", fhir_url, "--wait", "20", "--interval", "0.2", "--runner=FnApiRunner",
             f"--batch_size={BATCH_SIZE}"]
 
 
 def ndop_env(mesh: Mesh, fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV and not k.startswith("FHIR_")}
-    env.update(mesh.env(), PYTHONPATH=str(REPO_ROOT))
-    if fault:
-        env[FAULT_ENV] = fault
-    return env
+    return cli_env({**mesh.env(), **({FAULT_ENV: fault} if fault else {})}, drop_fhir=True)
 
 
 def ndop_run(work_dir: WorkDir, cohort: Cohort, mesh: Mesh, fhir_url: str,
@@ -73,13 +65,6 @@ def ndop_run(work_dir: WorkDir, cohort: Cohort, mesh: Mesh, fhir_url: str,
     """The real CLI, this checkout's code, in a process of its own (so a fault can end it)."""
     return subprocess.run(ndop_run_command(work_dir, cohort, fhir_url), cwd=REPO_ROOT, env=ndop_env(mesh, fault),
                           capture_output=True, text=True, timeout=120)
-
-
-def consents_of(fhir_url: str, numbers: list[str]) -> dict[str, list[dict]]:
-    """Every Consent stored for each patient, found by its business identifier."""
-    with open_session(FhirClientConfig.from_env(env={}, base_url=fhir_url, auth="none")) as session:
-        return {n: list(iter_search(session, fhir_url, "Consent", {"identifier": f"{IDENTIFIER_SYSTEM}|{consent_id(n)}"}))
-                for n in numbers}
 
 
 def the_request(work_dir: WorkDir) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlencode
 
 import apache_beam as beam
 import pytest
@@ -17,33 +18,24 @@ from fhir.resources.R4B.consent import Consent
 from pipeline import nhs
 from pipeline.fhir_client import FhirClientConfig, open_session, search_total
 from tests.fixtures.http_stub import Reply, StubServer
-from transforms.write_consents import WriteConsents, build_bundle, read_entries, summarise
+from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent, consent_id
+from transforms.write_consents import WriteConsents, build_bundle, read_entries
 
-CONSENT_ID_SYSTEM = "https://example.org/test/ndop-consent"
-_NAMESPACE = uuid.UUID("5b0a4c57-8f0e-4b53-9a43-3c2f8f1d2a10")
+CHECKED_AT = "2024-11-26T10:00:00Z"
 
 
 def make_consent(number: str, status: str = "active") -> dict[str, Any]:
-    """A valid R4 Consent of the NDOP shape (the real one comes from transforms/build_consent.py)."""
-    return {
-        "resourceType": "Consent",
-        "id": str(uuid.uuid5(_NAMESPACE, number)),
-        "identifier": [{"system": CONSENT_ID_SYSTEM, "value": number}],
-        "status": status,
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                              "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "INFA"}]}],
-        "patient": {"identifier": {"system": nhs.NHS_NUMBER_SYSTEM, "value": number}},
-        "dateTime": "2024-11-26T10:00:00+00:00",
-        "policy": [{"authority": "https://www.gov.uk/"}],
-        "provision": {
-            "type": "deny",
-            "action": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction",
-                                    "code": "disclose"}]}],
-            "purpose": [{"system": "http://snomed.info/sct", "code": "370856009",
-                         "display": "Limiting access to confidential patient information"}],
-        },
-    }
+    """The Consent the pipeline makes (transforms/build_consent.py), so WriteConsents is tested with it."""
+    return build_consent(number, status, CHECKED_AT)
+
+
+def summarise(results: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Add up WriteConsents' per-bundle results."""
+    total = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
+    for result in results:
+        for key in total:
+            total[key] += int(result.get(key, 0))
+    return total
 
 
 def numbers(count: int, seed: int) -> list[str]:
@@ -85,7 +77,7 @@ def _append(element: Any, key: str) -> None:
 
 def _count(base_url: str, number: str) -> int:
     with open_session(FhirClientConfig(base_url)) as session:
-        return search_total(session, base_url, "Consent", {"identifier": f"{CONSENT_ID_SYSTEM}|{number}"})
+        return search_total(session, base_url, "Consent", {"identifier": f"{IDENTIFIER_SYSTEM}|{consent_id(number)}"})
 
 
 def _read(base_url: str, number: str) -> list[dict]:
@@ -110,7 +102,7 @@ def test_bundle_entries_are_idempotent_puts() -> None:
     assert conditional["type"] == "transaction"
     entry = conditional["entry"][0]
     assert entry["request"]["url"] == (
-        "Consent?identifier=https%3A%2F%2Fexample.org%2Ftest%2Fndop-consent%7C9990000018"
+        "Consent?" + urlencode({"identifier": f"{IDENTIFIER_SYSTEM}|{consent_id('9990000018')}"})
     )
     assert "id" not in entry["resource"]
 

@@ -8,6 +8,8 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from transforms.vocabulary import METRICS_NAMESPACE, Counter
+
 DEAD_LETTERS = "dead_letters.jsonl"
 
 
@@ -15,7 +17,7 @@ class ToJsonLineFn(beam.DoFn):
     """One dead letter as a JSON line, counted (``ndop/dead_letters``) for the run summary."""
 
     def __init__(self) -> None:
-        self._count = Metrics.counter("ndop", "dead_letters")
+        self._count = Metrics.counter(METRICS_NAMESPACE, Counter.DEAD_LETTERS)
 
     def process(self, record: dict[str, Any]) -> Iterator[str]:
         self._count.inc()

@@ -20,12 +20,10 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import shards as shardlib
-from transforms.read_inputs import NAMESPACE, integrity_error
+from transforms.vocabulary import METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT, consent_id, integrity_error
 
 _LOGGER = logging.getLogger(__name__)
 
-OPTED_OUT = "active"  # Consent.status when an opt-out is in force
-NOT_OPTED_OUT = "inactive"
 MANIFEST = "manifest"
 REPLY = "reply"
 REASON_REPLY_ONLY = "in the reply but not in the request: the reply is not an answer to this request"
@@ -71,14 +69,12 @@ class ClassifyShardFn(beam.DoFn):
 
     def __init__(self) -> None:
         self._counters = {
-            name: Metrics.counter(NAMESPACE, name)
+            name: Metrics.counter(METRICS_NAMESPACE, name)
             for name in ("requested", "replied", "opted_out", "not_opted_out", "reply_only",
                          "manifest_duplicates", "reply_duplicates", "integrity_errors")
         }
 
     def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
-        from transforms.build_consent import consent_id  # one id rule, wherever it is needed
-
         _, grouped = element
         result = classify(shardlib.from_bytes(list(grouped[MANIFEST])), shardlib.from_bytes(list(grouped[REPLY])))
         for name in ("requested", "replied", "manifest_duplicates", "reply_duplicates"):

@@ -24,22 +24,15 @@ from apache_beam.metrics import Metrics
 from pipeline import datfile, nhs
 from pipeline.datfile import iter_line_blocks
 from pipeline.errors import at
-from pipeline.state import isoformat, utcnow
 from transforms import shards as shardlib
+from transforms.vocabulary import METRICS_NAMESPACE, integrity_error
 
 _LOGGER = logging.getLogger(__name__)
 
-NAMESPACE = "ndop"
 MANIFEST_COLUMN = "nhs_number"
 PATIENT_ID_COLUMN = "patient_id"  # optional manifest column: the FHIR Patient id of each number
 BLOCK_BYTES = datfile.BLOCK_BYTES
 REASON_INVALID_NOTICE = "NDOP rejected the request: " + datfile.INVALID_NUMBERS_REPLY
-
-
-def integrity_error(reason: str, nhs_number: str | None = None, consent_id: str | None = None) -> dict[str, Any]:
-    """A dead-letter record for something that makes the whole reply suspect."""
-    return {"nhs_number": nhs_number, "consent_id": consent_id, "status": None, "reason": reason,
-            "at": isoformat(utcnow())}
 
 
 def manifest_numbers(table: pa.Table, source: str, column: str = MANIFEST_COLUMN) -> np.ndarray:
@@ -68,7 +61,7 @@ class ShardManifestFn(beam.DoFn):
         self._source = source
         self._shards = shards
         self._column = column
-        self._rows = Metrics.counter(NAMESPACE, "manifest_rows")
+        self._rows = Metrics.counter(METRICS_NAMESPACE, "manifest_rows")
 
     def process(self, table: pa.Table) -> Iterator[tuple[int, bytes]]:
         numbers = manifest_numbers(table, self._source, self._column)
@@ -129,11 +122,11 @@ class ParseReplyFn(beam.DoFn):
     def __init__(self, shards: int, block_bytes: int = BLOCK_BYTES) -> None:
         self._shards = shards
         self._block_bytes = block_bytes
-        self._rows = Metrics.counter(NAMESPACE, "reply_rows")
-        self._blank = Metrics.counter(NAMESPACE, "reply_blank_lines")
-        self._header = Metrics.counter(NAMESPACE, "reply_header_lines")
-        self._bad = Metrics.counter(NAMESPACE, "reply_bad_lines")
-        self._errors = Metrics.counter(NAMESPACE, "integrity_errors")
+        self._rows = Metrics.counter(METRICS_NAMESPACE, "reply_rows")
+        self._blank = Metrics.counter(METRICS_NAMESPACE, "reply_blank_lines")
+        self._header = Metrics.counter(METRICS_NAMESPACE, "reply_header_lines")
+        self._bad = Metrics.counter(METRICS_NAMESPACE, "reply_bad_lines")
+        self._errors = Metrics.counter(METRICS_NAMESPACE, "integrity_errors")
 
     def process(self, path: str) -> Iterator[Any]:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:

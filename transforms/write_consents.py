@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlencode
 
 import apache_beam as beam
@@ -42,13 +42,13 @@ from pipeline.fhir_client import (
     status_code,
 )
 from pipeline.state import isoformat, utcnow
+from transforms.vocabulary import METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
 BUNDLE_TYPES = ("batch", "transaction")
 UPSERT_MODES = ("id", "conditional")
 DEFAULT_BATCH_SIZE = 500
-METRICS_NAMESPACE = "ndop"
 STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
 
 
@@ -263,12 +263,3 @@ class WriteConsents(beam.PTransform):
                 self.DEAD_LETTER, main="main"
             )
         )
-
-
-def summarise(results: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """Add up per-bundle results (for a run report)."""
-    total = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
-    for result in results:
-        for key in total:
-            total[key] += int(result.get(key, 0))
-    return total

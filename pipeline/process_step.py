@@ -1,0 +1,128 @@
+"""The process step's orchestration (beside run.py): stage a replied request's inputs, run the pipeline
+(pipeline/process.py builds and runs the graph), record the outcome, and hand the acknowledgement to the MESH
+driver. When a request may be processed or acknowledged again: the contract in pipeline/state.py.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import InputError, NdopError
+from pipeline.files import atomic_writer, private_dir, write_json
+from pipeline.process import SUMMARY, _is_local, failure_message, join_path, run
+from pipeline.state import PROCESSED, REPLIED, RequestRecord, WorkDir, isoformat, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+_STAGE_BLOCK = 8 << 20
+
+Acknowledge = Callable[[str], RequestRecord]
+
+
+def hand_off_acknowledgement(work_dir: WorkDir, record: RequestRecord,
+                             acknowledge: Acknowledge | None) -> RequestRecord:
+    """Hand the processed request to the MESH driver's ``acknowledge`` (the caller supplies it, so the
+    pipeline side stays free of MESH imports); without one the record stays ``processed``."""
+    if acknowledge is None:
+        _LOGGER.info("process %s: processed; MESH reply left for `ndop process`/`ndop run` to acknowledge",
+                     record["request_id"])
+        return record
+    with work_dir.lock():
+        return acknowledge(record["request_id"])
+
+
+def has_patient_ids(manifest: Path) -> bool:
+    """Whether the request's (local) manifest carries the optional ``patient_id`` column."""
+    import pyarrow.parquet as pq
+
+    from transforms.read_inputs import PATIENT_ID_COLUMN
+
+    return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
+
+
+def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
+    """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
+    remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
+    any scheme Beam knows works; a re-run overwrites the same objects."""
+    staged = []
+    for key, default in (("manifest", "manifest.parquet"), ("reply", "reply.dat")):
+        source = folder / files.get(key, default)
+        target = join_path(stage_dir, source.name)
+        try:
+            opened: Any
+            if _is_local(target):  # a shared disk: the copies hold NHS numbers, so 0600 in a 0700 folder
+                private_dir(stage_dir)
+                opened = atomic_writer(target)
+            else:
+                opened = FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED)
+            with open(source, "rb") as src, opened as out:
+                shutil.copyfileobj(src, out, _STAGE_BLOCK)
+        except OSError as err:
+            raise NdopError(f"cannot stage {source} to {target}: {err}") from None
+        _LOGGER.info("staged %s -> %s", source, target)
+        staged.append(target)
+    return staged[0], staged[1]
+
+
+def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = None,
+                    beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None,
+                    stage_dir: str | None = None) -> RequestRecord:
+    """``ndop process``: run the pipeline for a replied request, then mark it processed and acknowledge.
+
+    A record already ``processed`` (an earlier run wrote everything but did not acknowledge) is only
+    acknowledged. Any failure or integrity error leaves the record ``replied`` and raises.
+
+    With ``stage_dir`` (a ``gs://`` folder for Dataflow) the inputs are copied to
+    ``<stage_dir>/<request_id>/`` and the pipeline reads and writes there, so ``--runner DataflowRunner``
+    works from the same work dir; ``summary.json`` is copied back beside the request.
+    """
+    with work_dir.lock():  # decide and act under one lock: one process step per request at a time
+        return _process_locked(work_dir, request_id, fhir_url, beam_args, acknowledge, stage_dir)
+
+
+def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, beam_args: Sequence[str],
+                    acknowledge: Acknowledge | None, stage_dir: str | None) -> RequestRecord:
+    record = work_dir.load(request_id)
+    if record.get("state") == PROCESSED:
+        _LOGGER.info("process %s: already processed; acknowledging only", request_id)
+        return hand_off_acknowledgement(work_dir, record, acknowledge)
+    if record.get("state") != REPLIED:
+        raise InputError(f"request {request_id} is {record.get('state')!r}; process needs a 'replied' request")
+    if not record.get("checked_at"):
+        raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
+    folder = work_dir.request_dir(request_id)
+    files = record.get("files", {})
+    if stage_dir:
+        output_dir = join_path(stage_dir, request_id)
+        manifest, reply = stage_inputs(folder, files, output_dir)
+    else:
+        output_dir = str(folder)
+        manifest = str(folder / files.get("manifest", "manifest.parquet"))
+        reply = str(folder / files.get("reply", "reply.dat"))
+    argv = [
+        *beam_args,
+        f"--manifest={manifest}",
+        f"--reply={reply}",
+        f"--checked_at={record['checked_at']}",
+        f"--output_dir={output_dir}",
+        f"--request_id={request_id}",
+    ]
+    if fhir_url:
+        argv.append(f"--fhir_url={fhir_url}")
+    if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
+        argv.append("--patient_ids")
+    summary = run(argv)
+    if stage_dir:
+        write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
+    fields: dict[str, Any] = {"processing": {"summary": SUMMARY, "ok": summary["ok"], "counts": summary["counts"],
+                             "at": summary["timings"]["finished_at"]}}
+    if not summary["ok"]:
+        work_dir.update(request_id, expect=REPLIED, **fields)
+        raise NdopError(f"request {request_id}: {failure_message(summary)}")
+    record = work_dir.update(request_id, state=PROCESSED, expect=REPLIED, processed_at=isoformat(utcnow()), **fields)
+    return hand_off_acknowledgement(work_dir, record, acknowledge)

@@ -1,0 +1,89 @@
+"""The words the pipeline's modules share, defined once (a leaf module: it imports none of them).
+
+Consent statuses, the Consent id rule and identifier system, the Beam metrics namespace and counter
+names (and which of them ``summary.json`` carries), and the integrity-error dead-letter record.
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+OPTED_OUT = "active"  # Consent.status when an opt-out is in force
+NOT_OPTED_OUT = "inactive"
+
+CONSENT_ID_NAMESPACE = uuid.UUID("6f1c2a4e-3b0d-5c7e-9a41-0d5e8b2f7c13")  # fixed forever: ids must not move
+_NAMESPACE_BYTES = CONSENT_ID_NAMESPACE.bytes
+IDENTIFIER_SYSTEM = "urn:ndop-sync:consent"
+
+METRICS_NAMESPACE = "ndop"
+
+
+class Counter:
+    """Beam counter names (namespace :data:`METRICS_NAMESPACE`)."""
+
+    REQUESTED = "requested"
+    REPLIED = "replied"
+    OPTED_OUT = "opted_out"
+    NOT_OPTED_OUT = "not_opted_out"
+    REPLY_ONLY = "reply_only"
+    MANIFEST_ROWS = "manifest_rows"
+    MANIFEST_DUPLICATES = "manifest_duplicates"
+    REPLY_ROWS = "reply_rows"
+    REPLY_DUPLICATES = "reply_duplicates"
+    REPLY_BLANK_LINES = "reply_blank_lines"
+    REPLY_HEADER_LINES = "reply_header_lines"
+    REPLY_BAD_LINES = "reply_bad_lines"
+    INTEGRITY_ERRORS = "integrity_errors"
+    CONSENTS_BUILT = "consents_built"
+    CONSENTS_CREATED = "consents_created"
+    CONSENTS_UPDATED = "consents_updated"
+    CONSENTS_FAILED = "consents_failed"
+    CONSENTS_REFUSED = "consents_refused"
+    BUNDLES_POSTED = "bundles_posted"
+    DEAD_LETTERS = "dead_letters"
+
+
+# summary.json "counts" key -> the counter it is read from.
+SUMMARY_COUNTERS = {
+    "requested": Counter.REQUESTED,
+    "replied": Counter.REPLIED,
+    "opted_out": Counter.OPTED_OUT,
+    "not_opted_out": Counter.NOT_OPTED_OUT,
+    "created": Counter.CONSENTS_CREATED,
+    "updated": Counter.CONSENTS_UPDATED,
+    "failed": Counter.CONSENTS_FAILED,
+    "refused": Counter.CONSENTS_REFUSED,
+    "integrity_errors": Counter.INTEGRITY_ERRORS,
+    "reply_only": Counter.REPLY_ONLY,
+    "reply_bad_lines": Counter.REPLY_BAD_LINES,
+    "manifest_rows": Counter.MANIFEST_ROWS,
+    "manifest_duplicates": Counter.MANIFEST_DUPLICATES,
+    "reply_rows": Counter.REPLY_ROWS,
+    "reply_duplicates": Counter.REPLY_DUPLICATES,
+    "reply_blank_lines": Counter.REPLY_BLANK_LINES,
+    "reply_header_lines": Counter.REPLY_HEADER_LINES,
+    "consents_built": Counter.CONSENTS_BUILT,
+    "bundles_posted": Counter.BUNDLES_POSTED,
+    "dead_letters": Counter.DEAD_LETTERS,
+}
+
+
+def consent_id(nhs_number: str) -> str:
+    """The Consent's logical id: the same for a patient on every run, so a PUT never duplicates.
+
+    Exactly ``str(uuid.uuid5(CONSENT_ID_NAMESPACE, nhs_number))``, computed without building a
+    ``UUID`` object (3x faster; a million ids a run).
+    """
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + nhs_number.encode("ascii")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def integrity_error(reason: str, nhs_number: str | None = None, consent_id: str | None = None) -> dict[str, Any]:
+    """A dead-letter record for something that makes the whole reply suspect."""
+    return {"nhs_number": nhs_number, "consent_id": consent_id, "status": None, "reason": reason,
+            "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
