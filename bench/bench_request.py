@@ -5,7 +5,10 @@ entries, 1% duplicates and a few blank lines), then runs the request step in a f
 several times and prints the median seconds and peak RSS. The baseline, measured in the same run,
 is the I/O floor: pyarrow reading the same file and writing its bytes back out.
 
-    .venv/bin/python bench/bench_request.py [--size N] [--runs K]
+    .venv/bin/python bench/bench_request.py [--size N] [--runs K] [--format text|csv]
+
+``--format csv`` writes the cohort as a two-column CSV with a header (read by Python's csv module, as
+people's CSV needs); its baseline is pyarrow reading and writing that CSV.
 
 Target (issue 3): under 60 s and under 2 GiB for 10,000,000 numbers on a 2-core machine.
 """
@@ -56,20 +59,23 @@ import json, sys, time
 import pyarrow.csv as pacsv
 {peak}
 t = time.perf_counter()
-table = pacsv.read_csv({cohort!r}, read_options=pacsv.ReadOptions(column_names=["v"]),
-                       convert_options=pacsv.ConvertOptions(column_types={{"v": "string"}}))
+table = pacsv.read_csv({cohort!r}, read_options=pacsv.ReadOptions(column_names={names!r}),
+                       convert_options=pacsv.ConvertOptions(column_types={{{key!r}: "string"}}))
 pacsv.write_csv(table, {out!r}, write_options=pacsv.WriteOptions(include_header=False))
 print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": peak_mib()}}))
 """
 
 
-def make_cohort(path: Path, size: int) -> None:
+def make_cohort(path: Path, size: int, fmt: str = "text") -> None:
     numbers = nhs.synthetic_numbers(size, seed=42, prefix="9" if size > 900_000 else "999")
     rng = np.random.default_rng(1)
     dupes = pc.take(numbers, pa.array(rng.integers(0, size, size // 100)))
     body = datfile.encode(pa.concat_arrays([numbers, dupes]), "lf").replace(b",", b"")
     bad = b"".join(b"%09d\n" % i for i in range(size // 1000)) + b"\n\n"
-    path.write_bytes(body + bad)
+    if fmt == "csv":
+        path.write_bytes(b"nhs_number,flag\n" + (body + bad).replace(b"\n", b",1\n"))
+    else:
+        path.write_bytes(body + bad)
 
 
 def child(code: str) -> dict:
@@ -81,20 +87,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--format", choices=("text", "csv"), default="text")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="ndop-bench-request-"))
     try:
-        cohort = scratch / "cohort.txt"
+        cohort = scratch / ("cohort.csv" if args.format == "csv" else "cohort.txt")
+        names = None if args.format == "csv" else ["v"]
         t = time.perf_counter()
-        make_cohort(cohort, args.size)
+        make_cohort(cohort, args.size, args.format)
         print(f"cohort: {args.size:,} numbers (+1% duplicates, 0.1% invalid), {cohort.stat().st_size / 2**20:.0f} MiB, "
               f"generated in {time.perf_counter() - t:.1f} s")
         ours, floor = [], []
         for run in range(args.runs):
             work = scratch / f"work{run}"
             ours.append(child(_CHILD_REQUEST.format(root=str(ROOT), cohort=str(cohort), work=str(work), peak=_PEAK)))
-            floor.append(child(_CHILD_BASELINE.format(cohort=str(cohort), out=str(scratch / "copy.csv"), peak=_PEAK)))
+            floor.append(child(_CHILD_BASELINE.format(cohort=str(cohort), out=str(scratch / "copy.csv"), peak=_PEAK,
+                                                      names=names, key="v" if names else "nhs_number")))
             shutil.rmtree(work)
         print(f"counts: {ours[-1]['counts']}")
         med = statistics.median(r["seconds"] for r in ours)

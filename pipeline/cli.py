@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
+from pipeline.files import check_folder
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
@@ -278,14 +279,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # Beam's INFO lines drown the progress a person wants to follow
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
     try:
+        check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
         if getattr(args, "read_only", False):
             return args.handler(args)
         with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
             return args.handler(args)
     except NdopError as err:
-        print(f"ndop {args.command}: error: {err}", file=sys.stderr)
+        print(f"ndop {args.command}: error: {printable(str(err))}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the system refused something unforeseen: one line; -v shows where
+        if args.verbose:
+            raise
+        from pipeline.nhs import redact
+
+        print(f"ndop {args.command}: error: {printable(redact(str(err)))} (-v shows where)", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"ndop {args.command}: interrupted", file=sys.stderr)
         return 130

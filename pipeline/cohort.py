@@ -2,20 +2,27 @@
 
 Every value comes back with the line (or row) it came from, so a reject can be traced to the
 exact place in the user's file.
+
+CSV is read with Python's ``csv`` module, as people make CSV: Excel's byte-order mark is dropped,
+quoted fields may hold commas (also in the header) and newlines (a row's line is the line it starts
+on), names are matched without the spaces around them, and bytes that are not UTF-8 are kept as
+``\\xNN`` escapes, so they are rejected as values (with their line) and shown escaped in messages.
 """
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, at
+from pipeline.errors import InputError, at, printable
 from pipeline.nhs import redact
 
 if TYPE_CHECKING:
@@ -23,6 +30,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("auto", "text", "csv", "parquet")
 DEFAULT_COLUMN = "nhs_number"
+_CSV_CHUNK = 1 << 20  # rows gathered as Python strings before they become one Arrow array
 _BY_SUFFIX = {".txt": "text", ".text": "text", ".lst": "text", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -70,48 +78,91 @@ def read_cohort(path: str | os.PathLike[str], column: str = DEFAULT_COLUMN, fmt:
     try:
         if kind == "parquet":
             return _read_parquet(source, column)
-        return _read_delimited(source, column, header=(kind == "csv"))
+        if kind == "csv":
+            return _read_csv(source, column)
+        return _read_text(source, column)
     except InputError:
         raise
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{source}: cannot read as {kind}: {redact(str(err).splitlines()[0])}") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{source}: cannot read as {kind}: {redact(printable(str(err).splitlines()[0]))}") from None
 
 
-def _read_delimited(source: Path, column: str, header: bool) -> Cohort:
+def _read_text(source: Path, column: str) -> Cohort:
+    """One value a line, read by pyarrow (a UTF-8 byte-order mark is dropped; lines end in LF, CRLF or CR)."""
     if source.stat().st_size == 0:
-        return Cohort(pa.array([], pa.string()), pa.array([], pa.int64()), "csv" if header else "text")
-    if header:
-        read = pacsv.ReadOptions(block_size=64 << 20)
-        parse = pacsv.ParseOptions(ignore_empty_lines=False, newlines_in_values=False)
-        names = _header(source)
-        if column not in names:
-            shown = redact(", ".join(names[:10])) or "(empty)"  # a file with no header shows a number here
-            raise InputError(f"{at(source, 1)}: no column {column!r} in the header (found: {shown}); use --column")
-        convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()},
-                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
-        table = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert)
-        first = 2
-    else:
-        read = pacsv.ReadOptions(column_names=[column], block_size=64 << 20)
-        parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False)
-        convert = pacsv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=False)
-        table = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert)
-        first = 1
-    values = table.column(column).combine_chunks()
-    return Cohort(values, pa.array(range(first, first + len(values)), pa.int64()), "csv" if header else "text")
+        return Cohort(pa.array([], pa.string()), pa.array([], pa.int64()), "text")
+    read = pacsv.ReadOptions(column_names=[column], block_size=64 << 20)
+    parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False)
+    convert = pacsv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=False)
+    values = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert).column(column)
+    values = values.combine_chunks()
+    return Cohort(values, pa.array(range(1, len(values) + 1), pa.int64()), "text")
 
 
-def _header(source: Path) -> list[str]:
-    with open(source, newline="") as handle:
-        line = handle.readline()
-    return [name.strip().strip('"') for name in line.rstrip("\r\n").split(",")] if line.strip() else []
+def _shown(names: list[str]) -> str:
+    """Header names for an error line: escaped, and masked (a file with no header shows a number here)."""
+    return redact(printable(", ".join(names[:10]))) or "(empty)"
+
+
+def _read_csv(source: Path, column: str) -> Cohort:
+    """The ``column`` of a CSV file with a header line, each value with the line its row starts on."""
+    values: list[pa.Array] = []
+    lines: list[np.ndarray] = []
+    for chunk_values, chunk_lines in _csv_chunks(source, column):
+        values.append(pa.array(chunk_values, pa.string()))
+        lines.append(np.asarray(chunk_lines, dtype=np.int64))
+    if not values:
+        return Cohort(pa.array([], pa.string()), pa.array([], pa.int64()), "csv")
+    return Cohort(pa.concat_arrays(values), pa.array(np.concatenate(lines)), "csv")
+
+
+def _csv_chunks(source: Path, column: str) -> Iterator[tuple[list[str], list[int]]]:
+    with open(source, newline="", encoding="utf-8-sig", errors="backslashreplace") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:  # an empty file: no cohort, said by the request step
+            return
+        names = [name.strip() for name in header]
+        if column.strip() not in names:
+            raise InputError(f"{at(source, 1)}: no column {column!r} in the header "
+                             f"(found: {_shown(names)}); use --column")
+        index = names.index(column.strip())
+        chunk_values: list[str] = []
+        chunk_lines: list[int] = []
+        start = reader.line_num + 1
+        for row in reader:
+            if not row:  # a blank line: a blank value, skipped by the request step
+                chunk_values.append("")
+            elif index < len(row):
+                chunk_values.append(row[index])
+            else:
+                raise InputError(f"{at(source, start)}: {len(row)} field(s), no {column!r} value "
+                                 f"(the header names {len(names)})")
+            chunk_lines.append(start)
+            start = reader.line_num + 1
+            if len(chunk_values) >= _CSV_CHUNK:
+                yield chunk_values, chunk_lines
+                chunk_values, chunk_lines = [], []
+        if chunk_values:
+            yield chunk_values, chunk_lines
+
+
+# Parquet column types a cohort column may have: text, or integers (NHS numbers have no leading zero).
+def _usable_parquet_type(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
 
 
 def _read_parquet(source: Path, column: str) -> Cohort:
     schema = pq.read_schema(source)
     if column not in schema.names:
-        shown = redact(", ".join(schema.names[:10])) or "(none)"
-        raise InputError(f"{source}: no column {column!r} in the Parquet schema (found: {shown}); use --column")
+        raise InputError(f"{source}: no column {column!r} in the Parquet schema "
+                         f"(found: {_shown(schema.names)}); use --column")
+    kind = schema.field(column).type
+    if not _usable_parquet_type(kind):
+        raise InputError(f"{source}: column {column!r} is {printable(str(kind))}, not text or integers: "
+                         "give a column with one NHS number a row")
     values = pq.read_table(source, columns=[column]).column(column).combine_chunks()
     values = values.cast(pa.string())  # an integer column is fine too: NHS numbers have no leading zero
     return Cohort(values, pa.array(range(1, len(values) + 1), pa.int64()), "parquet")

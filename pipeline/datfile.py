@@ -21,8 +21,15 @@ BLOCK_BYTES = 8 << 20  # about 700,000 reply lines a block: memory stays flat on
 # What POS sends back instead of data when any requested number fails Modulus 11.
 INVALID_NUMBERS_REPLY = "The file contains one or more invalid NHS Numbers"
 
+# Why a reply with a header and no number is refused: "no numbers" means "everyone opted out", so it may
+# only ever come from a reply that is truly empty (zero bytes, or blank lines only).
+REASON_HEADER_ONLY = "a header line and no NHS number: not an NDOP reply (only an empty reply means everyone opted out)"
+
 _LINE = re.compile(r"^[0-9]{10},?$")
-_HEADER = re.compile(r"^[A-Za-z _\"]+,?[A-Za-z _\"]*$")
+_BLANKS = " \t\r\x0b\x0c"
+# The one header a reply may start with: one naming the NHS number column (``NHS_NUMBER,``, ``"NHS Number"``,
+# ``nhs_no,``). Anything else that is not a number, such as a service's error text, is an integrity error.
+_HEADER = re.compile(r'^"?nhs[ _-]?(number|no)"?\s*(,\s*"?[a-z _]*"?\s*)?$', re.IGNORECASE)
 
 
 def encode(numbers: pa.Array, line_ending: str = "crlf") -> bytes:
@@ -50,9 +57,9 @@ class ParsedDat:
 def parse(data: bytes, first_line: int = 1, header_allowed: bool = True) -> ParsedDat:
     """Parse a block of whole lines; ``first_line`` is the file line number of its first line.
 
-    A header line is tolerated only at the top of the file (``header_allowed``); blank lines
-    anywhere. Any other line that is not a valid ``NHSNUMBER,`` is reported with its line number
-    and why, never with the number itself.
+    A header line naming the NHS number (``NHS_NUMBER,``) is tolerated only at the top of the file
+    (``header_allowed``); blank lines anywhere. Any other line that is not a valid ``NHSNUMBER,``
+    is reported with its line number and why, never with the number itself.
     """
     try:
         text = data.decode("ascii")
@@ -64,7 +71,8 @@ def parse(data: bytes, first_line: int = 1, header_allowed: bool = True) -> Pars
     if not text:
         return ParsedDat(numbers=pa.array([], pa.string()))
     split = pc.split_pattern(pa.array([text], pa.large_string()), pattern="\n")
-    lines = pc.utf8_rtrim_whitespace(pc.list_flatten(split).cast(pa.string()))
+    # Only ASCII blanks end a line: Arrow's *_whitespace also trims \x1c-\x1f, and a line of those is no blank line.
+    lines = pc.utf8_rtrim(pc.list_flatten(split).cast(pa.string()), characters=_BLANKS)
     ok = pc.match_substring_regex(lines, pattern=_LINE.pattern)
     blank = pc.equal(pc.utf8_length(lines), 0)
     candidates = pc.utf8_slice_codeunits(pc.filter(lines, ok), 0, nhs.LENGTH)

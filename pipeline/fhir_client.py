@@ -8,7 +8,11 @@ Why the pieces look as they do:
   when a session opens.
 - Retries are urllib3's ``Retry`` on the session's adapter, including POST: every bundle we post holds
   only idempotent PUTs (by id, or conditional on the business identifier), so sending one twice is
-  harmless. ``Retry-After`` on 429/503 is honoured.
+  harmless. ``Retry-After`` on 429/503 is honoured. One backoff rule, :func:`backoff_seconds` (jittered
+  exponential), spaces both these retries and the writer's per-entry retries.
+- A request that gets no answer at all (connection refused, timeouts) is retried only
+  ``connect_retries`` times (2), not the ``max_retries`` (5) a 429/5xx gets: a server that is gone
+  should fail the run in seconds (:class:`FhirUnreachableError`), not cost every bundle a minute.
 - A 401 refreshes the credentials once (token re-read, new client-credentials token, or Google refresh)
   and repeats the request; a second 401 raises :class:`FhirAuthError`, whose text names the auth mode and
   never the secret.
@@ -19,13 +23,17 @@ import dataclasses
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
 from pipeline.errors import InputError, NdopError
@@ -63,6 +71,11 @@ class FhirAuthError(FhirError):
     """Credentials missing or refused even after one refresh."""
 
 
+class FhirUnreachableError(FhirError):
+    """The FHIR server stopped answering (connection refused, timeouts on consecutive bundles): writing
+    more would only spend every bundle's retries; the run fails and the MESH reply stays unacknowledged."""
+
+
 @dataclass(frozen=True)
 class FhirClientConfig:
     """Where the FHIR store is and how to authenticate; picklable, and holding no secret."""
@@ -75,8 +88,9 @@ class FhirClientConfig:
     scope: str | None = None
     client_secret_file: str | None = None
     timeout: float = 60.0  # seconds, for connect and for each read
-    max_retries: int = 5
-    backoff: float = 0.5  # urllib3 backoff_factor: 0.5, 1, 2, 4 ... seconds between retries
+    max_retries: int = 5  # for a 429 / 5xx answer
+    backoff: float = 0.5  # backoff_seconds' factor: about 0.5, 1, 2, 4 ... seconds between retries
+    connect_retries: int = 2  # for no answer at all (connection refused, reset, timeout)
 
     def __post_init__(self) -> None:
         if not self.base_url:
@@ -92,8 +106,13 @@ class FhirClientConfig:
             ]
             if missing:
                 raise InputError(f"FHIR auth client-credentials needs {' and '.join(missing)}")
-        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
+        if self.timeout <= 0 or self.max_retries < 0 or self.connect_retries < 0 or self.backoff < 0:
             raise InputError("FHIR timeout must be > 0, retries and backoff >= 0")
+
+    @property
+    def no_answer_retries(self) -> int:
+        """Retries of a request that got no answer: ``connect_retries``, never more than ``max_retries``."""
+        return min(self.connect_retries, self.max_retries)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "FhirClientConfig":
@@ -159,30 +178,76 @@ def _url_for_log(url: str | None) -> str:
     return urlsplit(url or "").path or "?"
 
 
+BACKOFF_MAX = 30.0  # seconds: no single wait longer than this, whatever the attempt
+_jitter: Callable[[], float] = random.random  # tests pin it
+
+
+def backoff_seconds(retry: int, factor: float, cap: float = BACKOFF_MAX) -> float:
+    """How long to wait before retry number ``retry`` (1, 2, ...): ``factor * 2**(retry-1)``, capped at
+    ``cap``, times a random 0.5-1 (so writers that failed together do not retry together, as Beam's
+    own ``FuzzedExponentialIntervals``). The one backoff rule of every FHIR retry here."""
+    if retry < 1 or factor <= 0:
+        return 0.0
+    return min(cap, factor * 2 ** (retry - 1)) * (0.5 + 0.5 * _jitter())
+
+
 class LoggingRetry(Retry):
-    """urllib3's Retry, plus a WARNING per retry (it only logs at DEBUG)."""
+    """urllib3's Retry with :func:`backoff_seconds` for its waits, plus a WARNING per retry (it only logs at
+    DEBUG) that names which budget the retry comes from."""
+
+    _drawn: float | None = None
+
+    def get_backoff_time(self) -> float:
+        if self._drawn is None:  # drawn once, so the wait logged is the wait slept
+            errors = len(list(takewhile(lambda h: h.redirect_location is None, reversed(self.history))))
+            self._drawn = backoff_seconds(errors, self.backoff_factor)
+        return self._drawn
+
+    def _kind(self, error: Exception | None) -> str:
+        if error is not None and self._is_connection_error(error):
+            return "connect"
+        if error is not None and self._is_read_error(error):
+            return "read"
+        return "status"
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def, override]
         new = super().increment(method, url, response, error, _pool, _stacktrace)
         cause = f"HTTP {response.status}" if response is not None and response.status else type(error).__name__
         retry_after = response.headers.get("Retry-After") if response is not None else None
+        kind = self._kind(error)
+        used = sum(1 for h in new.history if self._kind(h.error) == kind)
+        left = getattr(new, kind)
+        limit = used + left if isinstance(left, int) else -1  # each budget counts down per retry
+        if isinstance(self.total, int):
+            limit = min(limit, self.total + len(self.history)) if limit >= 0 else self.total + len(self.history)
         _LOGGER.warning(
             "FHIR %s %s failed (%s); retry %d of %d%s",
             method,
             _url_for_log(url),
             cause,
-            len(new.history),
-            self.total + len(self.history) if isinstance(self.total, int) else -1,  # total counts down per retry
+            used,
+            limit,
             f" after Retry-After {retry_after}" if retry_after else f", backoff {new.get_backoff_time():.1f} s",
         )
         return new
 
 
+def is_timeout(exc: requests.RequestException) -> bool:
+    """Whether a request that got no answer timed out (requests reports retries spent on timeouts as a
+    ConnectionError wrapping urllib3's MaxRetryError), rather than being refused or reset."""
+    if isinstance(exc, requests.Timeout):
+        return True
+    cause = exc.args[0] if exc.args else None
+    reason = cause.reason if isinstance(cause, MaxRetryError) else None
+    # urllib3's NewConnectionError (refused) subclasses its ConnectTimeoutError: a refusal is no timeout
+    return isinstance(reason, Urllib3Timeout) and not isinstance(reason, NewConnectionError)
+
+
 def make_retry(config: FhirClientConfig) -> Retry:
     return LoggingRetry(
         total=config.max_retries,
-        connect=config.max_retries,
-        read=config.max_retries,
+        connect=config.no_answer_retries,
+        read=config.no_answer_retries,
         status=config.max_retries,
         other=0,
         backoff_factor=config.backoff,

@@ -6,13 +6,19 @@ final name, so a reader (or the next run) sees either the old file or the whole 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from pipeline.errors import InputError, NdopError
+
 PRIVATE = 0o600
+# What a user can fix in the path they gave (exit 2); anything else (a full disk) is a failure (exit 1).
+_BAD_PATH = {errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+             errno.ELOOP, errno.EINVAL}
 
 
 @contextlib.contextmanager
@@ -50,6 +56,35 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folder_error(path: str | os.PathLike[str], err: OSError, what: str = "folder") -> NdopError:
+    """One line for a folder that cannot be made: :class:`InputError` (exit 2) when the path is the problem."""
+    cls = InputError if err.errno in _BAD_PATH else NdopError
+    return cls(f"{path}: cannot create the {what}: {err.strerror or type(err).__name__}")
+
+
+def check_folder(path: str | os.PathLike[str], what: str = "folder") -> Path:
+    """The one check that ``path`` is a folder, or one this process could create, changing nothing.
+
+    A path through a regular file, under ``/proc``, or without write permission raises one
+    :func:`folder_error` line, before any step reads or writes; a folder that does not exist yet but could
+    is fine (the steps create it when they first write)."""
+    target = Path(path)
+    if target.is_dir():
+        return target
+    if target.exists() or target.is_symlink():
+        raise folder_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), what)
+    parent = target.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # a path through a regular file
+        raise folder_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), what)
+    try:  # the honest test: make (and remove) a folder where the first missing one would go
+        os.rmdir(tempfile.mkdtemp(prefix=".ndop-probe-", dir=parent))
+    except OSError as err:
+        raise folder_error(path, err, what) from None
+    return target
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:

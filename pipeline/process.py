@@ -33,7 +33,7 @@ from pipeline.files import write_json
 from pipeline.options import NdopOptions
 from pipeline.state import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
-from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters
+from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
 from transforms.join import MANIFEST, REPLY, JoinAndClassify
 from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
 from transforms.vocabulary import METRICS_NAMESPACE, SUMMARY_COUNTERS
@@ -177,14 +177,15 @@ def counters(result: Any) -> dict[str, int]:
     return found
 
 
-def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float,
-              dead_letters: str) -> dict[str, Any]:
+def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: float, dead_letters: str,
+              integrity_reasons: Sequence[str] = ()) -> dict[str, Any]:
     counts = {name: found.get(metric, 0) for name, metric in SUMMARY_COUNTERS.items()}
     counts["written"] = counts["created"] + counts["updated"]
     classified = counts["opted_out"] + counts["not_opted_out"]
     problems = []
     if counts["integrity_errors"]:
-        problems.append(f"{counts['integrity_errors']} integrity errors in the reply: no Consent written")
+        why = f" ({'; '.join(integrity_reasons)})" if integrity_reasons else ""
+        problems.append(f"{counts['integrity_errors']} integrity errors in the reply{why}: no Consent written")
     if counts["failed"] or counts["refused"]:
         problems.append(f"{counts['failed']} Consents failed, {counts['refused']} refused")
     if not counts["integrity_errors"] and counts["written"] != classified:
@@ -245,7 +246,9 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         raise NdopError(f"process {opts.request_id or opts.reply}: pipeline failed: {_root_message(err)}") from err
     if _is_local(dead_letters) and os.path.exists(dead_letters):
         os.chmod(dead_letters, 0o600)
-    summary = summarise(counters(result), opts, started, time.monotonic() - clock, dead_letters)
+    found = counters(result)
+    reasons = file_level_reasons(dead_letters) if found.get("integrity_errors") else []
+    summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
     summary["summary"] = write_summary(opts.output_dir, summary)
     c = summary["counts"]
     _LOGGER.info(

@@ -113,7 +113,9 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
         "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
         "stage_seconds": _stage_seconds(record),
     }
-    if record.get("files", {}).get("reply") and (folder / record["files"]["reply"]).exists():
+    # A reply with integrity errors is suspect: changes computed from it would be fiction.
+    if (record.get("files", {}).get("reply") and (folder / record["files"]["reply"]).exists()
+            and not counts.get("integrity_errors")):
         before_record = previous_processed(work_dir, record)
         before = outcome(work_dir, before_record) if before_record else None
         report["changes"] = changes(outcome(work_dir, record), before)

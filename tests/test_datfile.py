@@ -46,3 +46,26 @@ def test_invalid_numbers_notice_is_recognised() -> None:
 def test_non_ascii_is_reported_with_its_line() -> None:
     parsed = datfile.parse(b"9434765919,\n\xff\xfe\n")
     assert parsed.bad_lines == [(2, "not ASCII text")]
+
+
+def test_only_a_header_naming_the_nhs_number_is_tolerated() -> None:
+    a = NUMBERS.to_pylist()[0]
+    for header in ("NHS_NUMBER,", "nhs number", '"NHS Number",', "NHSNumber", "nhs_no,", '"NHS_NUMBER","FLAG"'):
+        parsed = datfile.parse(f"{header}\r\n{a},\r\n".encode())
+        assert (parsed.header_lines, parsed.bad_lines, parsed.numbers.to_pylist()) == (1, [], [a]), header
+    for text in ("Service Unavailable", "Internal error, please retry later", "ERROR,", '"Gateway Timeout"',
+                 "Number of records"):
+        parsed = datfile.parse(f"{text}\r\n".encode())
+        assert parsed.header_lines == 0 and parsed.bad_lines == [(1, "not an NHSNUMBER, line")], text
+
+
+def test_blank_lines_only_is_an_empty_reply() -> None:
+    parsed = datfile.parse(b"\r\n\r\n  \r\n")
+    assert len(parsed.numbers) == 0 and parsed.bad_lines == [] and parsed.header_lines == 0
+
+
+def test_a_line_of_control_characters_is_not_blank() -> None:
+    """Found by tests/test_reply_properties.py: Arrow's whitespace trim ate \\x1c, so this read as an empty reply."""
+    for body in (b"\x1c", b"\x1f\r\n", b"\x1d\x1e\n"):
+        parsed = datfile.parse(body)
+        assert parsed.blank_lines == 0 and parsed.bad_lines == [(1, "not an NHSNUMBER, line")], body

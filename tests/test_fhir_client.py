@@ -275,11 +275,17 @@ def test_retry_warnings_count_up_to_the_configured_retries(caplog: pytest.LogCap
     from dev.service import free_port
 
     base = f"http://127.0.0.1:{free_port()}/fhir"
-    with open_session(FhirClientConfig(base, max_retries=3, backoff=0)) as session:
+    with open_session(FhirClientConfig(base, max_retries=3, connect_retries=3, backoff=0)) as session:
         with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"), pytest.raises(FhirError):
             search_total(session, base, "Consent", {})
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 3", "retry 2 of 3", "retry 3 of 3"]
+    caplog.clear()
+    with open_session(FhirClientConfig(base, max_retries=5, backoff=0)) as session:  # connect_retries: 2
+        with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"), pytest.raises(FhirError):
+            search_total(session, base, "Consent", {})
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 2", "retry 2 of 2"]
 
 
 def test_iter_search_follows_next_links(fhir_store: str) -> None:

@@ -100,3 +100,24 @@ def test_invalid_numbers_notice_is_an_integrity_error(tmp_path):
         reply = p | ReadReply(str(path), shards=3)
         assert_that(reply[ReadReply.INTEGRITY_ERRORS] | beam.Map(lambda e: e["reason"]),
                     equal_to([f"{path}:1: NDOP rejected the request: {datfile.INVALID_NUMBERS_REPLY}"]))
+
+
+@pytest.mark.parametrize("body", [b"NHS_NUMBER,\r\n", b"NHS_NUMBER,\r\n\r\n",
+                                  b"Service temporarily unavailable, retry\r\n"])
+def test_a_reply_that_is_not_data_is_an_integrity_error_never_everyone_opted_out(tmp_path, body):
+    path = tmp_path / "reply.dat"
+    path.write_bytes(body)
+    with local_pipeline() as p:
+        reply = p | ReadReply(str(path), shards=3)
+        assert_that(reply.numbers, equal_to([]), label="NoNumbers")
+        assert_that(reply[ReadReply.INTEGRITY_ERRORS] | beam.Map(lambda e: e["reason"]),
+                    equal_to([f"{path}:1: " + (datfile.REASON_HEADER_ONLY if body.startswith(b"NHS")
+                                               else "not an NHSNUMBER, line")]), label="OneError")
+
+
+def test_blank_lines_only_reply_has_no_errors(tmp_path):
+    path = tmp_path / "reply.dat"
+    path.write_bytes(b"\r\n\r\n")
+    with local_pipeline() as p:
+        reply = p | ReadReply(str(path), shards=3)
+        assert_that(reply[ReadReply.INTEGRITY_ERRORS], equal_to([]), label="NoErrors")

@@ -6,6 +6,8 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.vocabulary import METRICS_NAMESPACE, Counter
@@ -41,3 +43,19 @@ class WriteDeadLetters(beam.PTransform):
             | "ToJsonLines" >> beam.ParDo(ToJsonLineFn())
             | "WriteJsonLines" >> beam.io.WriteToText(self._path, shard_name_template="", num_shards=1)
         )
+
+
+def file_level_reasons(path: str, limit: int = 3) -> list[str]:
+    """The first ``limit`` reasons of dead letters about the reply itself (no NHS number: a bad line, a
+    header and no number), for the run summary: they say why nothing was written, and hold no number."""
+    reasons: list[str] = []
+    if not FileSystems.exists(path):
+        return reasons
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("nhs_number") is None and record.get("reason"):
+                reasons.append(str(record["reason"]))
+                if len(reasons) >= limit:
+                    break
+    return reasons

@@ -6,6 +6,8 @@ Both read through Beam's ``FileSystems`` (``gs://`` as well as local paths) and 
 A reply line that is not a valid ``NHSNUMBER,`` is an *integrity error*: the reply is corrupt or
 not ours, so every status derived from it is suspect. Such lines leave on the
 :attr:`ReadReply.INTEGRITY_ERRORS` output with their line number and reason (never their text).
+Only a header naming the NHS number is tolerated, and a reply with such a header and no number is an
+integrity error too: no numbers means "everyone opted out", which only a truly empty reply may say.
 """
 from __future__ import annotations
 
@@ -129,11 +131,14 @@ class ParseReplyFn(beam.DoFn):
         self._errors = Metrics.counter(METRICS_NAMESPACE, "integrity_errors")
 
     def process(self, path: str) -> Iterator[Any]:
+        numbers_seen = header_lines = 0
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             for first_line, block in iter_line_blocks(handle, self._block_bytes):
                 parsed = datfile.parse(block, first_line=first_line, header_allowed=True)
                 self._blank.inc(parsed.blank_lines)
                 self._header.inc(parsed.header_lines)
+                header_lines += parsed.header_lines
+                numbers_seen += len(parsed.numbers)
                 for line, reason in parsed.bad_lines:
                     if reason == datfile.INVALID_NUMBERS_REPLY:
                         reason = REASON_INVALID_NOTICE
@@ -143,6 +148,11 @@ class ParseReplyFn(beam.DoFn):
                 numbers = shardlib.to_int64(parsed.numbers)
                 self._rows.inc(len(numbers))
                 yield from shardlib.split_by_shard(numbers, self._shards)
+        if header_lines and not numbers_seen:
+            # Zero numbers reads as "everyone opted out": only a truly empty reply may say that.
+            self._errors.inc()
+            reason = f"{at(path, 1)}: {datfile.REASON_HEADER_ONLY}"
+            yield pvalue.TaggedOutput(self.INTEGRITY_ERRORS, integrity_error(reason))
 
 
 class ReadReply(beam.PTransform):

@@ -10,10 +10,16 @@ pipeline writes to a 0600 file. Logs only ever show masked numbers.
 
 Retries: the session (``pipeline.fhir_client``) retries whole requests on 429 (honouring Retry-After),
 5xx and timeouts. Inside a ``batch`` response, entries that failed with one of those statuses are posted
-again (only them) with exponential backoff. A ``transaction`` refused as a whole with a 4xx (one bad
-entry rolls the lot back, or the server refuses large transactions) is posted once more as a ``batch``
-of the same entries, so the good Consents land and only the bad ones are dead-lettered; a transaction
-that still fails with 5xx/429 after the retries dead-letters all its entries with the server's reason.
+again (only them), spaced by the same rule (``fhir_client.backoff_seconds``). A ``transaction`` refused as
+a whole with a 4xx (one bad entry rolls the lot back, or the server refuses large transactions) is posted
+once more as a ``batch`` of the same entries, so the good Consents land and only the bad ones are
+dead-lettered; a transaction that still fails with 5xx/429 after the retries dead-letters all its entries
+with the server's reason.
+
+Unreachable: a bundle that gets no answer because the connection is refused or reset (after the session's
+few ``connect_retries``), or the second bundle in a row that times out, raises
+:class:`~pipeline.fhir_client.FhirUnreachableError`: the run fails in seconds (so nothing is acknowledged)
+rather than every remaining bundle spending its retries. A 429 or a 5xx keeps the retries above.
 
 Integrity gate: given ``integrity_errors`` (a PCollection of one int), the writer posts nothing when it
 is above zero and counts every Consent as ``consents_refused``.
@@ -35,6 +41,9 @@ from pipeline import nhs
 from pipeline.fhir_client import (
     RETRY_STATUSES,
     FhirClientConfig,
+    FhirUnreachableError,
+    backoff_seconds,
+    is_timeout,
     open_session,
     outcome_text,
     post_bundle,
@@ -50,6 +59,7 @@ BUNDLE_TYPES = ("batch", "transaction")
 UPSERT_MODES = ("id", "conditional")
 DEFAULT_BATCH_SIZE = 500
 STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
+UNREACHABLE_AFTER_TIMEOUTS = 2  # bundles in a row whose requests all timed out: the server is gone
 
 
 def nhs_number_of(consent: Mapping[str, Any]) -> str:
@@ -100,6 +110,7 @@ class _PostBundlesFn(beam.DoFn):
         self._bundle_type = bundle_type
         self._upsert = upsert
         self._session: requests.Session | None = None
+        self._timeouts_in_a_row = 0
         self.created = Metrics.counter(METRICS_NAMESPACE, "consents_created")
         self.updated = Metrics.counter(METRICS_NAMESPACE, "consents_updated")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "consents_failed")
@@ -179,8 +190,8 @@ class _PostBundlesFn(beam.DoFn):
                 else:
                     yield code, reason, consent
             if retry:
-                delay = self._config.backoff * (2**attempt)
                 attempt += 1
+                delay = backoff_seconds(attempt, self._config.backoff)
                 _LOGGER.warning(
                     "%d of %d entries of a %s bundle answered 429/5xx; retry %d of %d in %.1f s",
                     len(retry), len(pending), bundle_type, attempt, self._config.max_retries, delay,
@@ -197,9 +208,12 @@ class _PostBundlesFn(beam.DoFn):
         try:
             response = post_bundle(self._session, self._config.base_url, bundle)
         except requests.RequestException as exc:
-            # The session already retried timeouts and refused connections.
-            reason = f"no answer from the FHIR server after {self._config.max_retries} retries: {type(exc).__name__}"
+            # The session already retried timeouts and refused connections (connect_retries times).
+            self._check_reachable(exc, len(consents))
+            reason = (f"no answer from the FHIR server after {self._config.no_answer_retries} retries: "
+                      f"{type(exc).__name__}")
             return [(STATUS_NO_ANSWER, reason)] * len(consents), False
+        self._timeouts_in_a_row = 0
         self.bundles.inc()
         with response:
             if response.status_code == 200:
@@ -213,6 +227,24 @@ class _PostBundlesFn(beam.DoFn):
                 return None
             # The session's retries are spent (5xx/429), or the server refused the bundle itself.
             return [(response.status_code, reason)] * len(consents), False
+
+    def _check_reachable(self, exc: requests.RequestException, count: int) -> None:
+        """Raise FhirUnreachableError when no answer means the server is gone, not one slow bundle."""
+        if is_timeout(exc):
+            self._timeouts_in_a_row += 1
+            if self._timeouts_in_a_row < UNREACHABLE_AFTER_TIMEOUTS:
+                return
+            why = f"{self._timeouts_in_a_row} bundles in a row timed out"
+        elif isinstance(exc, requests.ConnectionError):
+            why = f"connection refused or reset ({type(exc).__name__})"
+        else:
+            return
+        _LOGGER.error("FHIR server %s unreachable: %s; stopping the writes (%d Consents of this bundle unwritten)",
+                      self._config.base_url, why, count)
+        raise FhirUnreachableError(
+            f"the FHIR server {self._config.base_url} is unreachable: {why}, after "
+            f"{self._config.no_answer_retries} retries each; stopped writing: the run fails, nothing is acknowledged"
+        )
 
 
 class WriteConsents(beam.PTransform):
