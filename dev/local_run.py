@@ -38,6 +38,27 @@ def _count(base_url: str, **params: str) -> int:
     return int(answer.json().get("total", 0))
 
 
+def _fhir_port(state: Path) -> int:
+    """The same FHIR port on every run of a state dir (when still free): the Consent ledger records the
+    FHIR base URL it describes, and refuses another one."""
+    import socket
+
+    from dev.service import HOST, free_port
+
+    saved = state / "fhir-port"
+    if saved.exists():
+        port = int(saved.read_text())
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+                return port
+            except OSError:
+                pass
+    port = free_port()
+    saved.write_text(str(port))
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_local.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[local] cohort: {cohort} ({args.size:,} synthetic 999-range NHS numbers)", flush=True)
     plugin = {"NDOP_SANDBOX_OPT_OUT_FRACTION": str(args.opt_out), "NDOP_SANDBOX_SEED": str(args.seed)}
     with MeshSandbox(store_dir=state / "mesh", mailboxes=(NDOP_MAILBOX, OUR_MAILBOX), plugin_env=plugin,
-                     log_file=state / "mesh-sandbox.log") as mesh, FhirServer(state / "fhir") as fhir:
+                     log_file=state / "mesh-sandbox.log") as mesh, FhirServer(state / "fhir", port=_fhir_port(state)) as fhir:
         print(f"[local] MESH sandbox {mesh.url} (NDOP = {NDOP_MAILBOX}, us = {OUR_MAILBOX}); FHIR {fhir.base_url}",
               flush=True)
         env = {

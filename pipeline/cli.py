@@ -162,12 +162,34 @@ def _run_status(args: argparse.Namespace) -> int:
                else load_config(validate=False).overdue_after)
     for line in format_status(status_rows(WorkDir(args.work_dir), overdue)):
         print(line)
+    from pipeline.ledger import status_line
+
+    ledger = status_line(WorkDir(args.work_dir))
+    if ledger:
+        print(ledger)
     return EXIT_OK
+
+
+def _ledger_options() -> argparse.ArgumentParser:
+    """The Consent ledger's options, shared by process and run (pipeline.ledger passes them on)."""
+    ledger = argparse.ArgumentParser(add_help=False)
+    ledger.add_argument("--refresh-days", type=int, default=None, metavar="N",
+                        help="rewrite an unchanged Consent once per N days, spread evenly over the cohort "
+                             "(env NDOP_REFRESH_DAYS, default 30; 0: write only changes)")
+    ledger.add_argument("--full-refresh", action="store_true",
+                        help="write every Consent (e.g. after a store restore) and start a new ledger")
+    return ledger
+
+
+def _ledger_args(args: argparse.Namespace) -> list[str]:
+    from pipeline.ledger import cli_args
+
+    return cli_args(args.refresh_days, args.full_refresh)
 
 
 def _process(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "process", parents=[common_options(), _mesh_options()],
+        "process", parents=[common_options(), _mesh_options(), _ledger_options()],
         help="join a replied request with its reply and write one FHIR Consent per patient",
         description="Runs the Beam pipeline (pipeline.process) for a replied request. Options this command "
                     "does not know (e.g. --runner, --shards, --batch_size, --upsert) go to the pipeline.",
@@ -188,6 +210,7 @@ def _run_process(args: argparse.Namespace) -> int:
 
     check_request_id(args.request_id)
 
+    args.extra_args = [*args.extra_args, *_ledger_args(args)]
     if args.no_ack:
         record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
                                  stage_dir=args.stage_dir)
@@ -208,7 +231,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
     from pipeline.cohort import DEFAULT_COLUMN, FORMATS
 
     p = sub.add_parser(
-        "run", parents=[common_options(), _mesh_options()],
+        "run", parents=[common_options(), _mesh_options(), _ledger_options()],
         help="request -> send -> poll -> process -> acknowledge, resumable; prints the run report",
         description="One scheduled run. Carries on an unfinished request before building a new one. Exit 0 done, "
                     "3 still waiting for NDOP, 1 failed, 2 bad input or configuration. Options this command does "
@@ -245,7 +268,7 @@ def _run_run(args: argparse.Namespace) -> int:
                                 column=args.column, format=args.format,
                                 patient_id_column=args.patient_id_column),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
-        beam_args=args.extra_args, stage_dir=args.stage_dir,
+        beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir,
     )
     work_dir = WorkDir(args.work_dir)
     result = run(work_dir, mesh, settings)

@@ -42,3 +42,20 @@ class NdopOptions(PipelineOptions):
                             help="join shards: NHS numbers are hashed into this many CoGroupByKey keys")
         parser.add_argument("--sample_validate", type=int, default=1,
                             help="Consents per worker validated with fhir.resources.R4B at run time")
+
+
+class LedgerOptions(PipelineOptions):
+    """The Consent ledger (transforms.ledger): what the store holds, so a run writes only what changed."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
+        parser.add_argument("--ledger_in", default=None,
+                            help="folder of the previous ledger (every *.parquet in it); "
+                                 "none: a first load, write everybody")
+        parser.add_argument("--ledger_out", default=None,
+                            help="empty folder for the new ledger (*.parquet); valid only when the run succeeds")
+        parser.add_argument("--refresh_days", type=int, default=30,
+                            help="rewrite an unchanged Consent once per this many days, spread evenly "
+                                 "(0: only changes)")
+        parser.add_argument("--full_refresh", action="store_true", default=False,
+                            help="write every Consent (e.g. after a store restore)")

@@ -9,6 +9,10 @@ Runs the same on the local runner (``ndop process --request-id ID``) and on Data
 Every path goes through Beam's ``FileSystems``; nothing here imports MESH or relies on local
 state. The run's outcome is ``summary.json`` (counts from Beam metrics, timings) and
 ``dead_letters.jsonl`` beside it. When the reply has any integrity error, no Consent is written.
+
+With ``--ledger_in``/``--ledger_out`` (the Consent ledger, :mod:`transforms.ledger`) only new patients,
+changed statuses and due refreshes are written, and the new ledger comes out of the same join.
+
 Running it for a work-dir request (staging, state, acknowledgement): pipeline/process_step.py.
 """
 from __future__ import annotations
@@ -28,15 +32,17 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import datfile, nhs
+from pipeline import ledger as ledger_dirs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
 from pipeline.files import write_json
-from pipeline.options import NdopOptions
+from pipeline.options import LedgerOptions, NdopOptions
 from pipeline.state import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
-from transforms.join import MANIFEST, REPLY, JoinAndClassify
+from transforms import ledger
+from transforms.join import MANIFEST, REPLY
 from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
-from transforms.vocabulary import METRICS_NAMESPACE, SUMMARY_COUNTERS
+from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ SUMMARY = "summary.json"
 _STAGE_BLOCK = 8 << 20
 DEFAULT_RUNNER = "FnApiRunner"  # DirectRunner would first try (and fail) to download Prism here
 _LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
 
 def join_path(folder: str, name: str) -> str:
     return FileSystems.join(folder, name)
@@ -68,7 +75,8 @@ def fhir_config(opts: NdopOptions) -> Any:
 STAGES = ("join", "consents", "write")
 
 
-def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write") -> dict[str, Any]:
+def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
+                   ledger_opts: LedgerOptions | None = None) -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
     ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
@@ -78,21 +86,28 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write")
         raise ValueError(f"until must be one of {STAGES}")
     manifest = p | "ReadManifest" >> ReadManifest(opts.manifest, opts.shards)
     reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
-    joined = {MANIFEST: manifest, REPLY: reply.numbers} | "JoinAndClassify" >> JoinAndClassify()
+    lopts = ledger_opts or opts.view_as(LedgerOptions)
+    previous = p | "ReadLedger" >> ledger.ReadLedger(lopts.ledger_in, opts.shards)
+    joined = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous} | "JoinWithLedger" >> (
+        ledger.JoinWithLedger(opts.checked_at, opts.request_id, lopts.refresh_days, lopts.full_refresh))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
-        joined[JoinAndClassify.INTEGRITY_ERRORS],
+        joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
     ) | "FlattenIntegrityErrors" >> beam.Flatten()
     error_count = errors | "CountIntegrityErrors" >> beam.combiners.Count.Globally()
     outputs: dict[str, Any] = {
-        "classified": joined.classified,
+        "classified": joined.to_write,
+        "ledger": joined[ledger.LEDGER],
         "integrity_errors": errors,
         "integrity_error_count": error_count,
     }
+    if lopts.ledger_out:
+        outputs["ledger_files"] = joined[ledger.LEDGER] | "WriteLedger" >> ledger.WriteLedgerShards(
+            lopts.ledger_out, error_count)
     if until == "join":
         return outputs
     patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
-    consents = joined.classified | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
+    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
@@ -188,14 +203,16 @@ def summarise(found: dict[str, int], opts: NdopOptions, started: Any, seconds: f
         problems.append(f"{counts['integrity_errors']} integrity errors in the reply{why}: no Consent written")
     if counts["failed"] or counts["refused"]:
         problems.append(f"{counts['failed']} Consents failed, {counts['refused']} refused")
-    if not counts["integrity_errors"] and counts["written"] != classified:
-        problems.append(f"{counts['written']} Consents written for {classified} patients")
+    if not counts["integrity_errors"] and counts["written"] != counts["to_write"]:
+        problems.append(f"{counts['written']} Consents written of {counts['to_write']} to write "
+                        f"({classified} patients)")
     return {
         "request_id": opts.request_id,
         "checked_at": opts.checked_at,
         "ok": not problems,
         "problems": problems,
         "counts": counts,
+        "changes": {key: counts[key] for key in LEDGER_COUNTERS if key != "ledger_rows"},
         "dead_letters": dead_letters,
         "timings": {
             "started_at": isoformat(started),
@@ -225,10 +242,14 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     from pipeline.fhir_client import check_server
 
     check_server(fhir_config(opts))
+    lopts = options.view_as(LedgerOptions)
+    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, lopts.full_refresh)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):
         os.makedirs(opts.output_dir, mode=0o700, exist_ok=True)
+    if lopts.ledger_out and _is_local(lopts.ledger_out):
+        os.makedirs(lopts.ledger_out, mode=0o700, exist_ok=True)
     dead_letters = join_path(opts.output_dir, DEAD_LETTERS)
     _LOGGER.info("process %s: %s -> %s (runner %s)", opts.request_id or "-", opts.reply,
                  opts.fhir_url or "FHIR from env", runner)
@@ -236,7 +257,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     try:
         with _private_files(local):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, opts)
+            build_pipeline(p, opts, ledger_opts=lopts)
             result = p.run()
             result.wait_until_finish()
     except NdopError:
@@ -249,6 +270,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     found = counters(result)
     reasons = file_level_reasons(dead_letters) if found.get("integrity_errors") else []
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
+    if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
+        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
     summary["summary"] = write_summary(opts.output_dir, summary)
     c = summary["counts"]
     _LOGGER.info(

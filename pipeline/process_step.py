@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.process import SUMMARY, _is_local, failure_message, join_path, run
@@ -116,6 +117,7 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
         argv.append(f"--fhir_url={fhir_url}")
     if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
         argv.append("--patient_ids")
+    argv += ledger_dirs.pipeline_args(work_dir, request_id, stage_dir)  # the work dir's ledger in, a pending one out
     summary = run(argv)
     if stage_dir:
         write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
@@ -124,5 +126,6 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
     if not summary["ok"]:
         work_dir.update(request_id, expect=REPLIED, **fields)
         raise NdopError(f"request {request_id}: {failure_message(summary)}")
+    ledger_dirs.promote(work_dir, request_id, stage_dir)  # every Consent stored: the new ledger in force
     record = work_dir.update(request_id, state=PROCESSED, expect=REPLIED, processed_at=isoformat(utcnow()), **fields)
     return hand_off_acknowledgement(work_dir, record, acknowledge)

@@ -31,6 +31,12 @@ process killed anywhere leaves the record of the last completed write, and the n
   download and the state write leaves the message in the inbox, and the next poll downloads it again.
 - **process may repeat**: Consents are upserts by a deterministic id (a repeat writes no duplicate);
   a failed or partial run leaves the record ``replied``; only a complete one moves it to ``processed``.
+- **The Consent ledger** (``WORK/ledger/``, :mod:`pipeline.ledger`) follows the process rule: a process run
+  writes its new ledger to a pending folder, and that ledger is swapped in (``current`` symlink replaced
+  with ``os.replace``) only after every Consent of the run is stored, and before the request is marked
+  ``processed``. A crash at any point before the swap leaves the previous ledger in force, so the re-run
+  decides, and writes, the same delta again (PUTs by id are idempotent); a crash after the swap leaves a
+  ledger that already matches the store, so the re-run writes nothing it has not written.
 - **acknowledge must not repeat**, and happens only once the Consents are stored (``processed``).
   The :data:`ACKNOWLEDGING` marker is written before the PUT: a run killed between the PUT and the
   state write leaves it, and the next run looks at the inbox instead of acknowledging a second time

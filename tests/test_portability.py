@@ -42,8 +42,8 @@ SENTINEL = "sentinel-secret-4f1d9c"  # stands for the FHIR token / client secret
 BUCKET = "gs://ndop-test-bucket"
 CHECKED_AT = "2024-11-26T10:15:00Z"
 HEALTHCARE_URL = "https://healthcare.googleapis.com/v1/projects/P/locations/europe-west2/datasets/D/fhirStores/S/fhir"
-OUR_FNS = {"ShardManifestFn", "ParseReplyFn", "ClassifyShardFn", "BuildConsentFn", "_PostBundlesFn", "ToJsonLineFn"}
-STAGES = {"ReadManifest", "ReadReply", "JoinAndClassify", "BuildConsent", "WriteConsents", "WriteDeadLetters"}
+OUR_FNS = {"ShardManifestFn", "ParseReplyFn", "DecideShardFn", "ReadLedgerFileFn", "BuildConsentFn", "_PostBundlesFn", "ToJsonLineFn"}
+STAGES = {"ReadManifest", "ReadReply", "ReadLedger", "JoinWithLedger", "BuildConsent", "WriteConsents", "WriteDeadLetters"}
 
 
 def dataflow_args(setup_file: Path = REPO_ROOT / "setup.py") -> list[str]:

@@ -42,7 +42,8 @@ def test_two_runs_write_then_update_exactly_the_changed_statuses(tmp_path, work_
     assert first.returncode == 0, first.stderr
     assert statuses(fhir_server, numbers) == {n: ["active" if n in numbers[:6] else "inactive"] for n in numbers}
     first_id = work_dir.all()[0]["request_id"]
-    assert "No earlier processed request" in first.stdout
+    first_report = json.loads((work_dir.request_dir(first_id) / "report.json").read_text())
+    assert first_report["changes"]["new_patients"] == 40 and first_report["changes"]["to_write"] == 40
 
     # NDOP's answer changes: 0-2 withdraw their opt-out, 6-9 opt out, 3-5 stay opted out.
     opted.write_text("\n".join(numbers[3:10]) + "\n")
@@ -53,14 +54,14 @@ def test_two_runs_write_then_update_exactly_the_changed_statuses(tmp_path, work_
     records = work_dir.all()
     assert [r["state"] for r in records] == [ACKNOWLEDGED, ACKNOWLEDGED] and records[0]["request_id"] == first_id
     report = json.loads((work_dir.request_dir(records[1]["request_id"]) / "report.json").read_text())
-    assert report["changes"] == {
-        "previous_request_id": first_id, "newly_opted_out": 4, "opt_out_withdrawn": 3, "new_patients": 0,
+    assert report["changes"] == {  # counted by the ledger join; only the 7 changes are written
+        "to_write": 7, "newly_opted_out": 4, "opt_out_withdrawn": 3, "new_patients": 0, "refreshed": 0,
         "left_cohort": 0, "unchanged": 33,
     }
     assert report["cohort"]["invalid"] == 1 and report["cohort"]["sent"] == 40
-    assert report["results"]["opted_out"] == 7 and report["results"]["written"] == 40
+    assert report["results"]["opted_out"] == 7 and report["results"]["written"] == 7
     markdown = (work_dir.request_dir(records[1]["request_id"]) / "report.md").read_text()
-    assert "| 4 | 3 | 0 | 0 | 33 |" in markdown and markdown in second.stdout
+    assert "| 7 | 0 | 4 | 3 | 0 | 33 | 0 |" in markdown and markdown in second.stdout
     for text in (first.stdout, first.stderr, second.stdout, second.stderr, markdown):
         assert not any(n in text for n in numbers)
     assert mesh.inbox() == []

@@ -74,8 +74,8 @@ class ClassifyShardFn(beam.DoFn):
                          "manifest_duplicates", "reply_duplicates", "integrity_errors")
         }
 
-    def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
-        _, grouped = element
+    def classify_group(self, grouped: dict[str, Any]) -> Classified:
+        """Classify one shard's group and count it."""
         result = classify(shardlib.from_bytes(list(grouped[MANIFEST])), shardlib.from_bytes(list(grouped[REPLY])))
         for name in ("requested", "replied", "manifest_duplicates", "reply_duplicates"):
             self._counters[name].inc(getattr(result, name))
@@ -83,14 +83,23 @@ class ClassifyShardFn(beam.DoFn):
         self._counters["not_opted_out"].inc(len(result.not_opted_out))
         self._counters["reply_only"].inc(len(result.reply_only))
         self._counters["integrity_errors"].inc(len(result.reply_only))
-        if len(result.opted_out):
-            yield OPTED_OUT, result.opted_out
-        if len(result.not_opted_out):
-            yield NOT_OPTED_OUT, result.not_opted_out
+        return result
+
+    def integrity_outputs(self, result: Classified) -> Iterator[Any]:
+        """One dead-letter record per number found only in the reply."""
         for number in shardlib.to_strings(result.reply_only):
             yield pvalue.TaggedOutput(
                 self.INTEGRITY_ERRORS, integrity_error(REASON_REPLY_ONLY, number, consent_id(number))
             )
+
+    def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
+        _, grouped = element
+        result = self.classify_group(grouped)
+        if len(result.opted_out):
+            yield OPTED_OUT, result.opted_out
+        if len(result.not_opted_out):
+            yield NOT_OPTED_OUT, result.not_opted_out
+        yield from self.integrity_outputs(result)
 
 
 class JoinAndClassify(beam.PTransform):

@@ -70,6 +70,20 @@ SUMMARY_COUNTERS = {
 }
 
 
+# The ledger join's counters (transforms.ledger): summary.json "changes" key -> counter name.
+LEDGER_COUNTERS = {
+    "to_write": "ledger_to_write",
+    "new_patients": "ledger_new_patients",
+    "newly_opted_out": "ledger_newly_opted_out",
+    "opt_out_withdrawn": "ledger_opt_out_withdrawn",
+    "refreshed": "ledger_refreshed",
+    "unchanged": "ledger_unchanged",
+    "left_cohort": "ledger_left_cohort",
+    "ledger_rows": "ledger_rows",
+}
+SUMMARY_COUNTERS.update(LEDGER_COUNTERS)
+
+
 def consent_id(nhs_number: str) -> str:
     """The Consent's logical id: the same for a patient on every run, so a PUT never duplicates.
 

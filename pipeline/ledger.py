@@ -1,0 +1,248 @@
+"""The Consent ledger's folders: checked before a run, described by ``ledger.json``, swapped in atomically.
+
+A ledger folder holds ``*.parquet`` (rows in :data:`transforms.ledger.SCHEMA`) and ``ledger.json``,
+which records the FHIR base URL the rows describe, the request that made it and its row count. A folder
+without ``ledger.json`` is not a ledger (a run that failed wrote it only part-way).
+
+For the CLI the ledgers live under ``WORK/ledger/`` (0700, files 0600)::
+
+    WORK/ledger/current -> v-<request id>     the ledger in force (a symlink, swapped with os.replace)
+    WORK/ledger/v-<request id>/               the previous one is kept until the next swap
+    WORK/ledger/.pending-<request id>/        where a run writes its new ledger
+
+The new ledger becomes ``current`` only once every Consent of the run is stored (``summary["ok"]``),
+and before the request is marked processed; see the crash contract in :mod:`pipeline.state`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import InputError
+from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
+from pipeline.state import WorkDir, isoformat, utcnow
+from transforms.ledger import COUNTERS, SCHEMA, ledger_files
+
+_LOGGER = logging.getLogger(__name__)
+
+META = "ledger.json"
+CURRENT = "current"
+REFRESH_ENV = "NDOP_REFRESH_DAYS"
+
+
+def _local(path: str) -> bool:
+    return "://" not in path
+
+
+def read_meta(folder: str) -> dict[str, Any]:
+    path = FileSystems.join(folder, META)
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            meta = json.loads(handle.read())
+    except (OSError, ValueError) as err:  # Beam raises BeamIOError (an IOError) for a missing file
+        raise InputError(f"{path}: cannot read the ledger's description ({type(err).__name__}); "
+                         "give --full-refresh to rewrite the store and start a new ledger") from None
+    if not isinstance(meta, dict) or "fhir_base_url" not in meta:
+        raise InputError(f"{path}: not a ledger description (no fhir_base_url)")
+    return meta
+
+
+def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = False) -> str | None:
+    """The ledger folder a run may read, or ``None`` (a first load, or ``--full-refresh`` over a bad one).
+
+    Raises :class:`InputError` (one line, exit 2) before anything is written when the ledger cannot be
+    read or describes another FHIR base URL, unless ``full_refresh``.
+    """
+    if not folder:
+        return None
+    try:
+        meta = read_meta(folder)
+        if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
+            raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
+                             f"not {fhir_base_url}; "
+                             "give --full-refresh to rewrite this store and start a new ledger")
+        for path in ledger_files(folder):
+            try:
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                    names = set(pq.ParquetFile(handle).schema_arrow.names)
+            except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds for a damaged file)
+                raise InputError(f"{path}: ledger file cannot be read ({type(err).__name__}); "
+                                 "give --full-refresh to rewrite the store and start a new ledger") from None
+            if not set(SCHEMA.names) <= names:
+                missing = ", ".join(sorted(set(SCHEMA.names) - names))
+                raise InputError(f"{path}: not a ledger file (columns {missing} missing)")
+    except InputError as err:
+        if not full_refresh:
+            raise
+        _LOGGER.warning("full refresh: ignoring the previous ledger: %s", err)
+        return None
+    return folder
+
+
+def finish(folder: str, summary: dict[str, Any], fhir_base_url: str) -> None:
+    """Describe a new ledger (``ledger.json``) once its run stored every Consent."""
+    meta = {
+        "fhir_base_url": fhir_base_url.rstrip("/"),
+        "request_id": summary.get("request_id"),
+        "checked_at": summary.get("checked_at"),
+        "rows": summary["counts"].get("ledger_rows", 0),
+        "files": [Path(p).name if _local(p) else p.rsplit("/", 1)[-1] for p in ledger_files(folder)],
+        "written_at": isoformat(utcnow()),
+    }
+    path = FileSystems.join(folder, META)
+    if _local(path):
+        write_json(path, meta)
+    else:
+        with FileSystems.create(path, mime_type="application/json") as handle:
+            handle.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+# -- the work dir's ledger (the CLI) --------------------------------------------------------------------
+
+
+def root(work_dir: WorkDir) -> Path:
+    return work_dir.root / "ledger"
+
+
+def current(work_dir: WorkDir) -> Path | None:
+    link = root(work_dir) / CURRENT
+    return link if link.exists() else None
+
+
+def _pending(work_dir: WorkDir, request_id: str) -> Path:
+    return root(work_dir) / f".pending-{request_id}"
+
+
+def _copy(source: str, target: str) -> None:
+    """One ledger file, through ``FileSystems``; a local target is 0600 in a 0700 folder."""
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+        if _local(target):
+            private_dir(Path(target).parent)
+            opened = atomic_writer(target)
+        else:
+            opened = FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED)
+        with opened as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+
+
+def _ledger_and_meta(folder: str) -> list[str]:
+    meta = FileSystems.join(folder, META)
+    return ledger_files(folder) + ([meta] if FileSystems.exists(meta) else [])
+
+
+def _staged(stage_dir: str, request_id: str) -> tuple[str, str]:
+    base = FileSystems.join(stage_dir, request_id, "ledger")
+    return FileSystems.join(base, "in"), FileSystems.join(base, "out")
+
+
+def pipeline_args(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> list[str]:
+    """``--ledger_in`` (the ledger in force, if any) and an emptied ``--ledger_out`` for this request.
+
+    With ``stage_dir`` (remote workers cannot read the work dir) the ledger in force is copied to
+    ``<stage_dir>/<request id>/ledger/in`` and the new one written to ``.../ledger/out``.
+    """
+    private_dir(root(work_dir))
+    pending = _pending(work_dir, request_id)
+    shutil.rmtree(pending, ignore_errors=True)  # a crashed run's partial ledger: never read
+    found = current(work_dir)
+    if not stage_dir:
+        return ([f"--ledger_in={found.resolve()}"] if found is not None else []) + [f"--ledger_out={pending}"]
+    staged_in, staged_out = _staged(stage_dir, request_id)
+    for folder in (staged_in, staged_out):
+        stale = _ledger_and_meta(folder)
+        if stale:
+            FileSystems.delete(stale)
+    if found is None:
+        return [f"--ledger_out={staged_out}"]
+    for path in _ledger_and_meta(str(found.resolve())):
+        _copy(path, FileSystems.join(staged_in, os.path.basename(path)))
+    return [f"--ledger_in={staged_in}", f"--ledger_out={staged_out}"]
+
+
+def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> Path:
+    """Swap the request's new ledger in: rename it into place, then replace the ``current`` link atomically.
+
+    A crash before the link swap leaves the previous ledger in force; the older ledger is removed last.
+    A staged ledger (``stage_dir``) is first copied back into the pending folder.
+    """
+    base = root(work_dir)
+    pending = _pending(work_dir, request_id)
+    if stage_dir:
+        shutil.rmtree(pending, ignore_errors=True)
+        for path in _ledger_and_meta(_staged(stage_dir, request_id)[1]):
+            _copy(path, str(pending / path.rsplit("/", 1)[-1]))
+    if not (pending / META).is_file():
+        raise InputError(f"{pending}: no complete ledger to promote")
+    target = base / f"v-{request_id}"
+    link = base / CURRENT
+    previous = link.resolve() if link.exists() else None
+    if target.exists() and target != previous:
+        shutil.rmtree(target)
+    elif target == previous:  # re-processing the same request: keep a name the link does not point at
+        target = base / f"v-{request_id}-{utcnow():%Y%m%dT%H%M%S}"
+    os.rename(pending, target)
+    os.chmod(target, 0o700)
+    tmp = base / f".{CURRENT}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    fsync_dir(base)
+    for old in base.iterdir():  # keep the ledger in force and the one before it
+        if old.name.startswith("v-") and old != target and old != previous:
+            shutil.rmtree(old, ignore_errors=True)
+    _LOGGER.info("ledger: %s now in force", target)
+    return target
+
+
+def status_line(work_dir: WorkDir) -> str | None:
+    """For ``ndop status``: the ledger's size and its oldest ``checked_at``."""
+    found = current(work_dir)
+    if found is None:
+        return None
+    rows, oldest = 0, None
+    try:
+        for path in ledger_files(str(found.resolve())):
+            metadata = pq.ParquetFile(path).metadata
+            rows += metadata.num_rows
+            index = metadata.schema.to_arrow_schema().get_field_index("checked_at")
+            for group in range(metadata.num_row_groups):
+                stats = metadata.row_group(group).column(index).statistics
+                if stats is not None and stats.has_min_max:
+                    oldest = stats.min if oldest is None else min(oldest, stats.min)
+    except Exception as err:  # noqa: BLE001 (status must still print the requests)
+        return f"ledger {found}: cannot be read ({type(err).__name__})"
+    when = oldest.strftime("%Y-%m-%d") if oldest is not None else "-"
+    return f"ledger: {rows} patients, oldest checked_at {when} ({found.resolve().name})"
+
+
+def cli_args(refresh_days: int | None, full_refresh: bool) -> list[str]:
+    """What ``--refresh-days``/``--full-refresh`` (and ``NDOP_REFRESH_DAYS``) pass to the pipeline."""
+    days: Any = refresh_days if refresh_days is not None else os.environ.get(REFRESH_ENV)
+    if days in (None, ""):
+        args = []
+    else:
+        try:
+            number = int(days)
+        except ValueError:
+            raise InputError(f"{REFRESH_ENV}={days!r}: the refresh window must be a whole number of days") from None
+        if number < 0:
+            raise InputError(f"refresh days must be 0 or more, not {number}")
+        args = [f"--refresh_days={number}"]
+    return args + (["--full_refresh"] if full_refresh else [])
+
+
+def counts(summary_counts: dict[str, int]) -> dict[str, int]:
+    """The ledger's change counts out of a summary's counts (for the run report)."""
+    return {key: summary_counts[key] for key in COUNTERS if key in summary_counts}
+
+
+__all__: Sequence[str] = ("check_ledger", "finish", "pipeline_args", "promote", "status_line", "cli_args", "counts")
