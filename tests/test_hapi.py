@@ -12,7 +12,7 @@ from pipeline.fhir_client import FhirClientConfig
 from pipeline.process import run as run_process
 from tests.test_write_consents import make_consent, run as run_write
 from transforms.build_consent import build_consent, consent_id
-from transforms.write_consents import summarise
+from tests.helpers import summarise
 
 pytestmark = pytest.mark.hapi
 SYSTEM = nhs.NHS_NUMBER_SYSTEM

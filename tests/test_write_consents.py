@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 import apache_beam as beam
@@ -18,6 +18,7 @@ from fhir.resources.R4B.consent import Consent
 from pipeline import nhs
 from pipeline.fhir_client import FhirClientConfig, open_session, search_total
 from tests.fixtures.http_stub import Reply, StubServer
+from tests.helpers import summarise
 from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent, consent_id
 from transforms.write_consents import WriteConsents, build_bundle, read_entries
 
@@ -27,15 +28,6 @@ CHECKED_AT = "2024-11-26T10:00:00Z"
 def make_consent(number: str, status: str = "active") -> dict[str, Any]:
     """The Consent the pipeline makes (transforms/build_consent.py), so WriteConsents is tested with it."""
     return build_consent(number, status, CHECKED_AT)
-
-
-def summarise(results: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """Add up WriteConsents' per-bundle results."""
-    total = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
-    for result in results:
-        for key in total:
-            total[key] += int(result.get(key, 0))
-    return total
 
 
 def numbers(count: int, seed: int) -> list[str]:
