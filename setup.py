@@ -23,6 +23,9 @@ setup(
         "numpy>=1.26,<3",
         "mesh-client>=5,<6",
         "nhs-number>=2.2,<3",
+        "matplotlib>=3.8,<4",
+        "prometheus-client>=0.20,<1",
+        "tqdm>=4.66,<5",
     ],
     extras_require={
         "test": [

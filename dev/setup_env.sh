@@ -42,6 +42,13 @@ if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ]; then
   [ -x "$ROOT/.venv-fhir/bin/sekmet" ] || { echo "setup failed: no sekmet in $ROOT/.venv-fhir" >&2; exit 1; }
 fi
 
+# Headless Chromium for the report-page test (tests/test_report_html.py); Debian's package, only when missing.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (apt-get) for the report-page test" >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2 \
+    || echo "warning: chromium did not install; the browser test will fail" >&2
+fi
+
 if [ -n "$HAPI_PID" ]; then
   wait "$HAPI_PID" || { echo "setup failed: HAPI build (log: $HAPI_CACHE/build.log):" >&2; tail -20 "$HAPI_CACHE/build.log" >&2; exit 1; }
   _hapi_stamp > "$HAPI_CACHE/.ndop-stamp"

@@ -29,6 +29,8 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--wait-lock", action="store_true",
                         help="if another ndop command is working in the work dir, wait for it "
                              "(default: exit 4 at once)")
+    common.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log lines as text or one JSON object a line (env NDOP_LOG_FORMAT, default text)")
     return common
 
 
@@ -253,6 +255,9 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
     p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
                    help="run the process step on inputs copied here (e.g. gs://bucket/ndop for Dataflow)")
+    p.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="after the run, write Prometheus metrics here for node_exporter's textfile collector "
+                        "(env NDOP_METRICS_FILE)")
     p.set_defaults(handler=_run_run, beam_args=True)
 
 
@@ -270,13 +275,42 @@ def _run_run(args: argparse.Namespace) -> int:
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
         beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir,
     )
+    from pipeline.metrics import metrics_file
+    from pipeline.runlog import recorded
+
     work_dir = WorkDir(args.work_dir)
-    result = run(work_dir, mesh, settings)
+    with recorded(work_dir, metrics_file(args.metrics_file)) as outcome:  # runs.jsonl, HTML pages, metrics
+        result = run(work_dir, mesh, settings)
+        outcome.exit_code, outcome.request_id, outcome.message, outcome.report = (
+            result.exit_code, result.request_id, result.message, result.report)
     print_report(result, work_dir)
+    print(f"pages: {work_dir.root / 'index.html'}")
     return result.exit_code
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_request, _send, _poll, _process, _run, _status]
+def _report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", parents=[common_options()],
+                       help="regenerate report.md/.json/.html of a request (default: every request) and index.html")
+    p.add_argument("--request-id", help="this request only (index.html is always regenerated)")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+    from pipeline.report_html import write_index, write_request_page
+
+    work_dir = WorkDir(args.work_dir)
+    records = [work_dir.load(args.request_id)] if args.request_id else work_dir.all()
+    for record in records:
+        write_request_page(work_dir, record["request_id"], write_report(work_dir, record))
+        print(f"report: {work_dir.request_dir(record['request_id']) / 'report.html'}")
+    print(f"index: {write_index(work_dir)}")
+    return EXIT_OK
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _request, _send, _poll, _process, _run, _status, _report,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,13 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "beam_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:  # Beam's INFO lines drown the progress a person wants to follow
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    from pipeline import logs
+
+    logs.configure(args.log_format or logs.default_format(), verbose=args.verbose)
+    if not args.verbose:
         logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step

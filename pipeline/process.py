@@ -31,7 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import datfile, nhs
+from pipeline import datfile, nhs, progress
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
 from pipeline.files import write_json
@@ -258,7 +258,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         with _private_files(local):
             p = beam.Pipeline(options=options)
             build_pipeline(p, opts, ledger_opts=lopts)
-            result = p.run()
+            total = _manifest_rows(opts.manifest)
+            with progress.tracking_writes(total, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
+                result = p.run()
+            if runner not in _LOCAL_RUNNERS:  # Dataflow, Flink: progress from the job's metrics while it runs
+                progress.follow_job(result, total, lambda r: _written(counters(r)))
             result.wait_until_finish()
     except NdopError:
         raise
@@ -280,6 +284,21 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         c["integrity_errors"], summary["timings"]["pipeline_seconds"],
     )
     return summary
+
+
+def _manifest_rows(path: str) -> int | None:
+    """How many Consents the run will write (the manifest's row count, from the Parquet footer)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with FileSystems.open(path) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    except Exception:  # progress only: a manifest that cannot be read fails the pipeline with its own message
+        return None
+
+
+def _written(found: dict[str, int]) -> int:
+    return sum(found.get(SUMMARY_COUNTERS[k], 0) for k in ("created", "updated", "failed", "refused"))
 
 
 def failure_message(summary: dict[str, Any]) -> str:

@@ -55,7 +55,9 @@ class RunResult:
 
 
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    from pipeline.logs import progress_line  # a JSON log object under --log-format json
+
+    progress_line(line)
 
 
 class Runner:
@@ -121,7 +123,7 @@ class Runner:
             if record["state"] in IN_FLIGHT:
                 started = time.monotonic()
                 self.progress(f"[poll] waiting up to {self.settings.wait:.0f}s for NDOP's reply to {rid}")
-                driver.poll(wait=self.settings.wait, interval=self.settings.interval)
+                driver.poll(wait=self.settings.wait, interval=self.settings.interval, sleep=self._poll_sleep())
                 self._timed(rid, "poll", started)
                 record = self.work_dir.load(rid)
                 self.progress(f"[poll] {rid}: {record['state']}")
@@ -147,6 +149,13 @@ class Runner:
         if record["state"] == ACKNOWLEDGED:
             return self._finish(rid, EXIT_OK, f"request {rid} done: Consents written, MESH reply acknowledged")
         return self._finish(rid, EXIT_FAILED, f"request {rid} ended in state {record['state']}")
+
+    def _poll_sleep(self) -> Callable[[float], None]:
+        """The poll loop's sleep, reporting the wait (elapsed, next poll, NDOP's usual time) on stderr."""
+        from pipeline.progress import poll_sleeper
+        from pipeline.runlog import read_runs, typical_wait
+
+        return poll_sleeper(self.settings.wait, self.settings.interval, typical_wait(read_runs(self.work_dir)))
 
     def _acknowledger(self, driver: MeshDriver) -> Callable[[str], RequestRecord]:
         def acknowledge(request_id: str) -> RequestRecord:

@@ -37,7 +37,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from pipeline.faults import fault_point
-from pipeline import nhs
+from pipeline import nhs, progress
 from pipeline.fhir_client import (
     RETRY_STATUSES,
     FhirClientConfig,
@@ -153,6 +153,7 @@ class _PostBundlesFn(beam.DoFn):
                 )
         self.created.inc(outcome["created"])
         self.updated.inc(outcome["updated"])
+        progress.advance_writes(len(batch))  # the local runner's progress line; a no-op on remote workers
         fault_point("after-first-bundle")  # crash tests: killed in the middle of the FHIR writes
         if dead:
             self.failed.inc(len(dead))

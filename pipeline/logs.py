@@ -1,0 +1,82 @@
+"""Log output for ``ndop``: ``--log-format text`` (default) or ``json`` (env ``NDOP_LOG_FORMAT``).
+
+``json`` writes one JSON object a line (``time``, ``level``, ``logger``, ``message``, and ``exception``
+when there is one) for log pipelines. The message is the same text the text format shows: call sites
+already mask NHS numbers (:func:`pipeline.nhs.mask`, :func:`pipeline.nhs.redact`); a traceback, which
+quotes foreign text, goes through :func:`pipeline.nhs.redact` in both formats.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import TextIO
+
+from pipeline import nhs
+from pipeline.state import isoformat
+
+FORMATS = ("text", "json")
+ENV = "NDOP_LOG_FORMAT"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def default_format() -> str:
+    value = os.environ.get(ENV, "text").strip().lower()
+    return value if value in FORMATS else "text"
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        return nhs.redact(super().formatException(ei))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from datetime import datetime, timezone
+
+        entry = {
+            "time": isoformat(datetime.fromtimestamp(record.created, timezone.utc)),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = nhs.redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+_JSON = False
+
+
+def json_active() -> bool:
+    """Whether stderr carries JSON lines: then progress lines go through logging too (one format a stream)."""
+    return _JSON
+
+
+def progress_line(line: str, stream: TextIO | None = None) -> None:
+    """A progress line on stderr: plain text, or a JSON log object (logger ``ndop.progress``) in json mode."""
+    if _JSON and stream in (None, sys.stderr):
+        logging.getLogger("ndop.progress").info("%s", line)
+    else:
+        print(line, file=stream if stream is not None else sys.stderr, flush=True)
+
+
+def configure(log_format: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
+    """Replace the root logger's handlers with one on stderr in ``log_format``."""
+    global _JSON
+    _JSON = log_format == "json"
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # Beam's INFO lines drown the progress a person wants to follow
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)

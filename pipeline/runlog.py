@@ -1,0 +1,195 @@
+"""The run log: ``WORK/runs.jsonl``, one JSON line per ``ndop run`` (times, exit status, counts).
+
+What the HTML pages chart across runs and what the metrics file is computed from. A line holds counts,
+times, states and request ids only: never an NHS number (the message is passed through
+:func:`pipeline.nhs.redact` as well, since it may quote a library's text).
+
+:func:`recorded` wraps a run: whatever way it ends (done, waiting, failed, bad input, interrupted) it
+appends the line, regenerates the request's ``report.html`` and ``WORK/index.html``, and writes the
+Prometheus metrics file when one is configured.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline import nhs
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
+from pipeline.files import PRIVATE, fsync_dir
+from pipeline.state import WorkDir, isoformat, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+
+RUNS_FILE = "runs.jsonl"
+EXIT_INTERRUPTED = 130
+OUTCOMES = {EXIT_OK: "done", EXIT_WAITING: "waiting", EXIT_FAILED: "failed", 2: "bad input",
+            EXIT_INTERRUPTED: "interrupted"}
+
+
+def runs_path(work_dir: WorkDir) -> Path:
+    return work_dir.root / RUNS_FILE
+
+
+def read_runs(work_dir: WorkDir) -> list[dict[str, Any]]:
+    """Every run so far, oldest first; a torn last line (a crash mid-append) is skipped."""
+    path = runs_path(work_dir)
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                runs.append(entry)
+    return runs
+
+
+def append_run(work_dir: WorkDir, entry: dict[str, Any]) -> None:
+    """Append one line durably (O_APPEND, fsync); the file is the owner's only."""
+    work_dir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = runs_path(work_dir)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+    try:
+        os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(work_dir.root)
+
+
+def dead_letter_count(results: dict[str, Any]) -> int:
+    """Patients sent to the dead-letter file: failed or refused Consents and reply integrity errors."""
+    return sum(int(results.get(k) or 0) for k in ("failed", "refused", "integrity_errors"))
+
+
+def run_entry(exit_code: int, request_id: str | None, message: str, report: dict[str, Any] | None,
+              started_at: str, ended_at: str, seconds: float) -> dict[str, Any]:
+    report = report or {}
+    results = dict(report.get("results") or {})
+    changes = report.get("changes") or {}
+    if results and "unchanged" not in results and isinstance(changes.get("unchanged"), int):
+        results["unchanged"] = changes["unchanged"]  # the Consent ledger's "unchanged (not written)"
+    return {
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "seconds": round(seconds, 2),
+        "exit_status": exit_code,
+        "outcome": OUTCOMES.get(exit_code, "failed"),
+        "request_id": request_id,
+        "state": report.get("state"),
+        "message": _redact_keeping(message, request_id),
+        "cohort": dict(report.get("cohort") or {}),
+        "results": results,
+        "changes": {k: v for k, v in (report.get("changes") or {}).items() if k != "previous_request_id"},
+        "stage_seconds": dict(report.get("stage_seconds") or {}),
+        "dead_letters": dead_letter_count(results),
+        "stale": _stale(report),
+    }
+
+
+def _redact_keeping(text: str, request_id: str | None) -> str:
+    """:func:`nhs.redact`, leaving our own request id readable (mailbox, date, counter: no NHS number)."""
+    if not request_id:
+        return nhs.redact(text)
+    return request_id.join(nhs.redact(part) for part in text.split(request_id))
+
+
+def _stale(report: dict[str, Any]) -> int | None:
+    """Stale patients, when the report carries a Consent ledger's figures (optional: older reports do not):
+    the ledger's ``refreshed`` count (Consents rewritten because they had grown stale)."""
+    refreshed = (report.get("changes") or {}).get("refreshed")
+    if isinstance(refreshed, int):
+        return refreshed
+    ledger = report.get("ledger")
+    if isinstance(ledger, dict):
+        for key in ("stale", "stale_patients"):
+            if isinstance(ledger.get(key), int):
+                return ledger[key]
+    value = report.get("stale_patients")
+    return value if isinstance(value, int) else None
+
+
+def typical_wait(runs: list[dict[str, Any]]) -> float | None:
+    """How long NDOP usually takes to answer: the median ``wait_for_ndop`` of earlier requests."""
+    waits = {r["request_id"]: r["stage_seconds"]["wait_for_ndop"] for r in runs
+             if r.get("request_id") and isinstance((r.get("stage_seconds") or {}).get("wait_for_ndop"), (int, float))}
+    return statistics.median(waits.values()) if waits else None
+
+
+def load_report(work_dir: WorkDir, request_id: str | None) -> dict[str, Any] | None:
+    from pipeline.report import REPORT_JSON
+
+    if not request_id:
+        return None
+    path = work_dir.request_dir(request_id) / REPORT_JSON
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class RunOutcome:
+    """What the wrapped run says about itself; whatever is left unset is read from the exception."""
+
+    exit_code: int | None = None
+    request_id: str | None = None
+    message: str = ""
+    report: dict[str, Any] | None = None
+
+
+def after_run(work_dir: WorkDir, outcome: RunOutcome, started_at: str, seconds: float,
+              metrics_file: str | None = None) -> dict[str, Any]:
+    """Record the run, regenerate its pages, write the metrics file; returns the runs.jsonl line."""
+    code = EXIT_FAILED if outcome.exit_code is None else outcome.exit_code
+    report = outcome.report or load_report(work_dir, outcome.request_id)
+    entry = run_entry(code, outcome.request_id, outcome.message, report, started_at, isoformat(utcnow()), seconds)
+    append_run(work_dir, entry)
+    try:
+        from pipeline.report_html import write_index, write_request_page
+
+        if outcome.request_id and report:
+            write_request_page(work_dir, outcome.request_id, report)
+        write_index(work_dir)
+    except Exception as err:  # pages are a view: a chart that fails must not turn a good run into a failed one
+        _LOGGER.warning("could not write the HTML report: %s", nhs.redact(str(err)))
+    if metrics_file:
+        from pipeline.metrics import write_metrics
+
+        try:
+            write_metrics(metrics_file, work_dir)
+        except OSError as err:  # the run's own outcome (and exit status) stands; a stale file alerts by itself
+            print(f"ndop run: error: {metrics_file}: cannot write the metrics file: {err.strerror or err}",
+                  file=sys.stderr)
+    return entry
+
+
+@contextlib.contextmanager
+def recorded(work_dir: WorkDir, metrics_file: str | None = None) -> Iterator[RunOutcome]:
+    """Wrap a run: the caller fills the yielded :class:`RunOutcome`; an escaping error is recorded too."""
+    outcome = RunOutcome()
+    started_at, clock = isoformat(utcnow()), time.monotonic()
+    try:
+        yield outcome
+    except NdopError as err:
+        outcome.exit_code, outcome.message = err.exit_code, str(err)
+        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
+        raise
+    except KeyboardInterrupt:
+        outcome.exit_code, outcome.message = EXIT_INTERRUPTED, "interrupted"
+        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
+        raise
+    except BaseException as err:
+        outcome.exit_code, outcome.message = EXIT_FAILED, f"{type(err).__name__}: {err}"
+        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
+        raise
+    else:
+        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
