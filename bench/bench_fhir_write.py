@@ -8,11 +8,16 @@ alone costs about 5-6 s here (type inference and coding of the literal), which a
 pays (its Consents come from a Map), so it would measure the test source instead of the writer. Prints per-run rates,
 the medians and the ratio WriteConsents / baseline (target: <= 1.5).
 
-    .venv/bin/python bench/bench_fhir_write.py [--count 10000] [--batch-size 500] [--runs 3]
+    .venv/bin/python bench/bench_fhir_write.py [--server sekmet|hapi] [--count 10000] [--batch-size 500] [--runs 3]
+
+``--server hapi`` runs the same against the HAPI FHIR JPA server (``dev/hapi``, built by setup_env.sh),
+with HAPI's validator on every write; its timed runs re-PUT unchanged Consents, which HAPI answers 200
+without storing a new version.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -28,6 +33,7 @@ import requests  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from dev.fhir_server import FhirServer  # noqa: E402
+from dev.hapi_server import HapiServer  # noqa: E402
 from pipeline import nhs  # noqa: E402
 from pipeline.fhir_client import FhirClientConfig  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402
@@ -77,17 +83,24 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--server", choices=("sekmet", "hapi"), default="sekmet")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="hapi: without HAPI's validator on write (it costs ~0.1-0.2 s a resource in HAPI 8.8)")
     args = parser.parse_args()
+    server_class = (functools.partial(HapiServer, validate=not args.no_validate) if args.server == "hapi"
+                    else FhirServer)
     consents = nhs.synthetic_numbers(args.count, seed=7).to_pylist()
-    with tempfile.TemporaryDirectory() as data, FhirServer(data) as server:
+    with tempfile.TemporaryDirectory() as data, server_class(data) as server:
+        print(f"server: {args.server}{' (no validator)' if args.no_validate else ''}, {args.count:,} Consents, "
+              f"bundles of {args.batch_size}", flush=True)
         warm = baseline(server.base_url, consents, args.batch_size)
-        print(f"warm-up (creates): {args.count / warm:,.0f}/s")
+        print(f"warm-up (creates): {args.count / warm:,.0f}/s", flush=True)
         plain, piped = [], []
         for run in range(args.runs):
             plain.append(baseline(server.base_url, consents, args.batch_size))
             piped.append(with_beam(server.base_url, consents, args.batch_size))
             print(f"run {run + 1}: baseline {plain[-1]:.2f} s ({args.count / plain[-1]:,.0f}/s), "
-                  f"WriteConsents {piped[-1]:.2f} s ({args.count / piped[-1]:,.0f}/s)")
+                  f"WriteConsents {piped[-1]:.2f} s ({args.count / piped[-1]:,.0f}/s)", flush=True)
     base_med, beam_med = statistics.median(plain), statistics.median(piped)
     print(f"median of {args.runs}: baseline {base_med:.2f} s, WriteConsents {beam_med:.2f} s, "
           f"ratio {beam_med / base_med:.2f} (target <= 1.5)")

@@ -50,12 +50,22 @@ class LocalService:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "LocalService":
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> "LocalService":
+        """Start the process without waiting for it (a slow server can boot while other work runs)."""
         self.prepare()
         argv, cwd, env = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True)
+        self._launched = time.monotonic()
+        return self
+
+    def wait_ready(self) -> "LocalService":
+        """Block until the launched process answers its health check (stopping it if it never does)."""
         try:
             self._wait_ready()
         except BaseException:
@@ -64,8 +74,10 @@ class LocalService:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
+        # counted from launch: a server launched early has had that time already; but always asked at
+        # least once (it may have been up for minutes when the first test needs it)
+        deadline = getattr(self, "_launched", time.monotonic()) + self.start_timeout
+        while True:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self._process.returncode} before answering; "
@@ -75,6 +87,8 @@ class LocalService:
                     return
             except Exception:  # noqa: BLE001 - not up yet, whatever the client says
                 pass
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not answer within {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}")
 

@@ -3,6 +3,8 @@
 #   .venv       the project with its test extras (apache-beam, mesh-client, mesh-sandbox, ...)
 #   .venv-fhir  the local FHIR R4 test server, sekmet-fhir: it pins a FastAPI that mesh-sandbox
 #               cannot share, so it lives apart (see ../shared/FHIR_SERVER.md).
+#   .cache/hapi the HAPI FHIR test server (dev/hapi, Java 17 + Maven), built only when missing or when
+#               dev/hapi changed; its Maven build runs in the background while pip fills the venvs.
 # Sourced by run_tests.sh and run_local.sh; needs only python3 (3.11+) on PATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +12,18 @@ PYTHON="${PYTHON:-python3}"
 SEKMET_VERSION="0.1.1"
 
 _stamp() { sha256sum "$ROOT/setup.py" | cut -c1-16; }
+_hapi_stamp() { find "$ROOT/dev/hapi" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16; }
+
+HAPI_CACHE="$ROOT/.cache/hapi"
+HAPI_PID=""
+if [ "$(cat "$HAPI_CACHE/.ndop-stamp" 2>/dev/null)" != "$(_hapi_stamp)" ] || [ ! -f "$HAPI_CACHE/classpath.txt" ]; then
+  command -v mvn >/dev/null && command -v java >/dev/null \
+    || { echo "setup failed: the HAPI test server needs java (17) and mvn on PATH" >&2; exit 1; }
+  echo "building the HAPI FHIR test server into $HAPI_CACHE (first time: about three minutes)" >&2
+  mkdir -p "$HAPI_CACHE"
+  ( cd "$ROOT/dev/hapi" && mvn -q -B -Dmaven.repo.local="$HAPI_CACHE/m2" package ) > "$HAPI_CACHE/build.log" 2>&1 &
+  HAPI_PID=$!
+fi
 
 if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$ROOT/.venv/.ndop-stamp" 2>/dev/null)" != "$(_stamp)" ]; then
   echo "setting up $ROOT/.venv (first time: about two minutes)" >&2
@@ -44,3 +58,9 @@ fi
 if [ "${NDOP_WITH_FLINK:-0}" = "1" ]; then
   bash "$ROOT/dev/build_flink.sh"
 fi
+
+if [ -n "$HAPI_PID" ]; then
+  wait "$HAPI_PID" || { echo "setup failed: HAPI build (log: $HAPI_CACHE/build.log):" >&2; tail -20 "$HAPI_CACHE/build.log" >&2; exit 1; }
+  _hapi_stamp > "$HAPI_CACHE/.ndop-stamp"
+fi
+

@@ -42,6 +42,9 @@ def _request(sub: argparse._SubParsersAction) -> None:
                        help="build a validated request (.dat, .ctl, manifest) from a cohort")
     p.add_argument("--cohort", required=True, help="text (one number a line), CSV or Parquet file")
     p.add_argument("--column", default=DEFAULT_COLUMN, help="CSV/Parquet column holding NHS numbers")
+    p.add_argument("--patient-id-column", default=None, metavar="COLUMN",
+                   help="CSV/Parquet column holding each row's FHIR Patient id: its Consent then references "
+                        "Patient/<id> beside the NHS number (--cohort fhir does this by itself)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="cohort format (default: by extension)")
     p.add_argument("--mailbox", default=os.environ.get("MESH_MAILBOX"), help="our MESH mailbox id (env MESH_MAILBOX)")
     p.add_argument("--ndop-mailbox", default=os.environ.get("NDOP_MAILBOX", NDOP_MAILBOX),
@@ -55,7 +58,7 @@ def _run_request(args: argparse.Namespace) -> int:
 
     settings = RequestSettings(
         mailbox=args.mailbox or "", ndop_mailbox=args.ndop_mailbox, line_ending=args.line_ending,
-        column=args.column, format=args.format,
+        column=args.column, format=args.format, patient_id_column=args.patient_id_column,
     )
     record = build_request(args.cohort, WorkDir(args.work_dir), settings)
     c = record["counts"]
@@ -239,6 +242,9 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", help="cohort file (text, CSV, Parquet), or 'fhir' to read every Patient's NHS "
                                     "number from the FHIR store")
     p.add_argument("--column", default=DEFAULT_COLUMN, help="CSV/Parquet column holding NHS numbers")
+    p.add_argument("--patient-id-column", default=None, metavar="COLUMN",
+                   help="CSV/Parquet column holding each row's FHIR Patient id: its Consent then references "
+                        "Patient/<id> beside the NHS number (--cohort fhir does this by itself)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="cohort format (default: by extension)")
     p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
@@ -264,7 +270,8 @@ def _run_run(args: argparse.Namespace) -> int:
     settings = RunSettings(
         cohort=args.cohort,
         request=RequestSettings(mailbox=mesh.mailbox, ndop_mailbox=mesh.ndop_mailbox, line_ending=args.line_ending,
-                                column=args.column, format=args.format),
+                                column=args.column, format=args.format,
+                                patient_id_column=args.patient_id_column),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
         beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir,
     )

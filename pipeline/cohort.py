@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -38,6 +39,8 @@ class Cohort:
     values: pa.Array  # raw values as strings
     lines: pa.Array  # 1-based source line (text, CSV) or row (Parquet) of each value
     format: str
+    # the FHIR Patient id of each value, when known (--cohort fhir, or --patient-id-column); "" = unknown
+    patient_ids: pa.Array | None = None
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -52,9 +55,21 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         ) from None
 
 
-def read_cohort(path: str | os.PathLike[str], column: str = DEFAULT_COLUMN, fmt: str = "auto") -> Cohort:
-    """Read the cohort column as strings with their line numbers; raise InputError naming the file."""
+def read_cohort(path: str | os.PathLike[str], column: str = DEFAULT_COLUMN, fmt: str = "auto",
+                patient_id_column: str | None = None) -> Cohort:
+    """Read the cohort column as strings with their line numbers; raise InputError naming the file.
+
+    ``patient_id_column`` (CSV or Parquet): each row's FHIR Patient id too, so its Consent can point at
+    the Patient; an empty cell means unknown for that row.
+    """
     source = Path(path)
+    if patient_id_column:
+        cohort = read_cohort(path, column, fmt)
+        if cohort.format == "text":
+            raise InputError(f"{source}: a text cohort has no columns; --patient-id-column needs CSV or Parquet")
+        ids = read_cohort(path, patient_id_column, fmt).values
+        cohort.patient_ids = pc.fill_null(ids, "")
+        return cohort
     if not source.is_file():
         raise InputError(f"{source}: no such file" if not source.exists() else f"{source}: not a file")
     kind = detect_format(source, fmt)
@@ -161,16 +176,20 @@ def read_fhir_cohort(config: "FhirClientConfig", page_size: int = 1000) -> Cohor
 
     A paged search asking only for identifiers (``_elements=identifier``); a Patient without an NHS
     number identifier is skipped, one with several contributes each. "Lines" are 1-based positions in
-    the search results, which is what a reject can point back to.
+    the search results, which is what a reject can point back to. Each Patient's id is kept beside its
+    number: the Consent will reference ``Patient/<id>``.
     """
     from pipeline.fhir_client import iter_search, open_session
     from pipeline.nhs import NHS_NUMBER_SYSTEM
 
     values: list[str] = []
+    ids: list[str] = []
     with open_session(config) as session:
         for patient in iter_search(session, config.base_url, "Patient",
                                    {"_elements": "identifier", "_count": page_size}):
             for identifier in patient.get("identifier", []):
                 if identifier.get("system") == NHS_NUMBER_SYSTEM and identifier.get("value") is not None:
                     values.append(str(identifier["value"]))
-    return Cohort(pa.array(values, pa.string()), pa.array(range(1, len(values) + 1), pa.int64()), FHIR_COHORT)
+                    ids.append(str(patient.get("id") or ""))
+    return Cohort(pa.array(values, pa.string()), pa.array(range(1, len(values) + 1), pa.int64()), FHIR_COHORT,
+                  pa.array(ids, pa.string()))

@@ -412,15 +412,24 @@ def status_code(status: str | int | None) -> int:
 
 
 def outcome_text(outcome: Mapping[str, Any] | None) -> str:
-    """The human part of an OperationOutcome: each issue's diagnostics, else details.text, else code."""
+    """The human part of an OperationOutcome: each issue's diagnostics, else details.text, else code,
+    followed by ``(at ELEMENT)`` when the issue names the element that failed (its ``expression``, else
+    its ``location``; HAPI's ``Line[1] Col[90]`` positions are left out: they point into our own JSON)."""
     if not outcome:
         return ""
     parts = []
     for issue in outcome.get("issue") or []:
         text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code") or ""
         if text:
-            parts.append(str(text))
+            where = _issue_elements(issue)
+            parts.append(f"{text} (at {where})" if where else str(text))
     return "; ".join(parts)
+
+
+def _issue_elements(issue: Mapping[str, Any]) -> str:
+    paths = [str(p) for p in (issue.get("expression") or issue.get("location") or [])
+             if p and not str(p).startswith("Line[")]
+    return ", ".join(dict.fromkeys(paths))
 
 
 def response_reason(response: requests.Response) -> str:

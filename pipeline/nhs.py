@@ -124,9 +124,15 @@ def unique_in_order(valid: pa.Array) -> pa.Array:
     Keys are the numbers as int64, not hashed strings: a hash set of ten million strings alone
     costs more memory than a national cohort's whole request step should.
     """
+    return _strings(_digits_matrix(valid)[first_indices(valid)])
+
+
+def first_indices(valid: pa.Array) -> np.ndarray:
+    """Positions of each distinct valid number's first appearance, in order (what :func:`unique_in_order`
+    keeps; a column beside the numbers, e.g. Patient ids, is taken at the same positions)."""
     _, first = np.unique(to_int64(valid), return_index=True)
     first.sort()
-    return _strings(_digits_matrix(valid)[first])
+    return first
 
 
 def validate_array(values: pa.Array) -> tuple[pa.Array, pa.Array]:

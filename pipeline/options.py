@@ -20,6 +20,8 @@ class NdopOptions(PipelineOptions):
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
         parser.add_argument("--manifest",
                             help="manifest.parquet of the request (column nhs_number); any FileSystems path")
+        parser.add_argument("--patient_ids", action="store_true",
+                            help="the manifest has a patient_id column: Consents reference Patient/<id>")
         parser.add_argument("--reply", help="the NDOP reply .dat; any FileSystems path")
         parser.add_argument("--checked_at", help="when NDOP answered (ISO 8601 with time zone): Consent.dateTime")
         parser.add_argument("--output_dir",

@@ -42,7 +42,7 @@ from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
 from transforms import ledger
 from transforms.join import MANIFEST, REPLY
-from transforms.read_inputs import ReadManifest, ReadReply
+from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS
 
 _LOGGER = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
             lopts.ledger_out, error_count)
     if until == "join":
         return outputs
-    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate)
+    patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
+    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs

@@ -37,6 +37,15 @@ def hand_off_acknowledgement(work_dir: WorkDir, record: RequestRecord,
         return acknowledge(record["request_id"])
 
 
+def has_patient_ids(manifest: Path) -> bool:
+    """Whether the request's (local) manifest carries the optional ``patient_id`` column."""
+    import pyarrow.parquet as pq
+
+    from transforms.read_inputs import PATIENT_ID_COLUMN
+
+    return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
+
+
 def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
     """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
     remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
@@ -106,6 +115,8 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
+    if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
+        argv.append("--patient_ids")
     argv += ledger_dirs.pipeline_args(work_dir, request_id, stage_dir)  # the work dir's ledger in, a pending one out
     summary = run(argv)
     if stage_dir:

@@ -34,6 +34,8 @@ _LOGGER = logging.getLogger(__name__)
 NDOP_MAILBOX = "X26HC065"  # POS on live MESH (NDOP.md); X26OT154 on INT
 WORKFLOW_ID = "SPINE_NTT_UPHOLDING"
 MANIFEST = "manifest.parquet"
+MANIFEST_NUMBER = "nhs_number"
+MANIFEST_PATIENT_ID = "patient_id"  # optional
 REJECTS = "rejects.csv"
 _MAILBOX = re.compile(r"^[A-Za-z0-9]{3,20}$")
 
@@ -46,6 +48,7 @@ class RequestSettings:
     line_ending: str = "crlf"
     column: str = DEFAULT_COLUMN
     format: str = "auto"
+    patient_id_column: str | None = None
 
 
 def control_file(*, from_dts: str, to_dts: str, subject: str, local_id: str, workflow_id: str) -> bytes:
@@ -107,13 +110,17 @@ def build_request(
         cohort, cohort_path, cohort_name = cohort_source, "FHIR store (Patient search)", cohort_source.format
     else:
         cohort_path, cohort_name = str(cohort_source), Path(cohort_source).name
-        cohort = read_cohort(cohort_path, settings.column, settings.format)
+        cohort = read_cohort(cohort_path, settings.column, settings.format, settings.patient_id_column)
     normalised, reason = nhs.validate_array(cohort.values)
 
     blank = pc.equal(pc.fill_null(reason, ""), nhs.REASON_BLANK)
     invalid = pc.and_(pc.is_valid(reason), pc.invert(blank))
     valid = pc.filter(normalised, pc.is_null(reason))
+    first = nhs.first_indices(valid)
     unique = nhs.unique_in_order(valid)
+    manifest = {MANIFEST_NUMBER: unique}
+    if cohort.patient_ids is not None:  # an optional column: the Patient id of each number, "" if unknown
+        manifest[MANIFEST_PATIENT_ID] = pc.take(pc.filter(cohort.patient_ids, pc.is_null(reason)), first)
     counts = {
         "read": len(cohort.values) - pc.sum(blank).as_py() if len(cohort.values) else 0,
         "blank": pc.sum(blank).as_py() or 0,
@@ -128,13 +135,13 @@ def build_request(
         "reason": pc.filter(reason, invalid),
     })
     if counts["sent"] == 0:
-        first = "; ".join(
+        examples = "; ".join(
             f"line {line}: {why}"
             for line, why in zip(rejects["line"][:3].to_pylist(), rejects["reason"][:3].to_pylist())
         )
         raise InputError(
             f"{cohort_path}: no valid NHS number in the cohort ({counts['read']} read, {counts['invalid']} invalid"
-            + (f"; {first}" if first else "")
+            + (f"; {examples}" if examples else "")
             + ")"
         )
 
@@ -159,7 +166,7 @@ def build_request(
             )
             with atomic_writer(building / MANIFEST) as handle:
                 # Every number is distinct: dictionary encoding would only cost memory.
-                pq.write_table(pa.table({"nhs_number": unique}), handle, use_dictionary=False)
+                pq.write_table(pa.table(manifest), handle, use_dictionary=False)
             with atomic_writer(building / REJECTS) as handle:
                 pacsv.write_csv(rejects, handle)
             record = {

@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.state import WorkDir
 
-pytest_plugins = ["tests.fixtures.fhir", "tests.fixtures.mesh", "tests.fixtures.memfs", "tests.fixtures.flink"]
+pytest_plugins = ["tests.fixtures.fhir", "tests.fixtures.hapi", "tests.fixtures.mesh", "tests.fixtures.memfs",
+                  "tests.fixtures.flink"]
 
 
 @pytest.fixture

@@ -53,3 +53,12 @@ def consents_for_patient(fhir_url: str, nhs_number: str) -> list[dict[str, Any]]
     """Every Consent stored for one patient, found by the patient's NHS number (a duplicate shows)."""
     with open_session(FhirClientConfig.from_env(env={}, base_url=fhir_url, auth="none")) as session:
         return list(iter_search(session, fhir_url, "Consent", {"patient:identifier": f"{NHS_NUMBER_SYSTEM}|{nhs_number}"}))
+
+
+def summarise(results: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Add up WriteConsents' per-bundle results."""
+    total = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
+    for result in results:
+        for key in total:
+            total[key] += int(result.get(key, 0))
+    return total

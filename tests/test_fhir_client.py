@@ -85,6 +85,14 @@ def test_response_status_and_outcome_text() -> None:
         {"severity": "error", "code": "invalid", "details": {"text": "bad date"}},
     ]}
     assert outcome_text(outcome) == "bad status; bad date"
+    located = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "processing", "diagnostics": "Constraint failed: ppc-1",
+         "location": ["Consent", "Line[1] Col[816]"], "expression": ["Consent"]},
+        {"severity": "error", "code": "required", "diagnostics": "missing", "location": ["Consent.status"]},
+        {"severity": "error", "code": "invalid", "diagnostics": "only a position", "location": ["Line[1] Col[2]"]},
+    ]}
+    assert outcome_text(located) == ("Constraint failed: ppc-1 (at Consent); missing (at Consent.status); "
+                                     "only a position")
 
 
 # --- auth: none and token --------------------------------------------------------------------------
@@ -280,7 +288,8 @@ def test_retry_warnings_count_up_to_the_configured_retries(caplog: pytest.LogCap
     assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 2", "retry 2 of 2"]
 
 
-def test_iter_search_follows_next_links(fhir_server: str) -> None:
+def test_iter_search_follows_next_links(fhir_store: str) -> None:
+    fhir_server = fhir_store
     numbers = nhs.synthetic_numbers(25, seed=51).to_pylist()
     with open_session(FhirClientConfig(fhir_server)) as session:
         for i, number in enumerate(numbers):

@@ -86,6 +86,22 @@ def test_csv_and_parquet_cohorts_with_default_and_named_columns(tmp_path, work_d
     assert record["counts"]["sent"] == 4 and record["cohort"]["format"] == "parquet"
 
 
+def test_patient_id_column_rides_in_the_manifest_beside_each_kept_number(tmp_path, work_dir) -> None:
+    csv = tmp_path / "c.csv"
+    rows = [("p0", VALID[0]), ("p1", BAD_CHECK), ("", VALID[1]), ("p0-again", VALID[0]), ("p2", VALID[2])]
+    csv.write_text("patient,nhs_number\n" + "".join(f"{pid},{number}\n" for pid, number in rows))
+    record = build_request(csv, work_dir, settings(patient_id_column="patient"), now=NOV)
+    manifest = pq.read_table(work_dir.request_dir(record["request_id"]) / "manifest.parquet")
+    # invalid dropped, duplicate keeps its first row's id, an empty cell is "" (unknown)
+    assert manifest.to_pydict() == {"nhs_number": [VALID[0], VALID[1], VALID[2]], "patient_id": ["p0", "", "p2"]}
+    plain = build_request(csv, work_dir, settings(), now=NOV)
+    assert pq.read_schema(work_dir.request_dir(plain["request_id"]) / "manifest.parquet").names == ["nhs_number"]
+    with pytest.raises(InputError, match="no column 'pid'"):
+        build_request(csv, work_dir, settings(patient_id_column="pid"), now=NOV)
+    with pytest.raises(InputError, match="text cohort has no columns"):
+        build_request(write_text(tmp_path / "c.txt", VALID[:2]), work_dir, settings(patient_id_column="x"), now=NOV)
+
+
 def test_control_file_fields(tmp_path, work_dir) -> None:
     record = build_request(write_text(tmp_path / "c.txt", VALID[:2]), work_dir, settings(), now=NOV)
     ctl = work_dir.request_dir(record["request_id"]) / record["files"]["ctl"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -50,9 +50,17 @@ def _shared_parts() -> dict[str, Any]:
     }
 
 
-def build_consent(nhs_number: str, status: str, checked_at: str) -> dict[str, Any]:
-    """The Consent for one patient; ``status`` is ``active`` (opted out) or ``inactive``."""
+def build_consent(nhs_number: str, status: str, checked_at: str, patient_id: str | None = None) -> dict[str, Any]:
+    """The Consent for one patient; ``status`` is ``active`` (opted out) or ``inactive``.
+
+    With the Patient's FHIR id known, ``patient`` references ``Patient/<id>`` with the NHS number
+    identifier beside it (so ``Consent?patient=Patient/<id>`` and chained searches find it, and servers
+    that check references resolve it); without, it is the identifier alone.
+    """
     cid = consent_id(nhs_number)
+    patient: dict[str, Any] = {"identifier": {"system": nhs.NHS_NUMBER_SYSTEM, "value": nhs_number}}
+    if patient_id:
+        patient = {"reference": f"Patient/{patient_id}", **patient}
     shared = _shared_parts()
     return {
         "resourceType": "Consent",
@@ -61,7 +69,7 @@ def build_consent(nhs_number: str, status: str, checked_at: str) -> dict[str, An
         "status": status,
         "scope": shared["scope"],
         "category": shared["category"],
-        "patient": {"identifier": {"system": nhs.NHS_NUMBER_SYSTEM, "value": nhs_number}},
+        "patient": patient,
         "dateTime": checked_at,
         "policy": shared["policy"],
         "provision": shared["provision"],
@@ -109,11 +117,13 @@ class BuildConsentFn(beam.DoFn):
     def setup(self) -> None:
         self._to_validate = self._sample_validate
 
-    def process(self, batch: tuple[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    def process(self, batch: tuple[str, np.ndarray],
+                patient_ids: Mapping[int, str] | None = None) -> Iterator[dict[str, Any]]:
         status, numbers = batch
         checked_at = self._checked_at
-        for number in shardlib.to_strings(numbers):
-            consent = build_consent(number, status, checked_at)
+        ids = patient_ids or {}
+        for key, number in zip(numbers.tolist(), shardlib.to_strings(numbers)):
+            consent = build_consent(number, status, checked_at, ids.get(key))
             if self._to_validate > 0:
                 self._to_validate -= 1
                 validate_consent(consent)
@@ -124,10 +134,17 @@ class BuildConsentFn(beam.DoFn):
 class BuildConsent(beam.PTransform):
     """Classified batches -> Consent dicts (per patient from here on: the FHIR leg is per patient)."""
 
-    def __init__(self, checked_at: str, sample_validate: int = 1) -> None:
+    def __init__(self, checked_at: str, sample_validate: int = 1,
+                 patient_ids: pvalue.PCollection | None = None) -> None:
+        """``patient_ids``: optional ``(int64 number, Patient id)`` pairs (:class:`ReadPatientIds`), a dict
+        side input: a worker holds every known id (about 100 bytes each; fine for a FHIR store's cohort)."""
         super().__init__()
         self._checked_at = check_checked_at(checked_at)
         self._sample_validate = sample_validate
+        self._patient_ids = patient_ids
 
     def expand(self, batches: pvalue.PCollection) -> pvalue.PCollection:
-        return batches | "BuildConsentDicts" >> beam.ParDo(BuildConsentFn(self._checked_at, self._sample_validate))
+        fn = BuildConsentFn(self._checked_at, self._sample_validate)
+        if self._patient_ids is None:
+            return batches | "BuildConsentDicts" >> beam.ParDo(fn)
+        return batches | "BuildConsentDicts" >> beam.ParDo(fn, patient_ids=pvalue.AsDict(self._patient_ids))

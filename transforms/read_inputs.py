@@ -32,6 +32,7 @@ from transforms.vocabulary import METRICS_NAMESPACE, integrity_error
 _LOGGER = logging.getLogger(__name__)
 
 MANIFEST_COLUMN = "nhs_number"
+PATIENT_ID_COLUMN = "patient_id"  # optional manifest column: the FHIR Patient id of each number
 BLOCK_BYTES = datfile.BLOCK_BYTES
 REASON_INVALID_NOTICE = "NDOP rejected the request: " + datfile.INVALID_NUMBERS_REPLY
 
@@ -87,6 +88,31 @@ class ReadManifest(beam.PTransform):
             pbegin
             | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column], validate=False)
             | "ShardManifest" >> beam.ParDo(ShardManifestFn(self._path, self._shards, self._column))
+        )
+
+
+def patient_id_pairs(table: pa.Table) -> list[tuple[int, str]]:
+    """``(number as int64, Patient id)`` for each manifest row whose Patient id is known."""
+    ids = pc.fill_null(table.column(PATIENT_ID_COLUMN).combine_chunks().cast(pa.string()), "")
+    known = pc.not_equal(ids, "")
+    numbers = nhs.to_int64(pc.filter(table.column(MANIFEST_COLUMN).combine_chunks().cast(pa.string()), known))
+    return list(zip(numbers.tolist(), pc.filter(ids, known).to_pylist()))
+
+
+class ReadPatientIds(beam.PTransform):
+    """The manifest's optional ``patient_id`` column as ``(int64 number, id)`` pairs, for the Consents
+    to reference ``Patient/<id>``. Used only when the manifest has the column (``--patient_ids``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
+        return (
+            pbegin
+            | "ReadParquet" >> beam.io.ReadFromParquetBatched(
+                self._path, columns=[MANIFEST_COLUMN, PATIENT_ID_COLUMN], validate=False)
+            | "PairNumberWithPatientId" >> beam.FlatMap(patient_id_pairs)
         )
 
 
