@@ -285,11 +285,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         with _private_files(local):
             p = beam.Pipeline(options=options)
             build_pipeline(p, opts, ledger_opts=lopts)
-            total = _manifest_rows(opts.manifest)
-            with progress.tracking_writes(total, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
+            # The total is what the ledger join decides to write (it reports it shard by shard), not the cohort.
+            with progress.tracking_writes(None, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()
             if runner not in _LOCAL_RUNNERS:  # Dataflow, Flink: progress from the job's metrics while it runs
-                progress.follow_job(result, total, lambda r: _written(counters(r) or {}))
+                progress.follow_job(result, None, lambda r: _written(counters(r) or {}))
             result.wait_until_finish()
     except NdopError:
         raise
@@ -311,17 +311,6 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         c["integrity_errors"], summary["timings"]["pipeline_seconds"],
     )
     return summary
-
-
-def _manifest_rows(path: str) -> int | None:
-    """How many Consents the run will write (the manifest's row count, from the Parquet footer)."""
-    import pyarrow.parquet as pq
-
-    try:
-        with FileSystems.open(path) as handle:
-            return pq.ParquetFile(handle).metadata.num_rows
-    except Exception:  # progress only: a manifest that cannot be read fails the pipeline with its own message
-        return None
 
 
 def _written(found: dict[str, int]) -> int:

@@ -86,6 +86,11 @@ class Reporter:
         progress_line(f"[{self.label}] {text}", self.stream)
         return True
 
+    def set_total(self, total: float | None) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -153,6 +158,12 @@ class WriteTracker:
             self.done += count
             self.reporter.update(self.done, self.line())
 
+    def expect(self, count: int) -> None:
+        """``count`` more Consents are to be written (the ledger join decides the total as it goes)."""
+        with self._lock:
+            self.total = (self.total or 0) + count
+            self.reporter.set_total(self.total)
+
 
 _TRACKER: WriteTracker | None = None
 
@@ -162,6 +173,14 @@ def advance_writes(count: int) -> None:
     tracker = _TRACKER
     if tracker is not None:
         tracker.advance(count)
+
+
+def expect_writes(count: int) -> None:
+    """Called by the ledger's decide step per shard with the Consents it sends on to be written (with a
+    ledger the total is what changed, not the cohort); does nothing unless this process is tracking writes."""
+    tracker = _TRACKER
+    if tracker is not None:
+        tracker.expect(count)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ def test_two_runs_write_then_update_exactly_the_changed_statuses(tmp_path, work_
     opted.write_text("\n".join(numbers[3:10]) + "\n")
     second = ndop_run(work_dir, env, "--cohort", str(cohort))
     assert second.returncode == 0, second.stderr
+    assert "[write] 7/7 Consents written (100%)" in second.stderr  # progress counts what the ledger writes
     assert statuses(fhir_server, numbers) == {n: ["active" if n in numbers[3:10] else "inactive"] for n in numbers}
 
     records = work_dir.all()

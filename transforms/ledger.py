@@ -42,6 +42,7 @@ from apache_beam.io.fileio import EmptyMatchTreatment
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline import progress
 from transforms import shards as shardlib
 from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
@@ -363,6 +364,7 @@ class DecideShardFn(ClassifyShardFn):
         for key, value in decision.counts.items():
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
+        progress.expect_writes(len(decision.write_opted_out) + len(decision.write_not_opted_out))
         if len(decision.write_opted_out):
             yield OPTED_OUT, decision.write_opted_out
         if len(decision.write_not_opted_out):
