@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what Flink runs need into .cache/flink and .venv-flink (all git-ignored); safe to run again.
-# Called by dev/setup_env.sh when NDOP_WITH_FLINK=1. Needs java (17) and mvn on PATH. See dev/flink.py.
+# Called by dev/setup_env.sh (NDOP_WITH_FLINK=0 skips it). Needs java (17) and mvn on PATH. See dev/flink.py.
 #   1. the Flink 1.19.3 jars from PyPI's apache-flink-libraries sdist (downloaded, unpacked, not installed:
 #      the apache-flink package itself pins an apache-beam < 2.49)
 #   2. Beam 2.62.0's Flink 1.19 job server: beam-runners-flink-1.19 + beam-runners-java-job-service from

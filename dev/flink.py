@@ -113,7 +113,7 @@ class FlinkCluster:
     def __init__(self, folder: str | os.PathLike[str], slots: int = PARALLELISM) -> None:
         if missing():
             raise FileNotFoundError(
-                f"Flink is not built ({', '.join(missing())}): run NDOP_WITH_FLINK=1 dev/setup_env.sh")
+                f"Flink is not built ({', '.join(missing())}): run dev/setup_env.sh (without NDOP_WITH_FLINK=0)")
         self.folder = Path(folder).resolve()
         self.conf_dir = self.folder / "conf"
         self.slots = slots

@@ -49,14 +49,21 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "warning: chromium did not install; the browser test will fail" >&2
 fi
 
+# Flink 1.19 + Beam 2.62's Flink job server + .venv-flink (tests marked `flink`); NDOP_WITH_FLINK=0 skips it.
+# Mostly downloads, so it runs in the background while Prism compiles.
+FLINK_PID=""
+if [ "${NDOP_WITH_FLINK:-1}" != "0" ]; then
+  bash "$ROOT/dev/build_flink.sh" &
+  FLINK_PID=$!
+fi
+
 # Beam's Prism runner, built from Beam's Go module (tests marked `prism`); NDOP_WITH_PRISM=0 skips it.
 if [ "${NDOP_WITH_PRISM:-1}" != "0" ]; then
   bash "$ROOT/dev/build_prism.sh"
 fi
 
-# Flink 1.19 + Beam 2.62's Flink job server + .venv-flink (tests marked `flink`): opt-in, NDOP_WITH_FLINK=1.
-if [ "${NDOP_WITH_FLINK:-0}" = "1" ]; then
-  bash "$ROOT/dev/build_flink.sh"
+if [ -n "$FLINK_PID" ]; then
+  wait "$FLINK_PID" || { echo "setup failed: the Flink build (dev/build_flink.sh) failed" >&2; exit 1; }
 fi
 
 if [ -n "$HAPI_PID" ]; then
