@@ -1,0 +1,78 @@
+"""The audit log: ``WORK/audit.jsonl``, one JSON line per command run and per request state change.
+
+Who ran what, when, and what it changed, for a data protection officer: UTC time, OS user, host,
+command, request id, old and new state, counts, MESH message ids, FHIR base URL. Never an NHS number and
+never a secret: events are built from fields this tool controls, and every string is passed through
+:func:`pipeline.nhs.redact` as well, so a number that slipped into a reason is masked.
+
+Append-only and crash-safe: each event is one ``write`` to a file opened with ``O_APPEND`` (0600), then
+fsynced, so a crash can at worst cut the last line short, never corrupt an earlier one;
+:func:`read_events` skips such a torn last line.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pipeline import nhs
+from pipeline.files import PRIVATE
+
+AUDIT_FILE = "audit.jsonl"
+
+# Keys that can name a secret; an event never carries them (defence in depth: callers do not pass them).
+_SECRET_WORDS = ("password", "secret", "token", "shared_key", "authorization", "key_file", "cert")
+
+
+def audit_path(work_dir_root: str | os.PathLike[str]) -> Path:
+    return Path(work_dir_root) / AUDIT_FILE
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return nhs.redact(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _who() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return {"user": user, "host": socket.gethostname()}
+
+
+def append(work_dir_root: str | os.PathLike[str], event: str, **fields: Any) -> dict[str, Any]:
+    """Append one event (``command`` or ``state``) with ``fields``; returns what was written."""
+    from pipeline.state import isoformat, utcnow
+
+    record = {"at": isoformat(utcnow()), "event": event, **_who(), "pid": os.getpid(), **_clean(fields)}
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    root = Path(work_dir_root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(audit_path(root), os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return record
+
+
+def read_events(work_dir_root: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Every whole event in order (a torn last line, from a crash mid-write, is skipped)."""
+    path = audit_path(work_dir_root)
+    if not path.is_file():
+        return
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                return
+            yield json.loads(raw)
