@@ -76,3 +76,47 @@ def read_events(work_dir_root: str | os.PathLike[str]) -> Iterator[dict[str, Any
             if not raw.endswith(b"\n"):
                 return
             yield json.loads(raw)
+
+
+# Record keys an audit line of a state change carries (ids, counts, times: never a number or a secret).
+_MESSAGE_IDS = ("message_id", "ctl_message_id", "reply_message_id")
+
+
+def state_fields(record: Mapping[str, Any], old: str | None) -> dict[str, Any]:
+    """What a ``state`` event says about ``record`` moving from ``old`` to its current state."""
+    fields: dict[str, Any] = {"request_id": record.get("request_id"), "old_state": old,
+                              "new_state": record.get("state")}
+    fields["mesh_message_ids"] = {k: record[k] for k in _MESSAGE_IDS if record.get(k)}
+    if record.get("counts"):
+        fields["counts"] = dict(record["counts"])
+    processed = (record.get("processing") or {}).get("counts")
+    if processed:
+        fields["processed"] = {k: processed[k] for k in ("opted_out", "not_opted_out", "written", "failed",
+                                                          "provenances", "provenance_targets") if k in processed}
+    return fields
+
+
+def command_event(work_dir_root: str | os.PathLike[str], command: str, exit_status: int, *,
+                  fhir_url: str | None = None, request_id: str | None = None) -> dict[str, Any] | None:
+    """The ``command`` event of one ``ndop`` run, in a work dir that exists (a command that failed before
+    making one, e.g. a bad ``--work-dir``, or ``ndop status`` of a new one, leaves no line and no folder)."""
+    root = Path(work_dir_root)
+    if not root.is_dir():
+        return None
+    fields: dict[str, Any] = {"command": command, "exit_status": exit_status, "work_dir": str(root.resolve()),
+                              "fhir_url": _base_url(fhir_url or os.environ.get("FHIR_URL"))}
+    if request_id:
+        fields["request_id"] = request_id
+    return append(root, "command", **fields)
+
+
+def _base_url(url: str | None) -> str | None:
+    """A FHIR base URL without any user:password part or query (defence in depth)."""
+    if not url:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

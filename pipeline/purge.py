@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from pipeline import audit
 from pipeline.state import FINAL, WorkDir, isoformat, parse_time, utcnow
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class PurgedRequest:
     staged: list[str] = field(default_factory=list)
 
 
-def finished_at(record: dict[str, Any]) -> datetime | None:
+def finished_at(record: Mapping[str, Any]) -> datetime | None:
     """When a final request reached its final state (the last history entry), else None."""
     if record.get("state") not in FINAL:
         return None
@@ -125,8 +126,11 @@ def purge(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,
                     if not any(sub.iterdir()):
                         sub.rmdir()
                 earlier = list(record.get("purged") or [])
-                work_dir.update(record["request_id"], purged_at=isoformat(now or utcnow()),
+                work_dir.update(record["request_id"], expect=FINAL, purged_at=isoformat(now or utcnow()),
                                 purged=earlier + item.files + [{"name": s, "staged": True} for s in item.staged])
+                audit.append(work_dir.root, "purge", request_id=record["request_id"], state=record.get("state"),
+                             removed=[f["name"] for f in item.files], staged=item.staged,
+                             rows=sum(f["rows"] or 0 for f in item.files))
             purged.append(item)
     return purged
 
