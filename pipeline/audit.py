@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -31,11 +32,18 @@ def audit_path(work_dir_root: str | os.PathLike[str]) -> Path:
     return Path(work_dir_root) / AUDIT_FILE
 
 
-def _clean(value: Any) -> Any:
+# Keys whose values are ids this tool or MESH made (``X26ABC1-021226-0001``): kept as they are when they look
+# like one (letters among the digits), since the number-masking rule would hide their date and sequence.
+_ID_KEYS = frozenset({"request_id", "message_id", "ctl_message_id", "reply_message_id"})
+_ID_SHAPE = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9][A-Za-z0-9_-]{0,99}", re.ASCII)
+
+
+def _clean(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
-        return nhs.redact(value)
+        return value if key in _ID_KEYS and _ID_SHAPE.fullmatch(value) else nhs.redact(value)
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+        return {str(k): _clean(v, str(k)) for k, v in value.items()
+                if not any(w in str(k).lower() for w in _SECRET_WORDS)}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
