@@ -136,14 +136,15 @@ def purge(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,
 
 
 def _purge_staged(stage_dir: str, request_id: str, dry_run: bool) -> list[str]:
-    """Delete ``<stage_dir>/<request_id>/*`` through Beam's FileSystems (local or gs://)."""
+    """Delete everything under ``<stage_dir>/<request_id>/`` (inputs, dead letters, staged ledger copies)
+    through Beam's FileSystems (local or gs://); returns the names relative to that folder."""
     from apache_beam.io.filesystems import FileSystems
 
-    pattern = FileSystems.join(stage_dir, request_id, "*")
-    found = [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    base = FileSystems.join(stage_dir, request_id)
+    found = [m.path for result in FileSystems.match([FileSystems.join(base, "**")]) for m in result.metadata_list]
     if found and not dry_run:
         FileSystems.delete(found)
-    return sorted(os.path.basename(path) for path in found)
+    return sorted(path[len(base):].lstrip("/") for path in found)
 
 
 def format_purge(items: list[PurgedRequest], dry_run: bool) -> list[str]:

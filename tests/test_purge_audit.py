@@ -47,6 +47,8 @@ def test_purge_keeps_the_records_and_removes_every_file_with_numbers(tmp_path, w
     stage = tmp_path / "stage"
     (stage / done).mkdir(parents=True)
     (stage / done / "reply.dat").write_text(NUMBERS[3] + "\n")
+    (stage / done / "ledger" / "in").mkdir(parents=True)
+    (stage / done / "ledger" / "in" / "part-0.parquet").write_text(NUMBERS[4] + "\n")
     before_waiting = sorted(p.name for p in work_dir.request_dir(waiting).iterdir())
 
     dry = purge(work_dir, 0, dry_run=True, stage_dir=str(stage))
@@ -59,7 +61,8 @@ def test_purge_keeps_the_records_and_removes_every_file_with_numbers(tmp_path, w
     assert set(left) <= KEEP | {p for p in left if p.endswith(".ctl")} and "request.json" in left
     assert {"report.json", "report.md", "summary.json"} <= set(left)
     assert not any(_holds_a_number(p) for p in folder.rglob("*") if p.is_file())
-    assert not (stage / done / "reply.dat").exists() and item.staged == ["reply.dat"]
+    assert item.staged == ["ledger/in/part-0.parquet", "reply.dat"]
+    assert not [p for p in stage.rglob("*") if p.is_file()]
     record = work_dir.load(done)
     assert record["state"] == ACKNOWLEDGED and record["purged_at"].endswith("Z")
     removed = {f["name"]: f for f in record["purged"] if not f.get("staged")}
