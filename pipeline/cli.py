@@ -6,6 +6,7 @@ Each subcommand is a thin wrapper: it parses options, calls the step's module, a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -151,6 +152,10 @@ def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
     p.add_argument("--overdue-days", type=float, default=None,
                    help="flag requests with no reply after this many days (env NDOP_OVERDUE_DAYS, default 5)")
+    p.add_argument("--stale-days", type=float, default=None, metavar="N",
+                   help="count patients last confirmed by NDOP more than N days ago as stale "
+                        "(env NDOP_STALE_DAYS, default 21)")
+    p.add_argument("--json", action="store_true", help="one JSON document (requests and the ledger) for monitoring")
     p.set_defaults(handler=_run_status, read_only=True)
 
 
@@ -160,15 +165,27 @@ def _run_status(args: argparse.Namespace) -> int:
     from pipeline.mesh_config import load_config
     from pipeline.status import format_status, status_rows
 
+    from pipeline.staleness import format_summary, ledger_summary, stale_days
+
     overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
                else load_config(validate=False).overdue_after)
-    for line in format_status(status_rows(WorkDir(args.work_dir), overdue)):
+    work_dir = WorkDir(args.work_dir)
+    rows = status_rows(work_dir, overdue)
+    summary = ledger_summary(work_dir, stale_days(args.stale_days))
+    if args.json:
+        from pipeline.status import status_document
+
+        print(json.dumps(status_document(rows, summary), indent=2, sort_keys=True))
+        return EXIT_OK
+    for line in format_status(rows):
         print(line)
     from pipeline.ledger import status_line
 
-    ledger = status_line(WorkDir(args.work_dir))
+    ledger = status_line(work_dir)
     if ledger:
         print(ledger)
+    for line in format_summary(summary) if summary else ():
+        print(line)
     return EXIT_OK
 
 
@@ -280,7 +297,10 @@ def _run_run(args: argparse.Namespace) -> int:
     from pipeline.runlog import recorded
 
     work_dir = WorkDir(args.work_dir)
-    retention = retention_days(None)  # a bad NDOP_RETENTION_DAYS is bad input before anything runs
+    from pipeline.staleness import stale_days
+
+    retention = retention_days(None)  # a bad NDOP_RETENTION_DAYS (or NDOP_STALE_DAYS) is bad input before
+    stale_days()  # anything runs
     with recorded(work_dir, metrics_file(args.metrics_file)) as outcome:  # runs.jsonl, HTML pages, metrics
         result = run(work_dir, mesh, settings)
         outcome.exit_code, outcome.request_id, outcome.message, outcome.report = (

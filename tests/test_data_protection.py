@@ -61,7 +61,8 @@ def test_three_runs_with_a_purge_leave_no_number_and_every_consent_has_its_prove
     purged = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0", env=env)
     assert purged.returncode == 0 and purged.stdout.count("removed") == 2, purged.stdout
 
-    opted.write_text("\n".join(numbers[5:12]) + "\n")  # 3-4 withdraw, 10-11 opt out
+    opted.write_text("\n".join(numbers[5:12]) + "\n")  # 3-4 withdraw, 10-11 opt out, 28-29 leave the cohort
+    cohort.write_text("\n".join(numbers[:28]) + "\n")
     # the third run purges at its end (NDOP_RETENTION_DAYS set)
     third = ndop_run(work_dir, {**env, "NDOP_RETENTION_DAYS": "0"}, "--cohort", str(cohort))
     assert third.returncode == 0, third.stderr
@@ -76,6 +77,7 @@ def test_three_runs_with_a_purge_leave_no_number_and_every_consent_has_its_prove
 
     report = json.loads((work_dir.request_dir(records[2]["request_id"]) / "report.json").read_text())
     assert report["changes"]["newly_opted_out"] == 2 and report["changes"]["opt_out_withdrawn"] == 2
+    assert report["changes"]["left_cohort"] == 2
 
     # Provenance: one target per Consent written, over the three runs; every patient's Consent named at least once
     written = sum(json.loads((work_dir.request_dir(r["request_id"]) / "summary.json").read_text())["counts"]["written"]
@@ -101,3 +103,15 @@ def test_three_runs_with_a_purge_leave_no_number_and_every_consent_has_its_prove
                  if e["event"] == "state" and e["request_id"] == record["request_id"]]
         assert moves[0] == (None, "created") and moves[-1] == ("processed", ACKNOWLEDGED)
     assert [e["command"] for e in events if e["event"] == "command"].count("purge") == 1
+
+    # staleness: the ledger summary in the report, in ndop status, and as JSON
+    assert report["ledger"]["patients"] == 30 and report["ledger"]["stale"] == 0
+    assert report["ledger"]["by_status"] == {"opted_out": 7, "not_opted_out": 23}
+    status = cli("status", "--work-dir", str(work_dir.root), "--json", "--stale-days", "0", env=env)
+    assert status.returncode == 0, status.stderr
+    document = json.loads(status.stdout)
+    assert [r["request_id"] for r in document["requests"]] == [r["request_id"] for r in records]
+    assert document["ledger"]["stale"] == 30 and document["ledger"]["left_cohort"] == 2
+    text_status = cli("status", "--work-dir", str(work_dir.root), env=env)
+    assert "0 stale (last confirmed by NDOP more than 21 days ago" in text_status.stdout, text_status.stdout
+    assert not any(n in status.stdout + text_status.stdout for n in numbers)
