@@ -134,7 +134,13 @@ def test_concurrent_appends_never_interleave(tmp_path) -> None:
     assert len(lines) == 800 and all(json.loads(line)["command"] == "x" * 500 for line in lines)
 
 
-def test_status_command_writes_no_work_dir(tmp_path) -> None:
+def test_status_command_writes_no_work_dir_and_checks_stale_days(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     assert cli("status", "--work-dir", str(missing)).returncode == 0
     assert not missing.exists()
+    empty = cli("status", "--work-dir", str(missing), "--json")
+    assert empty.returncode == 0 and json.loads(empty.stdout) == {"requests": [], "ledger": None}
+    bad = cli("status", "--work-dir", str(missing), env={"NDOP_STALE_DAYS": "often"})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NDOP_STALE_DAYS" in bad.stderr
+    negative = cli("status", "--work-dir", str(missing), "--stale-days", "-1")
+    assert negative.returncode == 2 and "0 or more" in negative.stderr
