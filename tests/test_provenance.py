@@ -40,6 +40,9 @@ def test_provenance_is_valid_r4_names_the_ndop_answer_and_holds_no_number() -> N
     again = SETTINGS.build([consent_reference(c, "id") for c in reversed(consents)], recorded="2026-12-03T00:00:00Z")
     assert again["id"] == provenance["id"]
     assert provenance_id("X26ABC1-021226-0002", [f"Consent/{consents[0]['id']}"]) != provenance["id"]
+    bare = build_provenance(["Consent/x"], recorded="2026-12-02T10:00:00Z", checked_at=SETTINGS.checked_at,
+                            organisation="X26ABC1", request_id="")
+    assert "entity" not in bare  # FHIR JSON has no empty arrays (HAPI refuses them)
     with pytest.raises(ValueError, match="at least one target"):
         build_provenance([], recorded="x", checked_at="x", organisation="X", request_id="r")
     with pytest.raises(ValueError, match="not valid FHIR R4"):

@@ -67,7 +67,7 @@ def build_provenance(targets: Sequence[Target], *, recorded: str, checked_at: st
                                  "code": "performer", "display": "Performer"}]},
             "who": {"identifier": {"system": MAILBOX_SYSTEM, "value": organisation}},
         }],
-        "entity": entities,
+        **({"entity": entities} if entities else {}),  # FHIR JSON has no empty arrays
     }
 
 
