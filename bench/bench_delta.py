@@ -134,7 +134,7 @@ def run_trial(kind: str, argv: list[str]) -> dict[str, Any]:
 
 def _argv(inputs: dict[str, Path], reply: Path, out: Path, shards: int, extra: list[str]) -> list[str]:
     return ["--runner=FnApiRunner", f"--manifest={inputs['manifest']}", f"--reply={reply}", f"--checked_at={DAY1}",
-            f"--output_dir={out}", f"--shards={shards}", "--request_id=DAY1", *extra]
+            f"--output_dir={out}", f"--shards={shards}", "--request_id=DAY1", "--provenance_org=X26ABC1", *extra]
 
 
 def main() -> None:

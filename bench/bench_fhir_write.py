@@ -38,6 +38,7 @@ from pipeline import nhs  # noqa: E402
 from pipeline.fhir_client import FhirClientConfig  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402
 from transforms.vocabulary import OPTED_OUT  # noqa: E402
+from transforms.provenance import ProvenanceSettings  # noqa: E402
 from transforms.write_consents import WriteConsents  # noqa: E402
 
 CHECKED_AT = "2024-11-26T10:00:00Z"
@@ -64,12 +65,17 @@ def baseline(base_url: str, numbers: list[str], batch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def with_beam(base_url: str, numbers: list[str], batch_size: int) -> float:
+PROVENANCE = ProvenanceSettings(organisation="X26ABC1", request_id="X26ABC1-021226-0001", checked_at=CHECKED_AT,
+                                reply_message_id="BENCH")
+
+
+def with_beam(base_url: str, numbers: list[str], batch_size: int, provenance: bool = False) -> float:
     started = time.perf_counter()
     with beam.Pipeline(options=PipelineOptions(runner="FnApiRunner")) as p:
         consents = p | "Numbers" >> beam.Create(numbers, reshuffle=False) | "BuildConsent" >> beam.Map(consent)
         result = consents | WriteConsents(
-            FhirClientConfig(base_url, timeout=120), batch_size=batch_size)
+            FhirClientConfig(base_url, timeout=120), batch_size=batch_size,
+            provenance=PROVENANCE if provenance else None)
         result[WriteConsents.DEAD_LETTER] | beam.Map(_no_dead_letters)
     return time.perf_counter() - started
 
@@ -86,6 +92,8 @@ def main() -> int:
     parser.add_argument("--server", choices=("sekmet", "hapi"), default="sekmet")
     parser.add_argument("--no-validate", action="store_true",
                         help="hapi: without HAPI's validator on write (it costs ~0.1-0.2 s a resource in HAPI 8.8)")
+    parser.add_argument("--provenance", action="store_true",
+                        help="also time WriteConsents with one Provenance per bundle; ratio vs without")
     args = parser.parse_args()
     server_class = (functools.partial(HapiServer, validate=not args.no_validate) if args.server == "hapi"
                     else FhirServer)
@@ -95,15 +103,23 @@ def main() -> int:
               f"bundles of {args.batch_size}", flush=True)
         warm = baseline(server.base_url, consents, args.batch_size)
         print(f"warm-up (creates): {args.count / warm:,.0f}/s", flush=True)
-        plain, piped = [], []
+        plain, piped, proved = [], [], []
         for run in range(args.runs):
             plain.append(baseline(server.base_url, consents, args.batch_size))
             piped.append(with_beam(server.base_url, consents, args.batch_size))
-            print(f"run {run + 1}: baseline {plain[-1]:.2f} s ({args.count / plain[-1]:,.0f}/s), "
-                  f"WriteConsents {piped[-1]:.2f} s ({args.count / piped[-1]:,.0f}/s)", flush=True)
+            line = (f"run {run + 1}: baseline {plain[-1]:.2f} s ({args.count / plain[-1]:,.0f}/s), "
+                    f"WriteConsents {piped[-1]:.2f} s ({args.count / piped[-1]:,.0f}/s)")
+            if args.provenance:
+                proved.append(with_beam(server.base_url, consents, args.batch_size, provenance=True))
+                line += f", with Provenance {proved[-1]:.2f} s ({args.count / proved[-1]:,.0f}/s)"
+            print(line, flush=True)
     base_med, beam_med = statistics.median(plain), statistics.median(piped)
     print(f"median of {args.runs}: baseline {base_med:.2f} s, WriteConsents {beam_med:.2f} s, "
           f"ratio {beam_med / base_med:.2f} (target <= 1.5)")
+    if proved:
+        prov_med = statistics.median(proved)
+        print(f"median of {args.runs}: WriteConsents with Provenance {prov_med:.2f} s, "
+              f"ratio {prov_med / beam_med:.2f} vs without")
     return 0
 
 

@@ -40,7 +40,8 @@ def _peak_mb() -> float:
 
 
 def _pipeline_argv(manifest: str, reply: str, shards: int, extra: list[str]) -> list[str]:
-    return [f"--manifest={manifest}", f"--reply={reply}", f"--checked_at={CHECKED_AT}", f"--shards={shards}", *extra]
+    return [f"--manifest={manifest}", f"--reply={reply}", f"--checked_at={CHECKED_AT}", f"--shards={shards}",
+            "--provenance_org=X26ABC1", *extra]
 
 
 def trial(kind: str, manifest: str, reply: str, shards: int, extra: list[str]) -> dict[str, Any]:

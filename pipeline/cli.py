@@ -6,12 +6,13 @@ Each subcommand is a thin wrapper: it parses options, calls the step's module, a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
 from pipeline.files import check_folder
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
@@ -151,6 +152,10 @@ def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
     p.add_argument("--overdue-days", type=float, default=None,
                    help="flag requests with no reply after this many days (env NDOP_OVERDUE_DAYS, default 5)")
+    p.add_argument("--stale-days", type=float, default=None, metavar="N",
+                   help="count patients last confirmed by NDOP more than N days ago as stale "
+                        "(env NDOP_STALE_DAYS, default 21)")
+    p.add_argument("--json", action="store_true", help="one JSON document (requests and the ledger) for monitoring")
     p.set_defaults(handler=_run_status, read_only=True)
 
 
@@ -160,15 +165,27 @@ def _run_status(args: argparse.Namespace) -> int:
     from pipeline.mesh_config import load_config
     from pipeline.status import format_status, status_rows
 
+    from pipeline.staleness import format_summary, ledger_summary, stale_days
+
     overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
                else load_config(validate=False).overdue_after)
-    for line in format_status(status_rows(WorkDir(args.work_dir), overdue)):
+    work_dir = WorkDir(args.work_dir)
+    rows = status_rows(work_dir, overdue)
+    summary = ledger_summary(work_dir, stale_days(args.stale_days))
+    if args.json:
+        from pipeline.status import status_document
+
+        print(json.dumps(status_document(rows, summary), indent=2, sort_keys=True))
+        return EXIT_OK
+    for line in format_status(rows):
         print(line)
     from pipeline.ledger import status_line
 
-    ledger = status_line(WorkDir(args.work_dir))
+    ledger = status_line(work_dir)
     if ledger:
         print(ledger)
+    for line in format_summary(summary) if summary else ():
+        print(line)
     return EXIT_OK
 
 
@@ -276,15 +293,22 @@ def _run_run(args: argparse.Namespace) -> int:
         beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir,
     )
     from pipeline.metrics import metrics_file
+    from pipeline.purge import retention_days
     from pipeline.runlog import recorded
 
     work_dir = WorkDir(args.work_dir)
+    from pipeline.staleness import stale_days
+
+    retention = retention_days(None)  # a bad NDOP_RETENTION_DAYS (or NDOP_STALE_DAYS) is bad input before
+    stale_days()  # anything runs
     with recorded(work_dir, metrics_file(args.metrics_file)) as outcome:  # runs.jsonl, HTML pages, metrics
         result = run(work_dir, mesh, settings)
         outcome.exit_code, outcome.request_id, outcome.message, outcome.report = (
             result.exit_code, result.request_id, result.message, result.report)
     print_report(result, work_dir)
     print(f"pages: {work_dir.root / 'index.html'}")
+    if retention is not None:
+        _purge_after_run(work_dir, retention, args.stage_dir)
     return result.exit_code
 
 
@@ -308,8 +332,44 @@ def _run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _purge_after_run(work_dir: WorkDir, days: float, stage_dir: str | None) -> None:
+    """``ndop run`` purges finished requests at its end when NDOP_RETENTION_DAYS is set (pipeline/purge.py)."""
+    from pipeline.purge import format_purge, purge
+
+    items = purge(work_dir, days, stage_dir=stage_dir)
+    for line in format_purge(items, dry_run=False) if items else ():
+        print(f"[purge] {line}", file=sys.stderr)
+
+
+def _purge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("purge", parents=[common_options()],
+                       help="delete the files holding NHS numbers of finished requests past the retention period",
+                       description="Keeps request.json, report.* and summary.json (and a .ctl without numbers); "
+                                   "never touches an unfinished request or the ledger (pipeline/purge.py).")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="purge requests finished more than DAYS ago (env NDOP_RETENTION_DAYS, default 30; "
+                        "0: every finished request)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
+                   help="also delete the requests' staged copies under URL/<request id>/ (env NDOP_STAGE_DIR)")
+    p.set_defaults(handler=_run_purge)
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    from pipeline.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, retention_days
+
+    days = retention_days(args.older_than)
+    if days is not None and days < 0:
+        raise InputError(f"--older-than must be 0 or more days, not {days:g}")
+    items = purge(WorkDir(args.work_dir), DEFAULT_RETENTION_DAYS if days is None else days, dry_run=args.dry_run,
+                  stage_dir=args.stage_dir)
+    for line in format_purge(items, args.dry_run):
+        print(line)
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _request, _send, _poll, _process, _run, _status, _report,
+    _request, _send, _poll, _process, _run, _status, _report, _purge,
 ]
 
 
@@ -334,15 +394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_format or logs.default_format(), verbose=args.verbose)
     if not args.verbose:
         logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
+    code = EXIT_FAILED
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
         if getattr(args, "read_only", False):
-            return args.handler(args)
+            code = args.handler(args)
+            return code
         with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
-            return args.handler(args)
+            code = args.handler(args)
+            return code
     except NdopError as err:
         print(f"ndop {args.command}: error: {printable(str(err))}", file=sys.stderr)
-        return err.exit_code
+        code = err.exit_code
+        return code
     except OSError as err:  # the system refused something unforeseen: one line; -v shows where
         if args.verbose:
             raise
@@ -352,7 +416,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"ndop {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        return code
+    finally:
+        _audit_command(args, code)
+
+
+def _audit_command(args: argparse.Namespace, code: int) -> None:
+    """One ``audit.jsonl`` line per command run (pipeline/audit.py); never fails the command."""
+    from pipeline import audit
+
+    try:
+        audit.command_event(args.work_dir, args.command, code, fhir_url=getattr(args, "fhir_url", None),
+                            request_id=getattr(args, "request_id", None))
+    except OSError as err:
+        print(f"ndop {args.command}: warning: audit log not written: {err.strerror or err}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,13 @@ class NdopOptions(PipelineOptions):
                             help="join shards: NHS numbers are hashed into this many CoGroupByKey keys")
         parser.add_argument("--sample_validate", type=int, default=1,
                             help="Consents per worker validated with fhir.resources.R4B at run time")
+        # Provenance (transforms/provenance.py): one per bundle, naming the NDOP answer that set the Consents.
+        parser.add_argument("--provenance_org", "--provenance-org", dest="provenance_org", default=None,
+                            help="the exchange's organisation in each Provenance's agent (default: our MESH mailbox)")
+        parser.add_argument("--no_provenance", "--no-provenance", dest="no_provenance", action="store_true",
+                            default=False, help="write no Provenance beside the Consents")
+        parser.add_argument("--reply_message_id", default="",
+                            help="the NDOP reply's MESH message id, named in each Provenance's entity")
 
 
 class LedgerOptions(PipelineOptions):

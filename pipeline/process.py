@@ -126,11 +126,26 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         bundle_type=opts.bundle_type,
         upsert=opts.upsert,
         integrity_errors=error_count,
+        provenance=provenance_settings(opts),
     )
     dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))
     outputs.update(bundle_results=written.main, dead_letters=dead_letters)
     return outputs
+
+
+def provenance_settings(opts: NdopOptions) -> Any:
+    """The Provenance each bundle writes (transforms/provenance.py), or None with ``--no_provenance``."""
+    if opts.no_provenance:
+        return None
+    from transforms.provenance import ProvenanceSettings
+
+    try:
+        organisation = opts.provenance_org or os.environ.get("MESH_MAILBOX", "").strip().upper()
+        return ProvenanceSettings(organisation=organisation, request_id=opts.request_id or "",
+                                  checked_at=opts.checked_at, reply_message_id=opts.reply_message_id or None)
+    except ValueError as err:
+        raise InputError(f"{err}, or give --no-provenance") from None
 
 
 def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
@@ -159,6 +174,14 @@ def check_inputs(opts: NdopOptions) -> None:
         raise InputError(f"missing {', '.join(missing)}")
     if opts.shards < 1 or opts.batch_size < 1:
         raise InputError("--shards and --batch_size must be at least 1")
+    provenance = provenance_settings(opts)
+    if provenance is not None:  # the shape every bundle's Provenance takes, validated once (fhir.resources)
+        from transforms.provenance import validate_provenance
+
+        try:
+            validate_provenance(provenance.build(["Consent/00000000-0000-0000-0000-000000000000"]))
+        except ValueError as err:
+            raise InputError(str(err)) from None
     try:
         check_checked_at(opts.checked_at)
     except ValueError as err:
@@ -229,6 +252,8 @@ def summarise(found: dict[str, int] | None, opts: NdopOptions, started: Any, sec
         problems.append(f"{counts['integrity_errors']} integrity errors in the reply{why}: no Consent written")
     if counts["failed"] or counts["refused"]:
         problems.append(f"{counts['failed']} Consents failed, {counts['refused']} refused")
+    if counts["provenances_failed"]:
+        problems.append(f"{counts['provenances_failed']} Provenance(s) not written (a re-run writes them)")
     if not counts["integrity_errors"] and counts["written"] != counts["to_write"]:
         problems.append(f"{counts['written']} Consents written of {counts['to_write']} to write "
                         f"({classified} patients)")

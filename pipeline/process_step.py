@@ -46,6 +46,17 @@ def has_patient_ids(manifest: Path) -> bool:
     return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
 
 
+def provenance_args(record: RequestRecord) -> list[str]:
+    """What each Provenance names (transforms/provenance.py): the reply's MESH message id and, unless
+    ``--provenance-org`` says otherwise, our MESH mailbox as the exchange."""
+    args = []
+    if record.get("mailbox"):
+        args.append(f"--provenance_org={record['mailbox']}")
+    if record.get("reply_message_id"):
+        args.append(f"--reply_message_id={record['reply_message_id']}")
+    return args
+
+
 def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[str, str]:
     """Copy the request's manifest and reply to ``stage_dir`` (e.g. ``gs://bucket/ndop/<ID>``), where a
     remote runner's workers can read them; returns their new paths. Written through ``FileSystems``, so
@@ -106,6 +117,7 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
         manifest = str(folder / files.get("manifest", "manifest.parquet"))
         reply = str(folder / files.get("reply", "reply.dat"))
     argv = [
+        *provenance_args(record),  # before beam_args: a --provenance-org given there wins
         *beam_args,
         f"--manifest={manifest}",
         f"--reply={reply}",

@@ -56,6 +56,11 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
     # errors is suspect: changes computed from it would be fiction.
     if summary.get("changes") and not counts.get("integrity_errors"):
         report["changes"] = summary["changes"]
+    from pipeline.staleness import ledger_summary, stale_days
+
+    ledger = ledger_summary(work_dir, stale_days())  # patients by status, stale, left the cohort
+    if ledger is not None:
+        report["ledger"] = ledger
     return report
 
 
@@ -97,6 +102,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "to_write", "new_patients", "newly_opted_out", "opt_out_withdrawn", "refreshed", "unchanged",
                 "left_cohort")) + " |",
         ]
+    from pipeline.staleness import format_summary
+
+    if report.get("ledger"):
+        lines += ["", "## Ledger", ""]
+        lines += [f"- {line.removeprefix('ledger: ')}" for line in format_summary(report["ledger"])]
     if report.get("problems"):
         lines += ["", "## Problems", ""] + [f"- {problem}" for problem in report["problems"]]
     if report.get("dead_letters"):

@@ -188,6 +188,7 @@ def build_request(
             write_json(building / "request.json", record)
             os.rename(building, final)
             fsync_dir(work_dir.requests)
+            work_dir.audit_state(record, None)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise

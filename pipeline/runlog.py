@@ -104,15 +104,16 @@ def _redact_keeping(text: str, request_id: str | None) -> str:
 
 def _stale(report: dict[str, Any]) -> int | None:
     """Stale patients, when the report carries a Consent ledger's figures (optional: older reports do not):
-    the ledger's ``refreshed`` count (Consents rewritten because they had grown stale)."""
-    refreshed = (report.get("changes") or {}).get("refreshed")
-    if isinstance(refreshed, int):
-        return refreshed
+    ``report["ledger"]["stale"]`` (last confirmed by NDOP more than --stale-days ago, pipeline/staleness.py),
+    else the ledger's ``refreshed`` count (Consents rewritten because they had grown stale)."""
     ledger = report.get("ledger")
     if isinstance(ledger, dict):
         for key in ("stale", "stale_patients"):
             if isinstance(ledger.get(key), int):
                 return ledger[key]
+    refreshed = (report.get("changes") or {}).get("refreshed")
+    if isinstance(refreshed, int):
+        return refreshed
     value = report.get("stale_patients")
     return value if isinstance(value, int) else None
 

@@ -148,6 +148,9 @@ class RequestRecord(TypedDict, total=False):
     acknowledging: str | None
     acknowledged_at: str
     stage_seconds: dict[str, float]
+    # retention (pipeline/purge.py)
+    purged_at: str
+    purged: list[dict[str, Any]]
 
 
 class IllegalTransition(NdopError):
@@ -334,7 +337,16 @@ class WorkDir:
             if state is not None and state != current:
                 merged["state"] = state
                 merged["history"] = [*record.get("history", []), {"state": state, "at": isoformat(utcnow())}]
-            return self.save(merged)
+            saved = self.save(merged)
+            if state is not None and state != current:
+                self.audit_state(saved, current)
+            return saved
+
+    def audit_state(self, record: Mapping[str, Any], old: str | None) -> None:
+        """One ``audit.jsonl`` line for a state change (pipeline/audit.py): ids, counts, never a number."""
+        from pipeline import audit
+
+        audit.append(self.root, "state", **audit.state_fields(record, old))
 
     def in_state(self, *states: str) -> list[RequestRecord]:
         return [r for r in self.all() if r.get("state") in states]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from pipeline.mesh_config import DEFAULT_OVERDUE_AFTER
 from pipeline.state import FAILED, IN_FLIGHT, REJECTED, REPLIED, SEND_UNKNOWN, WorkDir, parse_time, utcnow
@@ -79,3 +80,15 @@ def age_text(delta: timedelta) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def status_document(rows: list[StatusRow], ledger: dict[str, Any] | None) -> dict[str, Any]:
+    """``ndop status --json``: the requests and the ledger summary (pipeline/staleness.py) as one document."""
+    return {
+        "requests": [{
+            "request_id": r.request_id, "state": r.state, "sent": r.sent, "replied": r.replied,
+            "age_seconds": int(r.age.total_seconds()), "in_state_seconds": int(r.since.total_seconds()),
+            "overdue": r.overdue, "note": r.note,
+        } for r in rows],
+        "ledger": ledger,
+    }

@@ -29,7 +29,7 @@ def _on_flink(cluster: FlinkCluster, folder: Path, fhir_url: str, checked_at: st
     argv = [
         *flink_args(cluster), f"--manifest={folder / 'manifest.parquet'}", f"--reply={folder / 'reply.dat'}",
         f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
-        "--batch_size=7", "--shards=4",
+        "--batch_size=7", "--shards=4", "--provenance_org=X26ABC1",
     ]
     done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.process", *argv], cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=600)

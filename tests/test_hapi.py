@@ -69,7 +69,7 @@ def test_file_cohort_patient_ids_make_consents_that_reference_the_patient(tmp_pa
     summary = run_process([
         "--runner=FnApiRunner", f"--manifest={tmp_path / 'manifest.parquet'}", f"--reply={tmp_path / 'reply.dat'}",
         "--checked_at=2024-11-26T10:15:00Z", f"--output_dir={tmp_path}", f"--fhir_url={hapi_server}",
-        "--fhir_auth=none", "--patient_ids", "--shards=2",
+        "--fhir_auth=none", "--patient_ids", "--shards=2", "--provenance_org=X26ABC1",
     ])
     assert summary["ok"] and summary["counts"]["created"] == 6, summary
     for number, pid in zip(numbers, ids):

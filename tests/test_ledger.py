@@ -147,7 +147,7 @@ def _process(folder: Path, fhir_url: str, checked_at: str, *extra: str) -> dict:
     return run([
         "--runner=FnApiRunner", f"--manifest={folder / 'manifest.parquet'}", f"--reply={folder / 'reply.dat'}",
         f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
-        "--batch_size=50", "--shards=4", f"--request_id={folder.name}", *extra,
+        "--batch_size=50", "--shards=4", f"--request_id={folder.name}", "--provenance_org=X26ABC1", *extra,
     ])
 
 
@@ -257,7 +257,7 @@ def _replied_request(work_dir: WorkDir, request_id: str, cohort: list[str], opte
                      checked_at: str) -> None:
     folder = work_dir.ensure().request_dir(request_id)
     _inputs(folder, cohort, opted_out)
-    work_dir.save({"request_id": request_id, "state": REPLIED, "checked_at": checked_at,
+    work_dir.save({"request_id": request_id, "state": REPLIED, "checked_at": checked_at, "mailbox": "X26ABC1",
                    "created_at": checked_at, "files": {"manifest": "manifest.parquet", "reply": "reply.dat"},
                    "history": []})
 

@@ -56,7 +56,7 @@ def dataflow_args(setup_file: Path = REPO_ROOT / "setup.py") -> list[str]:
 def ndop_args(folder: str, auth: str = "google", token_file: str | None = None) -> list[str]:
     args = [
         f"--manifest={folder}/manifest.parquet", f"--reply={folder}/reply.dat", f"--checked_at={CHECKED_AT}",
-        f"--output_dir={folder}", f"--fhir_url={HEALTHCARE_URL}", f"--fhir_auth={auth}",
+        f"--output_dir={folder}", f"--fhir_url={HEALTHCARE_URL}", f"--fhir_auth={auth}", "--provenance_org=X26ABC1",
     ]
     if auth == "client-credentials":
         args += ["--fhir_token_url=https://auth.example/token", "--fhir_client_id=ndop-sync"]

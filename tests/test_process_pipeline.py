@@ -32,7 +32,7 @@ def _run(folder: Path, fhir_url: str, checked_at: str = T1, *extra: str) -> dict
     return run([
         "--runner=FnApiRunner", f"--manifest={folder / 'manifest.parquet'}", f"--reply={folder / 'reply.dat'}",
         f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
-        "--batch_size=7", "--shards=4", *extra,
+        "--batch_size=7", "--shards=4", "--provenance_org=X26ABC1", *extra,
     ])
 
 
@@ -128,7 +128,7 @@ def _replied_request(work_dir: WorkDir, request_id: str, manifest: list[str], re
     folder = work_dir.ensure().request_dir(request_id)
     _inputs(folder, manifest, reply, extra)
     work_dir.save({
-        "request_id": request_id, "state": REPLIED, "checked_at": T1, "created_at": T1,
+        "request_id": request_id, "state": REPLIED, "checked_at": T1, "created_at": T1, "mailbox": "X26ABC1",
         "files": {"manifest": "manifest.parquet", "reply": "reply.dat"}, "history": [],
     })
 

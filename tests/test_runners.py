@@ -42,7 +42,7 @@ def _process(folder: Path, fhir_url: str, runner: list[str], checked_at: str) ->
     return run([
         *runner, f"--manifest={folder / 'manifest.parquet'}", f"--reply={folder / 'reply.dat'}",
         f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
-        "--batch_size=7", "--shards=4",
+        "--batch_size=7", "--shards=4", "--provenance_org=X26ABC1",
     ])
 
 

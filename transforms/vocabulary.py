@@ -43,6 +43,9 @@ class Counter:
     CONSENTS_REFUSED = "consents_refused"
     BUNDLES_POSTED = "bundles_posted"
     DEAD_LETTERS = "dead_letters"
+    PROVENANCES_WRITTEN = "provenances_written"
+    PROVENANCE_TARGETS = "provenance_targets"
+    PROVENANCES_FAILED = "provenances_failed"
 
 
 # summary.json "counts" key -> the counter it is read from.
@@ -67,6 +70,9 @@ SUMMARY_COUNTERS = {
     "consents_built": Counter.CONSENTS_BUILT,
     "bundles_posted": Counter.BUNDLES_POSTED,
     "dead_letters": Counter.DEAD_LETTERS,
+    "provenances": Counter.PROVENANCES_WRITTEN,
+    "provenance_targets": Counter.PROVENANCE_TARGETS,
+    "provenances_failed": Counter.PROVENANCES_FAILED,
 }
 
 

@@ -51,7 +51,8 @@ from pipeline.fhir_client import (
     status_code,
 )
 from pipeline.state import isoformat, utcnow
-from transforms.vocabulary import METRICS_NAMESPACE
+from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
+from transforms.vocabulary import METRICS_NAMESPACE, Counter
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -105,12 +106,18 @@ def read_entries(response_bundle: Mapping[str, Any], count: int) -> list[tuple[i
 class _PostBundlesFn(beam.DoFn):
     """Posts one batch of Consents as one Bundle; one session per DoFn instance."""
 
-    def __init__(self, config: FhirClientConfig, bundle_type: str, upsert: str) -> None:
+    def __init__(self, config: FhirClientConfig, bundle_type: str, upsert: str,
+                 provenance: ProvenanceSettings | None = None) -> None:
         self._config = config
         self._bundle_type = bundle_type
         self._upsert = upsert
+        self._provenance = provenance
+        self._stored_in_transaction: dict[str, Any] | None = None  # the Provenance a transaction carried
         self._session: requests.Session | None = None
         self._timeouts_in_a_row = 0
+        self.provenances = Metrics.counter(METRICS_NAMESPACE, Counter.PROVENANCES_WRITTEN)
+        self.provenance_targets = Metrics.counter(METRICS_NAMESPACE, Counter.PROVENANCE_TARGETS)
+        self.provenance_failed = Metrics.counter(METRICS_NAMESPACE, Counter.PROVENANCES_FAILED)
         self.created = Metrics.counter(METRICS_NAMESPACE, "consents_created")
         self.updated = Metrics.counter(METRICS_NAMESPACE, "consents_updated")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "consents_failed")
@@ -135,7 +142,11 @@ class _PostBundlesFn(beam.DoFn):
             return
         outcome = {"created": 0, "updated": 0, "failed": 0, "refused": 0}
         dead: list[dict[str, Any]] = []
+        written: list[Mapping[str, Any]] = []
+        self._stored_in_transaction = None
         for code, reason, consent in self._post(list(batch)):
+            if 200 <= code < 300:
+                written.append(consent)
             if code == 201:
                 outcome["created"] += 1
             elif 200 <= code < 300:
@@ -153,6 +164,8 @@ class _PostBundlesFn(beam.DoFn):
                 )
         self.created.inc(outcome["created"])
         self.updated.inc(outcome["updated"])
+        if self._provenance is not None and written:
+            self._record_provenance(written)
         progress.advance_writes(len(batch))  # the local runner's progress line; a no-op on remote workers
         fault_point("after-first-bundle")  # crash tests: killed in the middle of the FHIR writes
         if dead:
@@ -170,6 +183,29 @@ class _PostBundlesFn(beam.DoFn):
             for record in dead:
                 yield pvalue.TaggedOutput(WriteConsents.DEAD_LETTER, record)
         yield outcome
+
+    def _provenance_of(self, consents: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        assert self._provenance is not None
+        return self._provenance.build([consent_reference(c, self._upsert) for c in consents])
+
+    def _record_provenance(self, written: list[Mapping[str, Any]]) -> None:
+        """One Provenance over the Consents this bundle stored: already in the transaction that stored them
+        all, else ``PUT Provenance/<id>`` now, over exactly those that succeeded (a re-run replaces it)."""
+        assert self._session is not None
+        carried = self._stored_in_transaction
+        if carried is not None and len(carried["target"]) == len(written):
+            self.provenances.inc()
+            self.provenance_targets.inc(len(written))
+            return
+        provenance = self._provenance_of(written)
+        code, reason = put_provenance(self._session, self._config.base_url, provenance)
+        if 200 <= code < 300:
+            self.provenances.inc()
+            self.provenance_targets.inc(len(written))
+            return
+        self.provenance_failed.inc()
+        _LOGGER.error("Provenance %s over %d Consents not written: HTTP %d: %s", provenance["id"], len(written),
+                      code, nhs.redact(reason))
 
     def _post(self, consents: list[Mapping[str, Any]]) -> Iterator[tuple[int, str, Mapping[str, Any]]]:
         """Yield (status, reason, consent) once per Consent, retrying what the server may accept later."""
@@ -206,6 +242,10 @@ class _PostBundlesFn(beam.DoFn):
         """((status, reason) per entry, whether those came per entry); None for a transaction refused whole."""
         assert self._session is not None
         bundle = build_bundle(consents, bundle_type, self._upsert)
+        carried = None
+        if bundle_type == "transaction" and self._provenance is not None:  # stored with them, or not at all
+            carried = self._provenance_of(consents)
+            bundle["entry"].append(transaction_entry(carried))
         try:
             response = post_bundle(self._session, self._config.base_url, bundle)
         except requests.RequestException as exc:
@@ -218,7 +258,10 @@ class _PostBundlesFn(beam.DoFn):
         self.bundles.inc()
         with response:
             if response.status_code == 200:
-                return read_entries(response.json(), len(consents)), True
+                results = read_entries(response.json(), len(consents))
+                if carried is not None and all(200 <= code < 300 for code, _ in results):
+                    self._stored_in_transaction = carried
+                return results, True
             reason = response_reason(response)
             if bundle_type == "transaction" and 400 <= response.status_code < 500 and response.status_code != 429:
                 _LOGGER.warning(
@@ -257,6 +300,9 @@ class WriteConsents(beam.PTransform):
     Returns ``.with_outputs``: ``result.main`` (one ``{"created", "updated", "failed", "refused"}`` dict
     per bundle) and ``result[WriteConsents.DEAD_LETTER]`` (one dict per Consent that could not be written:
     ``nhs_number``, ``consent_id``, ``status`` (0 when no HTTP answer), ``reason``, ``at``).
+
+    With ``provenance`` every bundle also stores one R4 Provenance over the Consents it wrote
+    (transforms/provenance.py): inside a transaction, or after a batch over those that succeeded.
     """
 
     DEAD_LETTER = "dead_letter"
@@ -269,6 +315,7 @@ class WriteConsents(beam.PTransform):
         upsert: str = "id",
         integrity_errors: pvalue.PCollection | None = None,
         label: str | None = None,
+        provenance: ProvenanceSettings | None = None,
     ) -> None:
         super().__init__(label)
         if bundle_type not in BUNDLE_TYPES:
@@ -282,6 +329,7 @@ class WriteConsents(beam.PTransform):
         self._bundle_type = bundle_type
         self._upsert = upsert
         self._integrity_errors = integrity_errors
+        self._provenance = provenance
 
     def expand(self, consents: pvalue.PCollection) -> pvalue.DoOutputsTuple:
         side_inputs: dict[str, Any] = {}
@@ -292,7 +340,8 @@ class WriteConsents(beam.PTransform):
             | "BatchConsents"
             >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
             | "PostBundles"
-            >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert), **side_inputs).with_outputs(
+            >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert, self._provenance),
+                          **side_inputs).with_outputs(
                 self.DEAD_LETTER, main="main"
             )
         )
