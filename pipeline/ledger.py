@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
+from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, utcnow
 from transforms.ledger import COUNTERS, SCHEMA, ledger_files
 
@@ -226,17 +227,8 @@ def status_line(work_dir: WorkDir) -> str | None:
 
 def cli_args(refresh_days: int | None, full_refresh: bool) -> list[str]:
     """What ``--refresh-days``/``--full-refresh`` (and ``NDOP_REFRESH_DAYS``) pass to the pipeline."""
-    days: Any = refresh_days if refresh_days is not None else os.environ.get(REFRESH_ENV)
-    if days in (None, ""):
-        args = []
-    else:
-        try:
-            number = int(days)
-        except ValueError:
-            raise InputError(f"{REFRESH_ENV}={days!r}: the refresh window must be a whole number of days") from None
-        if number < 0:
-            raise InputError(f"refresh days must be 0 or more, not {number}")
-        args = [f"--refresh_days={number}"]
+    days = days_setting(refresh_days, REFRESH_ENV, None, whole=True)
+    args = [] if days is None else [f"--refresh_days={int(days)}"]
     return args + (["--full_refresh"] if full_refresh else [])
 
 

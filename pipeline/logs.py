@@ -67,11 +67,24 @@ def progress_line(line: str, stream: TextIO | None = None) -> None:
         print(line, file=stream if stream is not None else sys.stderr, flush=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted, not the one it was made with (a
+    caller that swaps stderr, like pytest's capture, would otherwise leave it writing to a closed file)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure(log_format: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
     """Replace the root logger's handlers with one on stderr in ``log_format``."""
     global _JSON
     _JSON = log_format == "json"
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.StreamHandler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

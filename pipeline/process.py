@@ -313,7 +313,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             # The total is what the ledger join decides to write (it reports it shard by shard), not the cohort.
             with progress.tracking_writes(None, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()
-            if runner not in _LOCAL_RUNNERS:  # Dataflow, Flink: progress from the job's metrics while it runs
+            # Dataflow: progress from the job's metrics while it runs. Not on portable runners (Flink): their
+            # wait_until_finish(duration=...) reads the job's state stream again each time, and a second
+            # reader breaks the stream ("Internal gRPC call error 8", seen on Flink with Beam 2.62).
+            if runner not in _LOCAL_RUNNERS and runner not in _PORTABLE_RUNNERS:
                 progress.follow_job(result, None, lambda r: _written(counters(r) or {}))
             result.wait_until_finish()
     except NdopError:

@@ -15,7 +15,6 @@ finished by the next one (the record is written after the files are gone).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline import audit
+from pipeline.settings import days_setting
 from pipeline.state import FINAL, WorkDir, isoformat, parse_time, utcnow
 
 _LOGGER = logging.getLogger(__name__)
@@ -84,20 +84,7 @@ def _doomed(folder: Path) -> list[Path]:
 
 def retention_days(value: float | None) -> float | None:
     """The period to keep finished requests: ``value``, else ``NDOP_RETENTION_DAYS``, else None (no purge)."""
-    if value is not None:
-        return value
-    text = os.environ.get(RETENTION_ENV, "").strip()
-    if not text:
-        return None
-    from pipeline.errors import InputError
-
-    try:
-        days = float(text)
-    except ValueError:
-        raise InputError(f"{RETENTION_ENV}={text!r} is not a number of days") from None
-    if days < 0:
-        raise InputError(f"{RETENTION_ENV} must be 0 or more days, not {text}")
-    return days
+    return days_setting(value, RETENTION_ENV, None)
 
 
 def purge(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,

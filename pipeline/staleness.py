@@ -10,7 +10,6 @@ carry it.
 """
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
+from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, parse_time, utcnow
 from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
 
@@ -29,17 +28,9 @@ _STATUS_NAMES = {OPTED_OUT: "opted_out", NOT_OPTED_OUT: "not_opted_out"}
 
 def stale_days(value: float | None = None) -> float:
     """``value``, else ``NDOP_STALE_DAYS``, else 21; bad input is one line (exit 2)."""
-    if value is None:
-        text = os.environ.get(STALE_ENV, "").strip()
-        if not text:
-            return DEFAULT_STALE_DAYS
-        try:
-            value = float(text)
-        except ValueError:
-            raise InputError(f"{STALE_ENV}={text!r} is not a number of days") from None
-    if value < 0:
-        raise InputError(f"stale days must be 0 or more, not {value:g}")
-    return value
+    days = days_setting(value, STALE_ENV, DEFAULT_STALE_DAYS)
+    assert days is not None  # it has a default
+    return days
 
 
 def _epoch(column: pa.ChunkedArray | pa.Array) -> pa.Array:
