@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--skip-fhir", action="store_true")
-    parser.add_argument("--flink", action="store_true", help="also FlinkRunner (needs NDOP_WITH_FLINK=1 setup)")
+    parser.add_argument("--flink", action="store_true",
+                        help="also FlinkRunner (built by dev/setup_env.sh unless NDOP_WITH_FLINK=0)")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         runners = {"FnApiRunner": (FNAPI, sys.executable), "PrismRunner": (prism_args(), sys.executable)}

@@ -17,15 +17,13 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from dev.service import HOST, LocalService, free_port
+from dev.service import HOST, LocalService, free_port, serve_until_stopped
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -112,22 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", required=True, help="where sekmet keeps its SQLite store and log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def _terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    with FhirServer(args.data_dir, port=args.port or None) as server:
-        print(server.base_url, flush=True)  # run_local.sh reads the base URL from this line
-        try:
-            while server.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            return 0
-        _LOGGER.error("sekmet stopped by itself; log: %s", server.log_path)
-        return 1
-    return 0
+    return serve_until_stopped(FhirServer(args.data_dir, port=args.port or None), "sekmet")
 
 
 if __name__ == "__main__":

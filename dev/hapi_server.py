@@ -21,15 +21,12 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import requests
 
-from dev.service import HOST, LocalService, free_port
+from dev.service import HOST, LocalService, free_port, serve_until_stopped
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -95,22 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", required=True, help="where HAPI's log goes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def _terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
-    with HapiServer(args.log_dir, port=args.port or None) as server:
-        print(server.base_url, flush=True)
-        try:
-            while server.running:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            return 0
-        _LOGGER.error("HAPI stopped by itself; log: %s", server.log_path)
-        return 1
-    return 0
+    return serve_until_stopped(HapiServer(args.log_dir, port=args.port or None), "HAPI")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ file, is ready when its own health check says so, and is stopped with SIGTERM, t
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,29 @@ from typing import Any
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
+
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def serve_until_stopped(server: Any, name: str) -> int:
+    """``python -m dev.<server>``: print the base URL, then keep the server up until Ctrl-C or SIGTERM/SIGHUP
+    (0), or until it stops by itself (1, naming its log)."""
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    with server:
+        print(server.base_url, flush=True)  # run_local.sh and people read the base URL from this line
+        try:
+            while server.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+        _LOGGER.error("%s stopped by itself; log: %s", name, server.log_path)
+        return 1
 
 
 def free_port() -> int:
@@ -90,7 +114,8 @@ class LocalService:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} did not answer within {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} did not answer within {self.start_timeout:.0f} s; "
+                           f"log tail:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
