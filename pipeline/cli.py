@@ -12,8 +12,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
 from pipeline.files import check_folder
+from pipeline.settings import DAYS, POLL_INTERVAL, WAIT, WHOLE_DAYS, number_option
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
@@ -88,6 +89,17 @@ def _mesh_driver(args: argparse.Namespace, **overrides: str | None):
     return MeshDriver(config, WorkDir(args.work_dir))
 
 
+def _poll_timing(p: argparse.ArgumentParser, wait_help: str) -> None:
+    """--wait and --interval, shared by poll and run (the MESH API's polling rule: pipeline/mesh_config.py)."""
+    from pipeline.mesh_config import MIN_POLL_INTERVAL
+
+    p.add_argument("--wait", type=number_option("--wait", WAIT), default=0, metavar="SECONDS", help=wait_help)
+    p.add_argument("--interval", type=number_option("--interval", POLL_INTERVAL), default=MIN_POLL_INTERVAL,
+                   metavar="SECONDS",
+                   help="between polls (default %(default)s; the MESH API allows no less than 300 against a real "
+                        "MESH, a loopback sandbox may go faster)")
+
+
 def _send(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("send", parents=[common_options(), _mesh_options()],
                        help="upload created requests to NDOP through MESH")
@@ -117,14 +129,13 @@ def _run_send(args: argparse.Namespace) -> int:
 def _poll(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("poll", parents=[common_options(), _mesh_options()],
                        help="download NDOP's notices and replies from the MESH inbox")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="keep polling until no request is in flight, or this long (exit 3 if time runs out)")
-    p.add_argument("--interval", type=float, default=30, metavar="SECONDS", help="between polls (default %(default)s)")
+    _poll_timing(p, "keep polling until no request is in flight, or this long (exit 3 if time runs out)")
     p.set_defaults(handler=_run_poll)
 
 
 def _run_poll(args: argparse.Namespace) -> int:
     with _mesh_driver(args) as driver:
+        driver.config.check_poll_interval(args.interval)
         report = driver.poll(wait=args.wait, interval=args.interval)
     print(
         f"inbox: {report.listed} NDOP message(s); {len(report.notices)} notice(s), {len(report.replies)} reply(ies), "
@@ -150,9 +161,9 @@ def _run_poll(args: argparse.Namespace) -> int:
 
 def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
-    p.add_argument("--overdue-days", type=float, default=None,
+    p.add_argument("--overdue-days", type=number_option("--overdue-days", DAYS), default=None, metavar="N",
                    help="flag requests with no reply after this many days (env NDOP_OVERDUE_DAYS, default 5)")
-    p.add_argument("--stale-days", type=float, default=None, metavar="N",
+    p.add_argument("--stale-days", type=number_option("--stale-days", DAYS), default=None, metavar="N",
                    help="count patients last confirmed by NDOP more than N days ago as stale "
                         "(env NDOP_STALE_DAYS, default 21)")
     p.add_argument("--json", action="store_true", help="one JSON document (requests and the ledger) for monitoring")
@@ -192,7 +203,7 @@ def _run_status(args: argparse.Namespace) -> int:
 def _ledger_options() -> argparse.ArgumentParser:
     """The Consent ledger's options, shared by process and run (pipeline.ledger passes them on)."""
     ledger = argparse.ArgumentParser(add_help=False)
-    ledger.add_argument("--refresh-days", type=int, default=None, metavar="N",
+    ledger.add_argument("--refresh-days", type=number_option("--refresh-days", WHOLE_DAYS), default=None, metavar="N",
                         help="rewrite an unchanged Consent once per N days, spread evenly over the cohort "
                              "(env NDOP_REFRESH_DAYS, default 30; 0: write only changes)")
     ledger.add_argument("--full-refresh", action="store_true",
@@ -264,9 +275,7 @@ def _run(sub: argparse._SubParsersAction) -> None:
                         "Patient/<id> beside the NHS number (--cohort fhir does this by itself)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="cohort format (default: by extension)")
     p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="how long to wait for NDOP's reply in this run (default 0: check once; exit 3 if none)")
-    p.add_argument("--interval", type=float, default=30, metavar="SECONDS", help="between polls (default %(default)s)")
+    _poll_timing(p, "how long to wait for NDOP's reply in this run (default 0: check once; exit 3 if none)")
     p.add_argument("--new-request", action="store_true",
                    help="build and send a new request even if an earlier one is unfinished")
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
@@ -275,7 +284,18 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="after the run, write Prometheus metrics here for node_exporter's textfile collector "
                         "(env NDOP_METRICS_FILE)")
-    p.set_defaults(handler=_run_run, beam_args=True)
+    p.set_defaults(handler=_run_run, beam_args=True, precheck=_check_run_settings)
+
+
+def _check_run_settings(args: argparse.Namespace) -> None:
+    """Every number ``ndop run`` reads from the environment, checked before anything is built or sent."""
+    from pipeline.mesh_config import load_config
+    from pipeline.progress import every_seconds
+    from pipeline.purge import retention_days
+    from pipeline.staleness import stale_days
+
+    retention_days(None), stale_days(), every_seconds(), _ledger_args(args)
+    load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url}).check_poll_interval(args.interval)
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -297,10 +317,7 @@ def _run_run(args: argparse.Namespace) -> int:
     from pipeline.runlog import recorded
 
     work_dir = WorkDir(args.work_dir)
-    from pipeline.staleness import stale_days
-
-    retention = retention_days(None)  # a bad NDOP_RETENTION_DAYS (or NDOP_STALE_DAYS) is bad input before
-    stale_days()  # anything runs
+    retention = retention_days(None)
     with recorded(work_dir, metrics_file(args.metrics_file)) as outcome:  # runs.jsonl, HTML pages, metrics
         result = run(work_dir, mesh, settings)
         outcome.exit_code, outcome.request_id, outcome.message, outcome.report = (
@@ -346,21 +363,25 @@ def _purge(sub: argparse._SubParsersAction) -> None:
                        help="delete the files holding NHS numbers of finished requests past the retention period",
                        description="Keeps request.json, report.* and summary.json (and a .ctl without numbers); "
                                    "never touches an unfinished request or the ledger (pipeline/purge.py).")
-    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+    p.add_argument("--older-than", type=number_option("--older-than", DAYS), default=None, metavar="DAYS",
                    help="purge requests finished more than DAYS ago (env NDOP_RETENTION_DAYS, default 30; "
                         "0: every finished request)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
                    help="also delete the requests' staged copies under URL/<request id>/ (env NDOP_STAGE_DIR)")
-    p.set_defaults(handler=_run_purge)
+    p.set_defaults(handler=_run_purge, precheck=_check_purge_settings)
+
+
+def _check_purge_settings(args: argparse.Namespace) -> None:
+    from pipeline.purge import retention_days
+
+    retention_days(args.older_than)
 
 
 def _run_purge(args: argparse.Namespace) -> int:
     from pipeline.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, retention_days
 
     days = retention_days(args.older_than)
-    if days is not None and days < 0:
-        raise InputError(f"--older-than must be 0 or more days, not {days:g}")
     items = purge(WorkDir(args.work_dir), DEFAULT_RETENTION_DAYS if days is None else days, dry_run=args.dry_run,
                   stage_dir=args.stage_dir)
     for line in format_purge(items, args.dry_run):
@@ -385,9 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "beam_args", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # a number out of its range is one line and exit 2 (pipeline/settings.py), before anything runs
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "beam_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            from pipeline.options import check_pipeline_args
+
+            check_pipeline_args(extra)
+    except NdopError as err:
+        print(f"ndop: error: {printable(str(err))}", file=sys.stderr)
+        return err.exit_code
     args.extra_args = extra
     from pipeline import logs
 
@@ -395,8 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("apache_beam.runners.common").addFilter(OneLineNdopErrors())
     code = EXIT_FAILED
+    made_here = not os.path.lexists(args.work_dir)
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
+        if getattr(args, "precheck", None):
+            args.precheck(args)  # settings read from the environment: bad input before the work dir is touched
         if getattr(args, "read_only", False):
             code = args.handler(args)
             return code
@@ -419,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 130
         return code
     finally:
-        _audit_command(args, code)
+        if not (made_here and code != EXIT_OK and WorkDir(args.work_dir).discard_if_unused()):
+            _audit_command(args, code)
 
 
 def _audit_command(args: argparse.Namespace, code: int) -> None:

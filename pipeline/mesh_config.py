@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import InputError, at
 from pipeline.request import NDOP_MAILBOX, WORKFLOW_ID
+from pipeline.settings import DAYS, HOURS, parse_number
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ REPLY_WORKFLOW_IDS = (WORKFLOW_ID, f"{WORKFLOW_ID}_RESPONSE")  # NDOP.md: accept
 DEFAULT_RESEND_AFTER = timedelta(hours=24)
 DEFAULT_OVERDUE_AFTER = timedelta(days=5)  # the MESH inbox expiry
 ENDPOINT_NAMES = ("int", "live", "dep")
+MIN_POLL_INTERVAL = 300  # MESH API: poll at most once every five minutes (unless more messages are waiting)
+HANDSHAKE_EVERY = timedelta(days=1)  # MESH API: validate the mailbox (handshake) once a day
 
 # Every setting: config-file / environment name -> MeshConfig field.
 SETTINGS = {
@@ -86,6 +89,13 @@ class MeshConfig:
         except ValueError:
             return False
 
+    def check_poll_interval(self, seconds: float) -> None:
+        """The MESH API's rule: against a real MESH, poll at most once every five minutes (a sandbox may go faster)."""
+        if seconds < MIN_POLL_INTERVAL and not self.is_local:
+            raise InputError(
+                f"--interval {seconds:g}: the MESH API allows polling the inbox at most once every "
+                f"{MIN_POLL_INTERVAL} seconds (5 minutes); only a loopback sandbox may be polled faster")
+
     def validate(self) -> "MeshConfig":
         """Refuse to start on settings that would fail later, or silently do the wrong thing."""
         missing = [name for name, attr in (("MESH_URL", "url"), ("MESH_MAILBOX", "mailbox"),
@@ -117,9 +127,9 @@ def _convert(key: str, value: str, source: str) -> object:
         if attr == "workflow_ids":
             return tuple(w.strip() for w in value.split(",") if w.strip())
         if attr == "resend_after":
-            return timedelta(hours=float(value))
+            return timedelta(hours=parse_number(value, f"{source}: {key}", HOURS))
         if attr == "overdue_after":
-            return timedelta(days=float(value))
+            return timedelta(days=parse_number(value, f"{source}: {key}", DAYS))
         if attr == "send_ctl":
             if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "y", "n", "on", "off", ""):
                 raise ValueError(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -27,7 +28,7 @@ from pipeline.faults import fault_point
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer
 from pipeline.inbox import HEAD_BYTES, LEAVES, Action, InboxMessage, classify_inbox_message, match_request
-from pipeline.mesh_config import MeshConfig
+from pipeline.mesh_config import HANDSHAKE_EVERY, MIN_POLL_INTERVAL, MeshConfig
 from pipeline.state import (
     ACCEPTED,
     ACKNOWLEDGED,
@@ -55,6 +56,7 @@ from pipeline.state import (
 _LOGGER = logging.getLogger(__name__)
 
 REPLY_FILE = "reply.dat"
+PAGE_SIZE = 500  # MESH lists at most this many message ids a page
 _NOTICE_MAX_BYTES = 64 * 1024
 _READ_BLOCK = 1 << 20
 _ENDPOINTS = {"int": INT_ENDPOINT, "live": LIVE_ENDPOINT, "dep": DEP_ENDPOINT}
@@ -135,6 +137,12 @@ class MeshDriver:
         self._handshake_at = time.monotonic()
         _LOGGER.debug("handshake with %s as %s ok", _where(self.config), self.config.mailbox)
 
+    def ensure_handshake(self) -> None:
+        """Handshake once per driver (one scheduled cycle) and again only when the last is a day old: the MESH API
+        asks for a daily mailbox validation and no more."""
+        if self._handshake_at is None or time.monotonic() - self._handshake_at >= HANDSHAKE_EVERY.total_seconds():
+            self.handshake()
+
     def _hook(self, point: str) -> None:
         if self.fault_hook is not None:
             self.fault_hook(point)
@@ -154,7 +162,7 @@ class MeshDriver:
                           or self._ctl_resend_due(r, now)]
             if due_resend:
                 # What we know of the inbox decides a resend: look once more before sending again.
-                self.handshake()
+                self.ensure_handshake()
                 self._poll_once(PollReport(), set())
                 records = [self.work_dir.load(r["request_id"]) for r in records]
             for record in records:
@@ -205,8 +213,7 @@ class MeshDriver:
         attempt = int(record.get("send_attempts", 0)) + 1
         headers = {"workflow_id": record["workflow_id"], "subject": record["subject"],
                    "local_id": record["local_id"], "filename": record["files"]["dat"]}
-        if self._handshake_at is None:
-            self.handshake()
+        self.ensure_handshake()
         expected = record["state"]
         self.work_dir.update(rid, expect=expected, **marker(SENDING, {"at": isoformat(utcnow()), "attempt": attempt}))
         try:
@@ -262,8 +269,7 @@ class MeshDriver:
             return SendResult(rid, "waiting", f"sent as message {record.get('message_id')}; the .ctl's outcome is "
                               f"unknown; sent again after {isoformat(since + self.config.resend_after)} if NDOP has "
                               f"not answered", record.get("message_id"))
-        if self._handshake_at is None:
-            self.handshake()
+        self.ensure_handshake()
         recipient = record.get("ndop_mailbox") or self.config.ndop_mailbox
         headers = {"workflow_id": record["workflow_id"], "subject": record["subject"],
                    "local_id": record["local_id"], "filename": record["files"]["dat"]}
@@ -328,18 +334,23 @@ class MeshDriver:
 
     # -- poll ---------------------------------------------------------------------------------------
 
-    def poll(self, wait: float = 0, interval: float = 30, sleep: Callable[[float], None] = time.sleep) -> PollReport:
-        """Bring every request up to date with the inbox; with ``wait``, until none is in flight."""
+    def poll(self, wait: float = 0, interval: float = MIN_POLL_INTERVAL,
+             sleep: Callable[[float], None] = time.sleep) -> PollReport:
+        """Bring every request up to date with the inbox; with ``wait``, until none is in flight.
+
+        The MESH API's polling rules: one inbox listing a cycle (:meth:`_list_ids`), cycles ``interval`` apart
+        (at least :data:`MIN_POLL_INTERVAL` against a real MESH: checked by the CLI), except that a cycle which
+        saw a full page (:data:`PAGE_SIZE` ids) and acted on some goes again at once; a handshake at most once a
+        cycle and at least once a day (:meth:`ensure_handshake`).
+        """
         deadline = time.monotonic() + max(wait, 0)
         report = PollReport()
         left_alone: set[str] = set()
-        self.handshake()
         while True:
             with self.work_dir.lock():
                 self._settle_interrupted_sends()
-                if self._handshake_at is None or time.monotonic() - self._handshake_at > 3600:
-                    self.handshake()
-                self._poll_once(report, left_alone)
+                self.ensure_handshake()
+                full_page = self._poll_once(report, left_alone)
                 report.in_flight = [r["request_id"] for r in self.work_dir.in_state(*IN_FLIGHT)]
             if not wait or not report.in_flight:
                 return report
@@ -347,22 +358,29 @@ class MeshDriver:
             if remaining <= 0:
                 report.timed_out = True
                 return report
-            sleep(min(max(interval, 0.05), remaining))
+            if not full_page:
+                sleep(min(max(interval, 0.05), remaining))
 
-    def _list_ids(self) -> tuple[list[str], int]:
-        """Our workflows' message ids (every page), and how many others are in the inbox."""
-        ours: dict[str, None] = {}
+    def _list_ids(self) -> list[str]:
+        """One inbox listing (every page, through MESH's ``links.next``) of our workflows' messages.
+
+        One filter covers every workflow id where the API allows it: their common prefix as a "begins with" filter
+        (``SPINE_NTT_UPHOLDING*`` for the defaults); with no common prefix, the whole inbox. A message of another
+        workflow the filter lets through is left alone by the classifier and counted.
+        """
+        ids: list[str] = []
         with _mesh_errors(self.config, "list inbox"):
-            for workflow in self.config.workflow_ids:
-                for message_id in self.client.iterate_message_ids(workflow_filter=workflow):
-                    ours[message_id] = None
-            everything = sum(1 for _ in self.client.iterate_message_ids())
-        return list(ours), max(everything - len(ours), 0)
+            ids = list(dict.fromkeys(self.client.iterate_message_ids(
+                workflow_filter=workflow_filter(self.config.workflow_ids))))
+        return ids
 
-    def _poll_once(self, report: PollReport, left_alone: set[str]) -> None:
-        ids, others = self._list_ids()
+    def _poll_once(self, report: PollReport, left_alone: set[str]) -> bool:
+        """One cycle: list once, handle each message. True when the listing was a full page and some of it was
+        acted on (the MESH API: poll again at once while more messages are waiting)."""
+        ids = self._list_ids()
         report.listed = len(ids)
-        report.other_workflow = others
+        report.other_workflow = 0
+        acted = 0
         records = self.work_dir.all()
         by_local = {r["local_id"]: r["request_id"] for r in records if r.get("local_id")}
         by_message = {m["message_id"]: r["request_id"] for r in records for m in r.get("messages_sent", [])}
@@ -377,6 +395,9 @@ class MeshDriver:
                 message.close()
             if kept:
                 left_alone.add(message_id)
+            else:
+                acted += 1
+        return len(ids) >= PAGE_SIZE and acted > 0
 
     def _handle(self, message: Any, by_local: dict[str, str], by_message: dict[str, str], report: PollReport) -> bool:
         """Deal with one inbox message as :func:`classify_inbox_message` decides; True when it stays untouched."""
@@ -531,7 +552,7 @@ class MeshDriver:
             message_id = record.get("reply_message_id")
             if not message_id:
                 raise NdopError(f"request {request_id}: no reply message id recorded; cannot acknowledge")
-            if record.get(ACKNOWLEDGING) and message_id not in self._list_ids()[0]:
+            if record.get(ACKNOWLEDGING) and message_id not in self._list_ids():
                 _LOGGER.info("request %s: reply %s already gone from the inbox: an interrupted run acknowledged it",
                              request_id, message_id)
             else:
@@ -544,6 +565,15 @@ class MeshDriver:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def workflow_filter(workflow_ids: tuple[str, ...]) -> str | None:
+    """The one MESH inbox ``workflow_filter`` that lists every id in ``workflow_ids``: the id itself for one, their
+    common prefix as "begins with" (``PREFIX*``) for several, None (the whole inbox) when they share no prefix."""
+    if len(workflow_ids) == 1:
+        return workflow_ids[0]
+    prefix = os.path.commonprefix(list(workflow_ids))
+    return f"{prefix}*" if len(prefix) >= 2 else None  # the API's filter is 2 to 255 characters
+
 
 def make_client(config: MeshConfig) -> MeshClient:
     """A mesh-client session from our settings (TLS client cert and CA bundle where given)."""

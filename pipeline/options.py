@@ -8,6 +8,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.fhir_client import AUTH_MODES
+from pipeline.settings import BATCH, SAMPLE, SHARDS, WHOLE_DAYS, number_option
 
 DEFAULT_SHARDS = 32
 DEFAULT_BATCH_SIZE = 500
@@ -34,13 +35,14 @@ class NdopOptions(PipelineOptions):
         parser.add_argument("--fhir_client_id", help="OAuth2 client id")
         parser.add_argument("--fhir_scope", help="OAuth2 scope")
         parser.add_argument("--fhir_client_secret_file", help="file holding the OAuth2 client secret")
-        parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Consents per FHIR Bundle")
+        parser.add_argument("--batch_size", type=number_option("--batch_size", BATCH), default=DEFAULT_BATCH_SIZE,
+                            help="Consents per FHIR Bundle")
         parser.add_argument("--bundle_type", choices=("batch", "transaction"), default="batch")
         parser.add_argument("--upsert", choices=("id", "conditional"), default="id",
                             help="PUT Consent/<id>, or conditional PUT Consent?identifier=...")
-        parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS,
+        parser.add_argument("--shards", type=number_option("--shards", SHARDS), default=DEFAULT_SHARDS,
                             help="join shards: NHS numbers are hashed into this many CoGroupByKey keys")
-        parser.add_argument("--sample_validate", type=int, default=1,
+        parser.add_argument("--sample_validate", type=number_option("--sample_validate", SAMPLE), default=1,
                             help="Consents per worker validated with fhir.resources.R4B at run time")
         # Provenance (transforms/provenance.py): one per bundle, naming the NDOP answer that set the Consents.
         parser.add_argument("--provenance_org", "--provenance-org", dest="provenance_org", default=None,
@@ -61,8 +63,16 @@ class LedgerOptions(PipelineOptions):
                                  "none: a first load, write everybody")
         parser.add_argument("--ledger_out", default=None,
                             help="empty folder for the new ledger (*.parquet); valid only when the run succeeds")
-        parser.add_argument("--refresh_days", type=int, default=30,
+        parser.add_argument("--refresh_days", type=number_option("--refresh_days", WHOLE_DAYS), default=30,
                             help="rewrite an unchanged Consent once per this many days, spread evenly "
                                  "(0: only changes)")
         parser.add_argument("--full_refresh", action="store_true", default=False,
                             help="write every Consent (e.g. after a store restore)")
+
+
+def check_pipeline_args(args: list[str]) -> None:
+    """Parse the pipeline's own options out of ``args`` now, so a bad number is one line and exit 2 before anything
+    is sent or written (Beam would otherwise find it inside the run)."""
+    options = PipelineOptions(args)
+    for view in (NdopOptions, LedgerOptions):
+        options.view_as(view)

@@ -14,12 +14,13 @@ Nothing here ever sees an NHS number: only counts and times.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, TextIO
+
+from pipeline.settings import PROGRESS_SECONDS, env_number
 
 DEFAULT_EVERY = 5.0
 _TERMINAL = ("DONE", "FAILED", "CANCELLED", "DRAINED", "UPDATED")
@@ -27,10 +28,8 @@ _TERMINAL = ("DONE", "FAILED", "CANCELLED", "DRAINED", "UPDATED")
 
 def every_seconds() -> float:
     """How often a progress line may appear (env ``NDOP_PROGRESS_SECONDS``)."""
-    try:
-        return max(float(os.environ.get("NDOP_PROGRESS_SECONDS", DEFAULT_EVERY)), 0.0)
-    except ValueError:
-        return DEFAULT_EVERY
+    every = env_number("NDOP_PROGRESS_SECONDS", DEFAULT_EVERY, PROGRESS_SECONDS)
+    return DEFAULT_EVERY if every is None else every
 
 
 def duration(seconds: float | None) -> str:

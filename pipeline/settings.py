@@ -1,26 +1,84 @@
-"""Settings given as an option or an environment variable: one parsing rule, one error line."""
+"""Numbers given as an option, an environment variable or a config file: one parser, a finite range, one error line.
+
+Every number a user can set goes through :func:`parse_number` with a :class:`Range`: ``nan``, ``inf``, ``1e300``,
+``-1`` or ``ten`` are bad input (:class:`~pipeline.errors.InputError`: one line naming the setting, exit 2),
+raised before anything is sent or written. :func:`number_option` is the same rule as an argparse ``type=``.
+"""
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from pipeline.errors import InputError
 
 
-def days_setting(value: float | None, env: str, default: float | None, *, whole: bool = False) -> float | None:
-    """A number of days: ``value`` if given, else ``$env``, else ``default``.
+@dataclass(frozen=True)
+class Range:
+    """The finite interval a setting may take, and how to name it in an error line."""
 
-    Not a number, or below 0, is bad input: one line naming the setting, exit 2. ``whole`` asks for whole days.
-    """
-    source = "" if value is not None else env
+    low: float
+    high: float
+    unit: str = ""
+    whole: bool = False
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        unit = f" of {self.unit}" if self.unit else ""
+        return f"{kind}{unit} from {self.low:g} to {self.high:g}"
+
+
+DAYS = Range(0, 3650, "days")  # ten years: a retention, staleness or overdue period
+WHOLE_DAYS = Range(0, 3650, "days", whole=True)
+HOURS = Range(0, 24 * 3650, "hours")
+SECONDS_A_DAY = 86_400
+POLL_INTERVAL = Range(0, SECONDS_A_DAY, "seconds")  # MESH: poll at least once a day
+WAIT = Range(0, 7 * SECONDS_A_DAY, "seconds")  # MESH keeps an unacknowledged message 5 days
+PROGRESS_SECONDS = Range(0, 3600, "seconds")
+BATCH = Range(1, 100_000, "entries", whole=True)
+SHARDS = Range(1, 65_536, "shards", whole=True)
+SAMPLE = Range(0, 1_000_000, "Consents", whole=True)
+
+
+def parse_number(value: str | float | int, name: str, allowed: Range) -> float:
+    """``value`` as a number in ``allowed``; anything else is :class:`InputError` naming ``name``."""
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        number: float = int(text) if allowed.whole else float(text)
+        if allowed.whole and isinstance(text, float) and not text.is_integer():
+            raise ValueError(text)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name}={text!r} is not {allowed.describe()}") from None
+    if not math.isfinite(number) or not allowed.low <= number <= allowed.high:
+        raise InputError(f"{name}={text!r} is out of range: give {allowed.describe()}")
+    return number
+
+
+def number_option(name: str, allowed: Range) -> Callable[[str], float]:
+    """An argparse ``type=`` for ``name``: a bad value raises :class:`InputError` (one line, exit 2), not a usage
+    dump."""
+    def parse(text: str) -> float:
+        number = parse_number(text, name, allowed)
+        return int(number) if allowed.whole else number
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def env_number(env: str, default: float | None, allowed: Range,
+               environ: Mapping[str, str] | None = None) -> float | None:
+    """``$env`` parsed by the one rule, or ``default`` when it is unset or blank."""
+    text = (os.environ if environ is None else environ).get(env, "").strip()
+    if not text:
+        return default
+    number = parse_number(text, env, allowed)
+    return int(number) if allowed.whole else number
+
+
+def days_setting(value: float | None, env: str, default: float | None, *, whole: bool = False) -> float | None:
+    """A number of days: ``value`` if given (an option), else ``$env``, else ``default``; each by the one rule."""
+    allowed = WHOLE_DAYS if whole else DAYS
     if value is None:
-        text = os.environ.get(env, "").strip()
-        if not text:
-            return default
-        try:
-            value = int(text) if whole else float(text)
-        except ValueError:
-            kind = "a whole number of days" if whole else "a number of days"
-            raise InputError(f"{env}={text!r} is not {kind}") from None
-    if value < 0:
-        raise InputError(f"{source + ': ' if source else ''}days must be 0 or more, not {value:g}")
-    return value
+        return env_number(env, default, allowed)
+    return parse_number(value, "days", allowed)

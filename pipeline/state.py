@@ -237,6 +237,19 @@ class WorkDir:
             raise InputError(f"{self.root}: cannot create the work dir: {err.strerror or err}") from None
         return self
 
+    def discard_if_unused(self) -> bool:
+        """Remove the work dir when it holds nothing but what :meth:`ensure` and :meth:`lock` made (a command that
+        failed before doing anything must not leave a work dir behind); True when removed."""
+        try:
+            if {p.name for p in self.root.iterdir()} - {LOCK_FILE, self.requests.name} or any(self.requests.iterdir()):
+                return False
+            self.requests.rmdir()
+            (self.root / LOCK_FILE).unlink(missing_ok=True)
+            self.root.rmdir()
+        except OSError:
+            return False
+        return True
+
     def request_dir(self, request_id: str) -> Path:
         return self.requests / request_id
 

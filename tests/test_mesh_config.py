@@ -58,7 +58,7 @@ def test_bad_settings_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad.conf:2: unknown setting 'MESH_PASWORD'"):
         load_config(config_file, env=BASE)
     config_file.write_text("NDOP_OVERDUE_DAYS=soon\n")
-    with pytest.raises(InputError, match="NDOP_OVERDUE_DAYS='soon' is not a valid value"):
+    with pytest.raises(InputError, match="NDOP_OVERDUE_DAYS='soon' is not a number of days"):
         load_config(config_file, env=BASE)
     with pytest.raises(InputError, match="use an http"):
         load_config(env={**BASE, "MESH_URL": "ftp://x"})

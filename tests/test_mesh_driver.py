@@ -322,10 +322,14 @@ def test_unknown_local_id_and_other_workflows_are_left_alone(mesh: Mesh, work_di
         stray = ndop_client.send_message(OUR_MAILBOX, b"9434765919,\r\n", workflow_id="SPINE_NTT_UPHOLDING",
                                          local_id="NDOP-SOMEONE-ELSES", subject="x")
         other = ndop_client.send_message(OUR_MAILBOX, b"hello", workflow_id="OTHER_WORKFLOW", subject="y")
+        # Passes the one "SPINE_NTT_UPHOLDING*" inbox filter, but is not one of our workflow ids.
+        near = ndop_client.send_message(OUR_MAILBOX, b"hello", workflow_id="SPINE_NTT_UPHOLDING_OTHER", subject="z")
     with MeshDriver(mesh.config(), work_dir) as driver:
         report = driver.poll()
     assert report.unknown_local_id == {stray} and report.other_workflow == 1
-    assert sorted(mesh.inbox()) == sorted([stray, other])
+    assert sorted(mesh.inbox()) == sorted([stray, other, near])
+    # The other workflow's message is not even listed, so never downloaded (one filtered listing a cycle).
+    assert mesh.requests_to("GET", f"/messageexchange/{OUR_MAILBOX}/inbox/{other}") == []
     result = ndop(["poll"], mesh, work_dir)
     assert result.returncode == 0 and "1 with no matching request left alone, 1 of other workflows" in result.stdout
 

@@ -143,4 +143,4 @@ def test_status_command_writes_no_work_dir_and_checks_stale_days(tmp_path) -> No
     bad = cli("status", "--work-dir", str(missing), env={"NDOP_STALE_DAYS": "often"})
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NDOP_STALE_DAYS" in bad.stderr
     negative = cli("status", "--work-dir", str(missing), "--stale-days", "-1")
-    assert negative.returncode == 2 and "0 or more" in negative.stderr
+    assert negative.returncode == 2 and "from 0 to 3650" in negative.stderr and negative.stderr.count("\n") == 1

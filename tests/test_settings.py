@@ -18,7 +18,7 @@ def test_option_wins_then_environment_then_default(monkeypatch) -> None:
 
 @pytest.mark.parametrize("text, whole, words", [("soon", False, "is not a number of days"),
                                                 ("2.5", True, "is not a whole number of days"),
-                                                ("-1", False, "0 or more")])
+                                                ("-1", False, "out of range: give a number of days from 0 to 3650")])
 def test_bad_days_are_one_line_and_exit_2(monkeypatch, text, whole, words) -> None:
     monkeypatch.setenv("NDOP_TEST_DAYS", text)
     with pytest.raises(InputError, match=words) as caught:
