@@ -51,7 +51,8 @@ def _request(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mailbox", default=os.environ.get("MESH_MAILBOX"), help="our MESH mailbox id (env MESH_MAILBOX)")
     p.add_argument("--ndop-mailbox", default=os.environ.get("NDOP_MAILBOX", NDOP_MAILBOX),
                    help="the NDOP (POS) mailbox id (default %(default)s)")
-    p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf")
+    p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf",
+                   help="line ending of the .dat sent to NDOP (default %(default)s; some services want lf)")
     p.set_defaults(handler=_run_request)
 
 
@@ -181,14 +182,18 @@ def _run_status(args: argparse.Namespace) -> int:
     overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
                else load_config(validate=False).overdue_after)
     work_dir = WorkDir(args.work_dir)
-    rows = status_rows(work_dir, overdue)
+    records, damaged = work_dir.readable()  # a damaged request.json is named and skipped; exit 1
+    rows = status_rows(work_dir, overdue, records=records)
     summary = ledger_summary(work_dir, stale_days(args.stale_days))
+    code = EXIT_FAILED if damaged else EXIT_OK
+    for err in damaged:
+        print(f"ndop status: error: skipped {printable(str(err))}", file=sys.stderr)
     if args.json:
         from pipeline.status import status_document
 
-        print(json.dumps(status_document(rows, summary), indent=2, sort_keys=True))
-        return EXIT_OK
-    for line in format_status(rows):
+        print(json.dumps(status_document(rows, summary, [str(e) for e in damaged]), indent=2, sort_keys=True))
+        return code
+    for line in format_status(rows, work_dir.root):
         print(line)
     from pipeline.ledger import status_line
 
@@ -197,7 +202,7 @@ def _run_status(args: argparse.Namespace) -> int:
         print(ledger)
     for line in format_summary(summary) if summary else ():
         print(line)
-    return EXIT_OK
+    return code
 
 
 def _ledger_options() -> argparse.ArgumentParser:
@@ -263,9 +268,10 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", parents=[common_options(), _mesh_options(), _ledger_options()],
         help="request -> send -> poll -> process -> acknowledge, resumable; prints the run report",
-        description="One scheduled run. Carries on an unfinished request before building a new one. Exit 0 done, "
-                    "3 still waiting for NDOP, 1 failed, 2 bad input or configuration. Options this command does "
-                    "not know (e.g. --runner, --batch_size) go to the Beam pipeline.",
+        description="One scheduled run. Carries on an unfinished request before building a new one. Exit 0 "
+                    "done, 3 still waiting for NDOP, 1 failed, 2 bad input or configuration, 4 another ndop command "
+                    "holds the work dir. Options this command does not know (e.g. --runner, --batch_size) go to "
+                    "the Beam pipeline.",
     )
     p.add_argument("--cohort", help="cohort file (text, CSV, Parquet), or 'fhir' to read every Patient's NHS "
                                     "number from the FHIR store")
@@ -274,7 +280,8 @@ def _run(sub: argparse._SubParsersAction) -> None:
                    help="CSV/Parquet column holding each row's FHIR Patient id: its Consent then references "
                         "Patient/<id> beside the NHS number (--cohort fhir does this by itself)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="cohort format (default: by extension)")
-    p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf")
+    p.add_argument("--line-ending", choices=("crlf", "lf"), default="crlf",
+                   help="line ending of the .dat sent to NDOP (default %(default)s; some services want lf)")
     _poll_timing(p, "how long to wait for NDOP's reply in this run (default 0: check once; exit 3 if none)")
     p.add_argument("--new-request", action="store_true",
                    help="build and send a new request even if an earlier one is unfinished")
@@ -431,13 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.precheck(args)  # settings read from the environment: bad input before the work dir is touched
         if getattr(args, "read_only", False):
             code = args.handler(args)
-            return code
-        with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
-            code = args.handler(args)
-            return code
+        else:
+            with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
+                code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not after main
+        return code
     except NdopError as err:
         print(f"ndop {args.command}: error: {printable(str(err))}", file=sys.stderr)
         code = err.exit_code
+        return code
+    except BrokenPipeError:  # the reader went away (``ndop status | head``): stop quietly, as a pipe expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
         return code
     except OSError as err:  # the system refused something unforeseen: one line; -v shows where
         if args.verbose:

@@ -46,6 +46,7 @@ process killed anywhere leaves the record of the last completed write, and the n
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import fcntl
 import json
@@ -53,6 +54,8 @@ import os
 import re
 import threading
 import time
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, TypedDict
@@ -188,6 +191,44 @@ def initial_state(at: datetime) -> dict[str, Any]:
     return {"state": CREATED, "history": [{"state": CREATED, "at": isoformat(at)}]}
 
 
+class DamagedRecord(InputError):
+    """A ``request.json`` that is not a request record (valid JSON or not): named in one line, never acted on."""
+
+
+_REQUIRED = ("request_id", "created_at", "state")  # what every reader needs; any other key is checked when present
+
+
+@functools.cache
+def _record_hints() -> dict[str, Any]:
+    return typing.get_type_hints(RequestRecord)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a JSON value have the shape a :class:`RequestRecord` annotation asks for (outer type only)?"""
+    if hint is Any:
+        return True
+    arms = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return any(isinstance(value, typing.get_origin(arm) or arm) for arm in arms)
+
+
+def check_record(data: Any, path: Path, request_id: str) -> RequestRecord:
+    """``data`` as a :class:`RequestRecord` (the TypedDict is the schema), or :class:`DamagedRecord` naming ``path``
+    and the first thing wrong."""
+    if not isinstance(data, dict):
+        raise DamagedRecord(f"{path}: not a request record (a JSON {type(data).__name__}, not an object)")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise DamagedRecord(f"{path}: not a request record: no {', '.join(missing)}")
+    for key, hint in _record_hints().items():
+        if key in data and not _fits(data[key], hint):
+            raise DamagedRecord(f"{path}: damaged request record: {key} is a JSON {type(data[key]).__name__}")
+    if data["request_id"] != request_id:
+        raise DamagedRecord(f"{path}: damaged request record: it names request {data['request_id']!r}")
+    if data["state"] not in STATES:
+        raise DamagedRecord(f"{path}: damaged request record: unknown state {data['state']!r}")
+    return typing.cast(RequestRecord, data)
+
+
 def check_request_id(request_id: str | None) -> str:
     """A request id as the request step makes them (e.g. ``X26ABC1-021226-0001``); anything else, including
     ``''`` (an empty shell variable) or a path, is bad input."""
@@ -305,23 +346,36 @@ class WorkDir:
 
     def all(self) -> list[RequestRecord]:
         """Every request's record in creation order; folders still being built (dot-names) are not requests."""
-        if not self.requests.is_dir():
-            return []
-        records = [
-            self.load(p.name) for p in self.requests.iterdir()
-            if REQUEST_ID_PATTERN.fullmatch(p.name) and (p / REQUEST_FILE).is_file()
-        ]
+        records = [self.load(request_id) for request_id in self._request_ids()]
         return sorted(records, key=lambda r: (r.get("created_at", ""), r["request_id"]))
 
+    def _request_ids(self) -> list[str]:
+        if not self.requests.is_dir():
+            return []
+        return [p.name for p in self.requests.iterdir()
+                if REQUEST_ID_PATTERN.fullmatch(p.name) and (p / REQUEST_FILE).is_file()]
+
     def load(self, request_id: str) -> RequestRecord:
+        """The request's record, checked against :class:`RequestRecord` (:class:`DamagedRecord` if it is not one)."""
         path = self.request_dir(check_request_id(request_id)) / REQUEST_FILE
         try:
-            record: RequestRecord = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise InputError(f"{self.root}: no request {request_id!r}") from None
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: request record is not valid JSON: {err.msg}") from None
-        return record
+            raise DamagedRecord(f"{path}:{err.lineno}: request record is not valid JSON: {err.msg}") from None
+        return check_record(data, path, request_id)
+
+    def readable(self) -> tuple[list[RequestRecord], list[DamagedRecord]]:
+        """Every request's record, and what is wrong with each damaged one (``ndop status`` shows both; a command
+        that acts on records uses :meth:`all`, which refuses a damaged one)."""
+        records, damaged = [], []
+        for request_id in self._request_ids():
+            try:
+                records.append(self.load(request_id))
+            except DamagedRecord as err:
+                damaged.append(err)
+        return sorted(records, key=lambda r: (r.get("created_at", ""), r["request_id"])), damaged
 
     def save(self, record: Mapping[str, Any]) -> RequestRecord:
         """Replace a request's record atomically (a new record, or one whose state this module moved)."""

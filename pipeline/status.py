@@ -3,10 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pipeline.mesh_config import DEFAULT_OVERDUE_AFTER
-from pipeline.state import FAILED, IN_FLIGHT, REJECTED, REPLIED, SEND_UNKNOWN, WorkDir, parse_time, utcnow
+from pipeline.state import (
+    FAILED,
+    IN_FLIGHT,
+    REJECTED,
+    REPLIED,
+    SEND_UNKNOWN,
+    RequestRecord,
+    WorkDir,
+    parse_time,
+    utcnow,
+)
 
 
 @dataclass
@@ -22,11 +33,11 @@ class StatusRow:
 
 
 def status_rows(work_dir: WorkDir, overdue_after: timedelta = DEFAULT_OVERDUE_AFTER,
-                now: datetime | None = None) -> list[StatusRow]:
-    """One row per request: no MESH connection, no NHS numbers."""
+                now: datetime | None = None, records: list[RequestRecord] | None = None) -> list[StatusRow]:
+    """One row per request (of ``records``, default every request): no MESH connection, no NHS numbers."""
     now = now or utcnow()
     rows = []
-    for record in work_dir.all():
+    for record in work_dir.all() if records is None else records:
         state = record["state"]
         history = record.get("history") or [{"at": record["created_at"]}]
         since = now - parse_time(history[-1]["at"])
@@ -54,9 +65,14 @@ def status_rows(work_dir: WorkDir, overdue_after: timedelta = DEFAULT_OVERDUE_AF
     return rows
 
 
-def format_status(rows: list[StatusRow]) -> list[str]:
+def format_status(rows: list[StatusRow], root: Path | None = None) -> list[str]:
+    """The table ``ndop status`` prints; with no rows, a line saying which work dir ``root`` holds none."""
     if not rows:
-        return ["no requests"]
+        if root is None:
+            return ["no requests"]
+        if not root.is_dir():
+            return [f"no requests: no work dir at {root.resolve()} (--work-dir or NDOP_WORK_DIR)"]
+        return [f"no requests in {root.resolve()}"]
     header = ("REQUEST", "STATE", "SENT", "REPLY", "AGE", "IN STATE", "NOTE")
     table = [header] + [
         (r.request_id, r.state, "-" if r.sent is None else str(r.sent), "-" if r.replied is None else str(r.replied),
@@ -82,9 +98,12 @@ def age_text(delta: timedelta) -> str:
     return f"{secs}s"
 
 
-def status_document(rows: list[StatusRow], ledger: dict[str, Any] | None) -> dict[str, Any]:
-    """``ndop status --json``: the requests and the ledger summary (pipeline/staleness.py) as one document."""
+def status_document(rows: list[StatusRow], ledger: dict[str, Any] | None,
+                    damaged: list[str] | None = None) -> dict[str, Any]:
+    """``ndop status --json``: the requests, the damaged records skipped, and the ledger summary
+    (pipeline/staleness.py) as one document."""
     return {
+        "damaged": damaged or [],
         "requests": [{
             "request_id": r.request_id, "state": r.state, "sent": r.sent, "replied": r.replied,
             "age_seconds": int(r.age.total_seconds()), "in_state_seconds": int(r.since.total_seconds()),

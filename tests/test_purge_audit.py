@@ -139,7 +139,7 @@ def test_status_command_writes_no_work_dir_and_checks_stale_days(tmp_path) -> No
     assert cli("status", "--work-dir", str(missing)).returncode == 0
     assert not missing.exists()
     empty = cli("status", "--work-dir", str(missing), "--json")
-    assert empty.returncode == 0 and json.loads(empty.stdout) == {"requests": [], "ledger": None}
+    assert empty.returncode == 0 and json.loads(empty.stdout) == {"requests": [], "damaged": [], "ledger": None}
     bad = cli("status", "--work-dir", str(missing), env={"NDOP_STALE_DAYS": "often"})
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NDOP_STALE_DAYS" in bad.stderr
     negative = cli("status", "--work-dir", str(missing), "--stale-days", "-1")
