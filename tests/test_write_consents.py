@@ -20,7 +20,7 @@ from pipeline.fhir_client import FhirClientConfig, open_session, search_total
 from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import summarise
 from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent, consent_id
-from transforms.write_consents import WriteConsents, build_bundle, read_entries
+from transforms.write_consents import WriteConsents, answer_problem, build_bundle, read_entries
 
 CHECKED_AT = "2024-11-26T10:00:00Z"
 
@@ -105,10 +105,25 @@ def test_read_entries_parses_status_text_and_outcome() -> None:
         {"response": {"status": "400 Bad Request", "outcome": {"resourceType": "OperationOutcome", "issue": [
             {"severity": "error", "code": "structure", "diagnostics": "Consent.status missing"}]}}},
     ]}
-    assert read_entries(answer, 3) == [
-        (201, ""), (400, "Consent.status missing"),
-        (0, "the server's response bundle has no entry for this request"),
-    ]
+    assert read_entries(answer, 2) == [(201, ""), (400, "Consent.status missing")]
+
+
+FULL = {"resourceType": "Bundle", "type": "batch-response", "entry": [{"response": {"status": "200 OK"}}] * 2}
+
+
+@pytest.mark.parametrize("status, body, words", [
+    (200, FULL, None),
+    (202, None, "HTTP 202 is not a batch-response"),
+    (204, None, "HTTP 204"),
+    (201, FULL, "HTTP 201"),
+    (200, None, "not a FHIR Bundle"),
+    (200, {**FULL, "type": "transaction-response"}, "not batch-response"),
+    (200, {**FULL, "entry": FULL["entry"][:1]}, "1 entries for 2 sent"),
+    (200, {**FULL, "entry": [{"response": {"status": "200 OK"}}, {"response": {}}]}, "entry 2"),
+])
+def test_only_a_full_batch_response_says_what_was_stored(status, body, words) -> None:
+    problem = answer_problem(status, body, "batch", 2)
+    assert problem is None if words is None else words in (problem or "")
 
 
 # --- against the real server -----------------------------------------------------------------------------

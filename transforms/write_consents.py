@@ -21,6 +21,9 @@ few ``connect_retries``), or the second bundle in a row that times out, raises
 :class:`~pipeline.fhir_client.FhirUnreachableError`: the run fails in seconds (so nothing is acknowledged)
 rather than every remaining bundle spending its retries. A 429 or a 5xx keeps the retries above.
 
+Believe no peer: an entry counts as written only when the store's answer says so for that entry
+(:func:`answer_problem`): a 201/202/204 or anything but a full batch/transaction-response is a failed bundle.
+
 Integrity gate: given ``integrity_errors`` (a PCollection of one int), the writer posts nothing when it
 is above zero and counts every Consent as ``consents_refused``.
 """
@@ -60,6 +63,7 @@ BUNDLE_TYPES = ("batch", "transaction")
 UPSERT_MODES = ("id", "conditional")
 DEFAULT_BATCH_SIZE = 500
 STATUS_NO_ANSWER = 0  # dead-letter status when no HTTP answer came at all (timeouts, refused connection)
+STATUS_BAD_ANSWER = 502  # an answer that does not say what was stored: retried like a bad gateway's
 UNREACHABLE_AFTER_TIMEOUTS = 2  # bundles in a row whose requests all timed out: the server is gone
 
 
@@ -88,14 +92,35 @@ def build_bundle(consents: Sequence[Mapping[str, Any]], bundle_type: str, upsert
     return {"resourceType": "Bundle", "type": bundle_type, "entry": entries}
 
 
+def answer_problem(status: int, body: Any, bundle_type: str, sent: int) -> str | None:
+    """Why a bundle's answer does not say, entry by entry, what was stored; None when it does.
+
+    Only a 200 whose body is a ``batch-response`` (``transaction-response`` for a transaction) Bundle with exactly
+    one entry per entry sent, each with its own status, counts. A 201, 202 or 204 (a proxy or gateway that
+    accepted the request but is not the store), a body that is not such a Bundle, or a short one says nothing of
+    what the store holds: the bundle has failed (retried, then dead letters).
+    """
+    if status != 200:
+        return f"HTTP {status} is not a {bundle_type}-response (only a 200 with a Bundle says what was stored)"
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return "the answer to the bundle is not a FHIR Bundle"
+    if body.get("type") != f"{bundle_type}-response":
+        return f"the answer is a Bundle of type {body.get('type')!r}, not {bundle_type}-response"
+    entries = body.get("entry") or []
+    if len(entries) != sent:
+        return f"the {bundle_type}-response has {len(entries)} entries for {sent} sent"
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not status_code((entry.get("response") or {}).get("status")):
+            return f"entry {number} of the {bundle_type}-response has no status"
+    return None
+
+
 def read_entries(response_bundle: Mapping[str, Any], count: int) -> list[tuple[int, str]]:
-    """(status, reason) per entry of a batch/transaction-response, in request order."""
+    """(status, reason) per entry of a batch/transaction-response (checked by :func:`answer_problem`), in request
+    order."""
     entries = list(response_bundle.get("entry") or [])
     results = []
     for index in range(count):
-        if index >= len(entries):
-            results.append((STATUS_NO_ANSWER, "the server's response bundle has no entry for this request"))
-            continue
         response = entries[index].get("response") or {}
         code = status_code(response.get("status"))
         reason = outcome_text(response.get("outcome")) if code >= 300 or code == 0 else ""
@@ -257,8 +282,16 @@ class _PostBundlesFn(beam.DoFn):
         self._timeouts_in_a_row = 0
         self.bundles.inc()
         with response:
-            if response.status_code == 200:
-                results = read_entries(response.json(), len(consents))
+            if 200 <= response.status_code < 300:
+                try:
+                    body: Any = response.json()
+                except ValueError:
+                    body = None
+                problem = answer_problem(response.status_code, body, bundle_type, len(bundle["entry"]))
+                if problem is not None:  # retried like a 502 (an invalid answer), then dead letters
+                    _LOGGER.warning("%d Consents not counted as written: %s", len(consents), problem)
+                    return [(STATUS_BAD_ANSWER, f"{problem}: not counted as written")] * len(consents), True
+                results = read_entries(body, len(consents))
                 if carried is not None and all(200 <= code < 300 for code, _ in results):
                     self._stored_in_transaction = carried
                 return results, True
