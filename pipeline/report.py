@@ -96,11 +96,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "", "## Changes (counted by the Consent ledger join)", "",
             "| to write | new patients | newly opted out | opt-out withdrawn | refreshed | unchanged (not written) "
-            "| left the cohort |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| left the cohort | superseded (a newer answer kept) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
             "| " + " | ".join(str(change.get(key, "-")) for key in (
                 "to_write", "new_patients", "newly_opted_out", "opt_out_withdrawn", "refreshed", "unchanged",
-                "left_cohort")) + " |",
+                "left_cohort", "superseded")) + " |",
         ]
     from pipeline.staleness import format_summary
 

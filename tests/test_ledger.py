@@ -59,7 +59,7 @@ def test_decide_writes_new_changed_and_due_and_keeps_who_left() -> None:
     now = _classified(people[:7] + [people[8]], {people[1]})
     second = ledger.decide(now, first.ledger, _at(1), "R2", refresh_days=0)
     assert second.counts == {"to_write": 3, "new_patients": 1, "newly_opted_out": 1, "opt_out_withdrawn": 1,
-                             "refreshed": 0, "unchanged": 5, "left_cohort": 1}
+                             "refreshed": 0, "unchanged": 5, "left_cohort": 1, "superseded": 0}
     written = set(shards.to_strings(np.concatenate([second.write_opted_out, second.write_not_opted_out])))
     assert written == {people[0], people[1], people[8]}
     rows = {f"{r['nhs_number']:010d}": r for r in second.ledger.to_pylist()}
@@ -73,6 +73,19 @@ def test_decide_writes_new_changed_and_due_and_keeps_who_left() -> None:
     assert all(rows[n]["consent_id"] == consent_id(n) for n in rows)
     full = ledger.decide(now, second.ledger, _at(1), "R3", refresh_days=0, full_refresh=True)
     assert full.counts["to_write"] == 8 and full.counts["unchanged"] == 0
+
+
+def test_an_older_answer_never_overwrites_a_newer_one() -> None:
+    people = _numbers(6, seed=9802)
+    newer = ledger.decide(_classified(people, {people[0]}), ledger.empty_ledger(), _at(2), "B", refresh_days=0)
+    # An older request's answer (day 1), processed after the newer one: people[1] opted out then, people[0] not.
+    older = ledger.decide(_classified(people[:5], {people[1]}), newer.ledger, _at(1), "A", refresh_days=0)
+    assert older.counts["superseded"] == 5 and older.counts["to_write"] == 0 and older.counts["left_cohort"] == 1
+    assert len(older.write_opted_out) == len(older.write_not_opted_out) == 0
+    assert sorted(older.ledger.to_pylist(), key=lambda r: r["nhs_number"]) == sorted(
+        newer.ledger.to_pylist(), key=lambda r: r["nhs_number"])  # every row exactly as the newer answer left it
+    same_time = ledger.decide(_classified(people, {people[1]}), newer.ledger, _at(2), "C", refresh_days=0)
+    assert same_time.counts["superseded"] == 0 and same_time.counts["newly_opted_out"] == 1  # as new: applies
 
 
 def test_refresh_spread_over_40_days() -> None:

@@ -57,12 +57,12 @@ def test_two_runs_write_then_update_exactly_the_changed_statuses(tmp_path, work_
     report = json.loads((work_dir.request_dir(records[1]["request_id"]) / "report.json").read_text())
     assert report["changes"] == {  # counted by the ledger join; only the 7 changes are written
         "to_write": 7, "newly_opted_out": 4, "opt_out_withdrawn": 3, "new_patients": 0, "refreshed": 0,
-        "left_cohort": 0, "unchanged": 33,
+        "left_cohort": 0, "superseded": 0, "unchanged": 33,
     }
     assert report["cohort"]["invalid"] == 1 and report["cohort"]["sent"] == 40
     assert report["results"]["opted_out"] == 7 and report["results"]["written"] == 7
     markdown = (work_dir.request_dir(records[1]["request_id"]) / "report.md").read_text()
-    assert "| 7 | 0 | 4 | 3 | 0 | 33 | 0 |" in markdown and markdown in second.stdout
+    assert "| 7 | 0 | 4 | 3 | 0 | 33 | 0 | 0 |" in markdown and markdown in second.stdout
     for text in (first.stdout, first.stderr, second.stdout, second.stderr, markdown):
         assert not any(n in text for n in numbers)
     assert mesh.inbox() == []

@@ -2,14 +2,19 @@
 entry. A fault-injecting proxy (tests/fixtures/fhir_proxy.py) sits in front of the real FHIR server."""
 from __future__ import annotations
 
+import json
+import time
+from datetime import datetime
+
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import nhs
 from pipeline.fhir_client import FhirClientConfig
-from pipeline.state import REPLIED
+from pipeline.state import ACKNOWLEDGED, REPLIED
 from tests.fixtures.fhir_proxy import FaultProxy
-from tests.helpers import summarise
-from tests.test_run import ndop_run
+from tests.helpers import cli, summarise
+from tests.test_run import ndop_run, statuses
 from tests.test_write_consents import make_consent, numbers, run
 
 
@@ -42,3 +47,40 @@ def test_a_run_behind_a_gateway_answering_202_fails_and_acknowledges_nothing(tmp
     assert record["state"] == REPLIED  # not processed, so the reply is not acknowledged
     assert len(mesh.inbox()) == 1
     assert proxy.bundle_posts >= 1
+
+
+def test_an_older_request_processed_late_never_overwrites_a_newer_answer(tmp_path, work_dir, mesh,
+                                                                         fhir_server) -> None:
+    """Issue 19 item 3: request A is replied but not processed; B (``--new-request``) completes with a newer answer;
+    the next run carries A on, and A's older statuses must not overwrite B's (Consents, ledger checked_at)."""
+    numbers = nhs.synthetic_numbers(12, seed=1932).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    opted = tmp_path / "opted-out.txt"
+    opted.write_text("\n".join(numbers[:4]) + "\n")  # A's answer: 0-3 opted out
+    mesh.plugin(opted_out_file=str(opted))
+    env = {**mesh.env(), "FHIR_URL": fhir_server}
+    work = ["--work-dir", str(work_dir.root)]
+    assert cli("request", "--cohort", str(cohort), "--mailbox", "X26ABC1", *work).returncode == 0
+    assert cli("send", *work, env=env).returncode == 0
+    assert cli("poll", "--wait", "20", "--interval", "0.2", *work, env=env).returncode == 0
+    [a] = work_dir.all()
+    assert a["state"] == REPLIED
+    time.sleep(1.1)  # answers are compared to the second
+    opted.write_text("\n".join(numbers[4:8]) + "\n")  # B's newer answer: 4-7 opted out
+    b_run = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request")
+    assert b_run.returncode == 0, b_run.stderr
+    newest = {n: "active" if n in numbers[4:8] else "inactive" for n in numbers}
+    assert statuses(fhir_server, numbers) == {n: [s] for n, s in newest.items()}
+
+    a_run = ndop_run(work_dir, env, "--cohort", str(cohort))  # carries A on
+    assert a_run.returncode == 0, a_run.stderr
+    assert work_dir.load(a["request_id"])["state"] == ACKNOWLEDGED
+    assert statuses(fhir_server, numbers) == {n: [s] for n, s in newest.items()}  # B's answer still stands
+    report = json.loads((work_dir.request_dir(a["request_id"]) / "report.json").read_text())
+    assert report["changes"]["superseded"] == 12 and report["changes"]["to_write"] == 0
+    parts = sorted((work_dir.root / "ledger" / "current").glob("*.parquet"))
+    ledger_rows = [row for part in parts for row in pq.read_table(part).to_pylist()]
+    checked = {r["checked_at"] for r in ledger_rows}
+    assert len(ledger_rows) == 12 and len(checked) == 1  # every row keeps B's (newer) checked_at
+    assert checked.pop() > datetime.fromisoformat(a["checked_at"].replace("Z", "+00:00"))

@@ -11,7 +11,10 @@ who is written:
 - not in the ledger (new patient), or status changed: write;
 - status unchanged but the Consent's refresh slot has passed since it was written: write (refresh);
 - otherwise: no write (``unchanged``);
-- in the ledger but not in this request (left the cohort): the row is kept untouched, never written.
+- in the ledger but not in this request (left the cohort): the row is kept untouched, never written;
+- in the ledger with a newer answer than this one (``checked_at`` later: an older request processed after a newer
+  one): the row is kept untouched, never written, and counted as ``superseded``. An older answer never overwrites
+  a newer one.
 
 Refresh slots: each patient has a deterministic day offset ``o`` in ``[0, N)`` (:func:`refresh_offset`,
 a keyed splitmix64 hash of the NHS number); its slots are the UTC days ``d`` with ``(d - o) % N == 0``.
@@ -160,6 +163,15 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
     old_status = _status_codes(previous.column("status")) if previous.num_rows else np.zeros(0, np.int8)
     old_since = _seconds(previous.column("status_since")) if previous.num_rows else np.zeros(0, np.int64)
     old_written = _seconds(previous.column("written_at")) if previous.num_rows else np.zeros(0, np.int64)
+    old_checked = _seconds(previous.column("checked_at")) if previous.num_rows else np.zeros(0, np.int64)
+
+    # Newest answer wins: a patient whose row holds a newer NDOP answer than this one is left exactly as it is
+    # (no write, the row kept like a patient who left the cohort) and counted as superseded.
+    superseded = np.zeros(len(numbers), bool)
+    superseded[known] = old_checked[old_row[known]] > now
+    if superseded.any():
+        keep = ~superseded
+        numbers, status, known, old_row = numbers[keep], status[keep], known[keep], old_row[keep]
     rows = old_row[known]
     changed = np.zeros(len(numbers), bool)
     changed[known] = old_status[rows] != status[known]
@@ -178,7 +190,8 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
         "opt_out_withdrawn": int((changed & (status == 0)).sum()),
         "refreshed": int((write & same).sum()),
         "unchanged": int((~write).sum()),
-        "left_cohort": int((~in_request).sum()),
+        "left_cohort": int((~in_request).sum()) - int(superseded.sum()),
+        "superseded": int(superseded.sum()),
     }
 
     # The shard's new ledger: every requested patient (updated), then those who left (untouched).

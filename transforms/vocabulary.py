@@ -85,6 +85,7 @@ LEDGER_COUNTERS = {
     "refreshed": "ledger_refreshed",
     "unchanged": "ledger_unchanged",
     "left_cohort": "ledger_left_cohort",
+    "superseded": "ledger_superseded",  # rows holding a newer NDOP answer than this request's: not written
     "ledger_rows": "ledger_rows",
 }
 SUMMARY_COUNTERS.update(LEDGER_COUNTERS)
