@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need (venvs, the local FHIR server), checks the code (ruff, mypy: config in
-# pyproject.toml), and runs the tests.
-# Usage: ./run_tests.sh [pytest arguments]
+# Sets up everything the tests need (venvs, the local FHIR servers, Prism, Flink), checks the code (ruff, mypy:
+# config in pyproject.toml), and runs the tests.
+#   ./run_tests.sh [pytest arguments]        stage 1: every test but the second stage's, two workers (xdist)
+#   ./run_tests.sh --all [pytest arguments]  stage 1, then stage 2: the HAPI FHIR, Prism and Flink tests (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
+STAGE2="hapi or prism or flink"
+ALL=0
+if [ "${1:-}" = "--all" ]; then ALL=1; shift; fi
 bash dev/setup_env.sh
 .venv/bin/python -m ruff check --quiet pipeline transforms
 .venv/bin/python -m mypy --no-error-summary pipeline transforms
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ] && [ "$ALL" = 0 ]; then  # arguments given: exactly what they select, in one process
+  exec .venv/bin/python -m pytest "$@"
+fi
+echo "stage 1: pytest -n 2 -m 'not ($STAGE2)'" >&2
+.venv/bin/python -m pytest -n 2 -m "not ($STAGE2)" "$@"
+if [ "$ALL" = 1 ]; then
+  echo "stage 2: pytest -m '$STAGE2'" >&2
+  .venv/bin/python -m pytest -m "$STAGE2" "$@"
+fi

@@ -30,6 +30,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",
             "mesh-sandbox>=1.0.130,<2",
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",

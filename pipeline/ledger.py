@@ -15,6 +15,7 @@ and before the request is marked processed; see the crash contract in :mod:`pipe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,28 +65,58 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
     """
     if not folder:
         return None
-    try:
-        meta = read_meta(folder)
-        if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
-            raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
-                             f"not {fhir_base_url}; "
-                             "give --full-refresh to rewrite this store and start a new ledger")
-        for path in ledger_files(folder):
-            try:
-                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                    names = set(pq.ParquetFile(handle).schema_arrow.names)
-            except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds for a damaged file)
-                raise InputError(f"{path}: ledger file cannot be read ({type(err).__name__}); "
-                                 "give --full-refresh to rewrite the store and start a new ledger") from None
-            if not set(SCHEMA.names) <= names:
-                missing = ", ".join(sorted(set(SCHEMA.names) - names))
-                raise InputError(f"{path}: not a ledger file (columns {missing} missing)")
-    except InputError as err:
-        if not full_refresh:
-            raise
-        _LOGGER.warning("full refresh: ignoring the previous ledger: %s", err)
+    if full_refresh:  # every Consent is written again: the new ledger is built from what the store now holds
+        _LOGGER.warning("full refresh: the previous ledger %s is not read; a new one starts from this run", folder)
         return None
+    meta = read_meta(folder)
+    if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
+        raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
+                         f"not {fhir_base_url}; "
+                         "give --full-refresh to rewrite this store and start a new ledger")
+    found = ledger_files(folder)
+    _check_files(folder, meta, found)
+    for path in found:
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                names = set(pq.ParquetFile(handle).schema_arrow.names)
+        except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds for a damaged file)
+            raise InputError(f"{path}: ledger file cannot be read ({type(err).__name__}); {_REBUILD}") from None
+        if not set(SCHEMA.names) <= names:
+            missing = ", ".join(sorted(set(SCHEMA.names) - names))
+            raise InputError(f"{path}: not a ledger file (columns {missing} missing); {_REBUILD}")
     return folder
+
+
+_REBUILD = "give --full-refresh to rewrite the store and start a new ledger"
+
+
+def _digest(path: str) -> str:
+    """SHA-256 of one ledger file, streamed through ``FileSystems``."""
+    digest = hashlib.sha256()
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_files(folder: str, meta: dict[str, Any], found: list[str]) -> None:
+    """The folder holds exactly the files ``ledger.json`` names, each with its recorded SHA-256 (older ledgers
+    without checksums: the names only): a stray, missing or damaged part is found here, never used."""
+    names = {_name(p): p for p in found}
+    listed = meta.get("files")
+    if isinstance(listed, list):
+        stray, missing = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
+        if stray or missing:
+            what = f"{', '.join(stray)} not part of it" if stray else f"{', '.join(missing)} missing"
+            raise InputError(f"{folder}: the ledger does not match its ledger.json ({what}); {_REBUILD}")
+    for name, expected in (meta.get("sha256") or {}).items():
+        if name in names and _digest(names[name]) != expected:
+            raise InputError(f"{names[name]}: ledger file damaged (its SHA-256 is not the one in ledger.json); "
+                             f"{_REBUILD}")
+
+
+def _name(path: str) -> str:
+    return Path(path).name if _local(path) else path.rsplit("/", 1)[-1]
 
 
 def finish(folder: str, summary: dict[str, Any], fhir_base_url: str) -> None:
@@ -95,7 +126,8 @@ def finish(folder: str, summary: dict[str, Any], fhir_base_url: str) -> None:
         "request_id": summary.get("request_id"),
         "checked_at": summary.get("checked_at"),
         "rows": summary["counts"].get("ledger_rows", 0),
-        "files": [Path(p).name if _local(p) else p.rsplit("/", 1)[-1] for p in ledger_files(folder)],
+        "files": [_name(p) for p in ledger_files(folder)],
+        "sha256": {_name(p): _digest(p) for p in ledger_files(folder)},
         "written_at": isoformat(utcnow()),
     }
     path = FileSystems.join(folder, META)

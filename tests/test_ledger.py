@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -261,6 +262,36 @@ def test_ledger_refused_unless_full_refresh(tmp_path, fhir_server) -> None:
     assert _versions(fhir_server, cohort) == {} and not out.exists()  # nothing written
     summary = _process(folder, fhir_server, _at(0), f"--ledger_in={broken}", f"--ledger_out={out}", "--full_refresh")
     assert summary["ok"] and summary["counts"]["written"] == 20 and (out / ledger_dirs.META).is_file()
+
+
+def test_a_stray_or_damaged_ledger_part_is_found_and_full_refresh_gets_past_it(tmp_path, fhir_server) -> None:
+    """Issue 19 item 7: ledger.json names its parts with their SHA-256; a stray duplicate part or a damaged one
+    stops the run (exit 2, nothing written) instead of being used, and --full-refresh starts a new ledger."""
+    cohort = _numbers(20, seed=9814)
+    folder, first = tmp_path / "R", tmp_path / "L1"
+    _inputs(folder, cohort, set())
+    assert _process(folder, fhir_server, _at(0), f"--ledger_out={first}")["ok"]
+    meta = json.loads((first / ledger_dirs.META).read_text())
+    parts = sorted(first.glob("*.parquet"))
+    assert sorted(meta["sha256"]) == sorted(meta["files"]) == [p.name for p in parts]
+    before = _versions(fhir_server, cohort)
+
+    stray = first / "zz-copy.parquet"
+    shutil.copy(parts[0], stray)  # a patient twice, as a stray copy left by hand would make
+    with pytest.raises(InputError, match="zz-copy.parquet not part of it"):
+        _process(folder, fhir_server, _at(1), f"--ledger_in={first}", f"--ledger_out={tmp_path / 'L2'}")
+    stray.unlink()
+    damaged = bytearray(parts[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    parts[0].write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=f"{parts[0].name}: ledger file damaged"):
+        _process(folder, fhir_server, _at(1), f"--ledger_in={first}", f"--ledger_out={tmp_path / 'L3'}")
+    assert _versions(fhir_server, cohort) == before  # nothing written by the refused runs
+    shutil.copy(parts[0], stray)
+    rebuilt = _process(folder, fhir_server, _at(1), f"--ledger_in={first}", f"--ledger_out={tmp_path / 'L4'}",
+                       "--full_refresh")
+    assert rebuilt["ok"] and rebuilt["counts"]["written"] == 20
+    assert pq.read_table(sorted((tmp_path / "L4").glob("*.parquet"))).num_rows == 20
 
 
 # -- ndop process: the work dir's ledger, a crash in the middle of the writes ---------------------------
