@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import InputError, at
 from pipeline.request import NDOP_MAILBOX, WORKFLOW_ID
-from pipeline.settings import DAYS, HOURS, parse_number
+from pipeline.settings import DAYS, HOURS, MESH_TIMEOUT, parse_number
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ DEFAULT_OVERDUE_AFTER = timedelta(days=5)  # the MESH inbox expiry
 ENDPOINT_NAMES = ("int", "live", "dep")
 MIN_POLL_INTERVAL = 300  # MESH API: poll at most once every five minutes (unless more messages are waiting)
 HANDSHAKE_EVERY = timedelta(days=1)  # MESH API: validate the mailbox (handshake) once a day
+# Seconds to connect, and between bytes of an answer; mesh-client retries a request up to 3 times, so a MESH that
+# accepts connections and never answers fails a step in about a minute (mesh-client's own default: 10 minutes).
+DEFAULT_MESH_TIMEOUT = 15.0
 
 # Every setting: config-file / environment name -> MeshConfig field.
 SETTINGS = {
@@ -50,6 +53,7 @@ SETTINGS = {
     "NDOP_RESEND_AFTER_HOURS": "resend_after",
     "NDOP_OVERDUE_DAYS": "overdue_after",
     "NDOP_SEND_CTL": "send_ctl",
+    "NDOP_MESH_TIMEOUT": "timeout",
 }
 SECRET_FIELDS = ("password", "shared_key")
 
@@ -68,6 +72,7 @@ class MeshConfig:
     resend_after: timedelta = DEFAULT_RESEND_AFTER
     overdue_after: timedelta = DEFAULT_OVERDUE_AFTER
     send_ctl: bool = False
+    timeout: float = DEFAULT_MESH_TIMEOUT
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -130,6 +135,8 @@ def _convert(key: str, value: str, source: str) -> object:
             return timedelta(hours=parse_number(value, f"{source}: {key}", HOURS))
         if attr == "overdue_after":
             return timedelta(days=parse_number(value, f"{source}: {key}", DAYS))
+        if attr == "timeout":
+            return parse_number(value, f"{source}: {key}", MESH_TIMEOUT)
         if attr == "send_ctl":
             if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "y", "n", "on", "off", ""):
                 raise ValueError(value)

@@ -584,7 +584,7 @@ def make_client(config: MeshConfig) -> MeshClient:
     return MeshClient(
         url, config.mailbox, config.password,
         shared_key=config.shared_key.encode("utf-8") if config.shared_key else None,
-        cert=cert, verify=config.ca_cert or None, application_name="ndop-sync",
+        cert=cert, verify=config.ca_cert or None, application_name="ndop-sync", timeout=config.timeout,
     )
 
 

@@ -36,6 +36,7 @@ SECONDS_A_DAY = 86_400
 POLL_INTERVAL = Range(0, SECONDS_A_DAY, "seconds")  # MESH: poll at least once a day
 WAIT = Range(0, 7 * SECONDS_A_DAY, "seconds")  # MESH keeps an unacknowledged message 5 days
 PROGRESS_SECONDS = Range(0, 3600, "seconds")
+MESH_TIMEOUT = Range(1, 600, "seconds")
 BATCH = Range(1, 100_000, "entries", whole=True)
 SHARDS = Range(1, 65_536, "shards", whole=True)
 SAMPLE = Range(0, 1_000_000, "Consents", whole=True)

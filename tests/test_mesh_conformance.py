@@ -4,6 +4,7 @@ and tests/test_run_crash.py)."""
 from __future__ import annotations
 
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pipeline.mesh_driver import REPLY_FILE, MeshDriver, workflow_filter
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import ACCEPTED, FAILED, REPLIED, WorkDir
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
+from tests.helpers import cli
 
 INBOX = f"/messageexchange/{OUR_MAILBOX}/inbox"
 HANDSHAKE = f"/messageexchange/{OUR_MAILBOX}"
@@ -130,3 +132,24 @@ def test_one_request_per_auth_token(mesh: Mesh, work_dir: WorkDir, tmp_path: Pat
         driver.poll(wait=20, interval=0.2)
     assert work_dir.load(record["request_id"])["state"] == REPLIED
     assert len(tokens) >= 4 and all(tokens) and len(set(tokens)) == len(tokens)  # never a token twice
+
+
+def test_a_mesh_that_accepts_and_never_answers_fails_the_poll_quickly(work_dir: WorkDir, tmp_path: Path) -> None:
+    """Issue 19 item 6: mesh-client's own timeout is 10 minutes a try; ours (NDOP_MESH_TIMEOUT, 15 s, 1 s here)
+    makes a silent MESH fail the step in about a minute at most, with one line and exit 1."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel completes the handshake), never reads or answers
+    try:
+        env = {"MESH_URL": f"http://127.0.0.1:{silent.getsockname()[1]}", "MESH_MAILBOX": OUR_MAILBOX,
+               "MESH_PASSWORD": "password", "NDOP_MESH_TIMEOUT": "1"}
+        started = time.monotonic()
+        done = cli("poll", "--work-dir", str(work_dir.root), env=env, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # before it: urllib3's retry warnings, read timeout=1.0 each
+    assert last.startswith("ndop poll: error: MESH handshake failed: cannot talk to http://127.0.0.1:"), last
+    assert "read timeout=1.0" in done.stderr
+    assert took < 30, took
