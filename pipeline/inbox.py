@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Collection, Mapping
 
 from pipeline import datfile
-from pipeline.state import ACKNOWLEDGED, OPEN, PROCESSED
+from pipeline.state import ACKNOWLEDGED, OPEN, PROCESSED, REJECTED
 
 NOTICE_SUBJECT = "SUCCESS"
 HEAD_BYTES = 256  # how much of a body the decision may look at
@@ -29,13 +29,15 @@ class Action(str, enum.Enum):
     SAVE_REPLY = "save-reply"  # the reply: saved, not acknowledged until processed
     AWAIT_PROCESSING = "await-processing"  # the reply already saved, not yet processed: left
     ACK_PROCESSED = "ack-processed"  # the reply of a processed request: acknowledge it now
-    LATE_DUPLICATE = "late-duplicate"  # another reply for a request that has its answer
+    LATE_DUPLICATE = "late-duplicate"  # the same reply again (same content digest) for a request that has its answer
+    NEEDS_DIGEST = "needs-digest"  # decided only by the body's SHA-256: download it whole, then decide again
+    SECOND_REPLY = "second-reply"  # a different reply for a request that has its answer: left for a person
 
 
 ACKNOWLEDGES = frozenset({Action.FAIL, Action.IGNORE_REPORT, Action.ACCEPT, Action.DUPLICATE_NOTICE, Action.REJECT,
                           Action.ACK_PROCESSED, Action.LATE_DUPLICATE})
 LEAVES = frozenset({Action.LEAVE_UNMATCHED, Action.LEAVE_OTHER_WORKFLOW, Action.LEAVE_FOREIGN_SENDER,
-                    Action.AWAIT_PROCESSING})
+                    Action.AWAIT_PROCESSING, Action.SECOND_REPLY})
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class InboxMessage:
     workflow_id: str = ""
     linked_message_id: str = ""
     head: bytes = b""  # the first HEAD_BYTES of the body (fewer: the whole body)
+    sha256: str | None = None  # the whole body's digest, when the decision asked for it (NEEDS_DIGEST)
 
     @property
     def is_report(self) -> bool:
@@ -88,8 +91,12 @@ def classify_inbox_message(message: InboxMessage, record: Mapping[str, object] |
         return Action.ACK_PROCESSED if state in (PROCESSED, ACKNOWLEDGED) else Action.AWAIT_PROCESSING
     if message.subject.strip().upper() == NOTICE_SUBJECT:
         return Action.ACCEPT if state in OPEN else Action.DUPLICATE_NOTICE
-    if state not in OPEN:
-        return Action.LATE_DUPLICATE
+    if state not in OPEN:  # the request has its answer: only the same answer again may be acknowledged unread
+        if state == REJECTED and is_invalid_numbers_reply(message.head):
+            return Action.LATE_DUPLICATE
+        if message.sha256 is None:
+            return Action.NEEDS_DIGEST
+        return Action.LATE_DUPLICATE if message.sha256 == record.get("reply_sha256") else Action.SECOND_REPLY
     if is_invalid_numbers_reply(message.head):
         return Action.REJECT
     return Action.SAVE_REPLY

@@ -8,6 +8,7 @@ carried is durably stored. What to do with each inbox message is decided by
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -87,10 +88,13 @@ class PollReport:
     other_workflow: int = 0
     in_flight: list[str] = field(default_factory=list)
     timed_out: bool = False
+    second_replies: list[tuple[str, str]] = field(default_factory=list)  # (request id, message id): for a person
 
     @property
     def problems(self) -> list[tuple[str, str]]:
-        return self.rejected + self.failed
+        return self.rejected + self.failed + [
+            (rid, f"a second, different reply (MESH message {mid}) came after its answer: left in the inbox for "
+                  f"a person to decide (docs/guarantees.md)") for rid, mid in self.second_replies]
 
 
 class MeshDriver:
@@ -412,6 +416,13 @@ class MeshDriver:
         record = self.work_dir.load(rid) if rid is not None else None
         action = classify_inbox_message(facts, record, ndop_mailbox=self.config.ndop_mailbox,
                                         workflow_ids=self.config.workflow_ids)
+        if action == Action.NEEDS_DIGEST:  # the same reply again, or a different one? Read it whole to know.
+            facts = dataclasses.replace(facts, sha256=_digest_of(message, facts.head))
+            action = classify_inbox_message(facts, record, ndop_mailbox=self.config.ndop_mailbox,
+                                            workflow_ids=self.config.workflow_ids)
+        if record is not None and action == Action.SECOND_REPLY:
+            self._on_second_reply(facts, record, report)
+            return True
         if record is None or action in LEAVES:
             self._on_left_alone(facts, action, rid, report)
             return True
@@ -436,6 +447,18 @@ class MeshDriver:
             self._on_reply(message, facts, record, report)
             return True
         return False
+
+    def _on_second_reply(self, facts: InboxMessage, record: RequestRecord, report: PollReport) -> None:
+        """A different reply for a request that has its answer: never acknowledged unread, never used; the
+        request waits for a person (``ndop process`` refuses it), and every poll says so until then."""
+        rid = record["request_id"]
+        seen = record.get("second_replies") or []
+        if all(s.get("message_id") != facts.message_id for s in seen):
+            self.work_dir.update(rid, expect=record["state"], second_replies=[
+                *seen, {"message_id": facts.message_id, "sha256": facts.sha256 or "", "at": isoformat(utcnow())}])
+        _LOGGER.error("request %s is %s, and a second, different reply %s came: left in the inbox for a person",
+                      rid, record["state"], facts.message_id)
+        report.second_replies.append((rid, facts.message_id))
 
     def _on_left_alone(self, facts: InboxMessage, action: Action, rid: str | None, report: PollReport) -> None:
         if action == Action.AWAIT_PROCESSING and rid is not None:
@@ -565,6 +588,14 @@ class MeshDriver:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _digest_of(message: Any, head: bytes) -> str:
+    """SHA-256 of a message's whole body (``head`` already read), streamed."""
+    digest = hashlib.sha256(head)
+    for block in iter(lambda: message.read(_READ_BLOCK), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
 
 def workflow_filter(workflow_ids: tuple[str, ...]) -> str | None:
     """The one MESH inbox ``workflow_filter`` that lists every id in ``workflow_ids``: the id itself for one, their

@@ -105,6 +105,10 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
         return hand_off_acknowledgement(work_dir, record, acknowledge)
     if record.get("state") != REPLIED:
         raise InputError(f"request {request_id} is {record.get('state')!r}; process needs a 'replied' request")
+    if record.get("second_replies"):
+        second = record["second_replies"][-1]
+        raise NdopError(f"request {request_id}: a second, different reply (MESH message {second.get('message_id')}) "
+                        "came for it; which answer is NDOP's is for a person to decide (docs/guarantees.md)")
     if not record.get("checked_at"):
         raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
     folder = work_dir.request_dir(request_id)

@@ -120,6 +120,9 @@ class Runner:
             record = self.work_dir.load(rid)
             if record["state"] == CREATED:
                 return self._finish(rid, EXIT_FAILED, f"request {rid} could not be sent; see the log above")
+            if record["state"] == REPLIED:  # one look at the inbox first: is a second, different reply waiting?
+                driver.poll()
+                record = self.work_dir.load(rid)
             if record["state"] in IN_FLIGHT:
                 started = time.monotonic()
                 self.progress(f"[poll] waiting up to {self.settings.wait:.0f}s for NDOP's reply to {rid}")

@@ -145,6 +145,7 @@ class RequestRecord(TypedDict, total=False):
     replied_at: str
     checked_at: str
     duplicate_replies: list[str]
+    second_replies: list[dict[str, str]]  # different replies after the answer: never used, left for a person
     # process and acknowledge
     processing: dict[str, Any]
     processed_at: str

@@ -94,8 +94,17 @@ def test_the_saved_reply_waits_until_processed_then_is_acknowledged() -> None:
 
 
 @pytest.mark.parametrize("state", [REPLIED, PROCESSED, ACKNOWLEDGED, "rejected", "failed"])
-def test_another_reply_after_the_answer_is_a_late_duplicate(state: str) -> None:
-    assert decide(data("R2"), record(state, reply_message_id="R1")) == Action.LATE_DUPLICATE
+def test_another_reply_after_the_answer_is_acknowledged_only_when_it_is_the_same_answer(state: str) -> None:
+    answered = record(state, reply_message_id="R1", reply_sha256="d1")
+    assert decide(data("R2"), answered) == Action.NEEDS_DIGEST  # decided by the whole body
+    assert decide(data("R2", sha256="d1"), answered) == Action.LATE_DUPLICATE
+    assert decide(data("R2", sha256="d2"), answered) == Action.SECOND_REPLY  # left in the inbox for a person
+    assert Action.SECOND_REPLY in LEAVES and Action.SECOND_REPLY not in ACKNOWLEDGES
+
+
+def test_a_repeated_invalid_numbers_reply_for_a_rejected_request_is_a_late_duplicate() -> None:
+    text = (datfile.INVALID_NUMBERS_REPLY + "\r\n").encode()
+    assert decide(data("R2", head=text), record("rejected")) == Action.LATE_DUPLICATE
 
 
 def test_mesh_report_fails_an_open_request_unless_about_an_older_message() -> None:
@@ -124,11 +133,12 @@ _messages = st.builds(
     InboxMessage, message_id=st.sampled_from(["R1", "R2", "N1"]), local_id=_text, message_type=_text, subject=_text,
     sender=_text, workflow_id=_text, linked_message_id=_text,
     head=st.one_of(st.binary(max_size=HEAD_BYTES), st.just((datfile.INVALID_NUMBERS_REPLY + "\r\n").encode())),
+    sha256=st.sampled_from([None, "d1", "d2"]),
 )
 _records = st.one_of(st.none(), st.builds(
     record, st.sampled_from(STATES),
     reply_message_id=st.sampled_from([None, "R1", "R2"]), message_id=st.sampled_from([None, "M1", "M2"]),
-    ndop_mailbox=st.sampled_from([NDOP, "", "x26ndop"]),
+    ndop_mailbox=st.sampled_from([NDOP, "", "x26ndop"]), reply_sha256=st.sampled_from([None, "d1"]),
 ))
 
 
@@ -138,7 +148,9 @@ def test_any_message_gets_exactly_one_action_and_no_early_acknowledgement(messag
                                                                           rec: dict[str, Any] | None) -> None:
     action = decide(message, rec)
     assert isinstance(action, Action) and decide(message, rec) is action  # one action, the same every time
-    assert (action in ACKNOWLEDGES) + (action in LEAVES) + (action == Action.SAVE_REPLY) == 1
+    assert (action in ACKNOWLEDGES) + (action in LEAVES) + (action in (Action.SAVE_REPLY, Action.NEEDS_DIGEST)) == 1
+    if action == Action.LATE_DUPLICATE and rec["state"] != "rejected":  # acknowledged unread only when the same
+        assert message.sha256 is not None and message.sha256 == rec.get("reply_sha256")
     if rec is None:
         assert action in LEAVES
         return

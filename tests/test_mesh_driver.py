@@ -454,17 +454,29 @@ def test_acknowledge_after_processing_and_late_duplicate_reply(mesh: Mesh, work_
         assert later_run.acknowledge(rid) == acknowledged  # idempotent
     assert mesh.inbox() == []
 
-    with mesh.client(NDOP_MAILBOX) as ndop_client:  # NDOP answers the same local id again
-        duplicate = ndop_client.send_message(OUR_MAILBOX, b"9434765919,\r\n", workflow_id="SPINE_NTT_UPHOLDING",
-                                             local_id=record["local_id"], subject=record["subject"])
     reply_before = (work_dir.request_dir(rid) / "reply.dat").read_bytes()
+    with mesh.client(NDOP_MAILBOX) as ndop_client:  # NDOP sends the same answer for the same local id again
+        duplicate = ndop_client.send_message(OUR_MAILBOX, reply_before, workflow_id="SPINE_NTT_UPHOLDING",
+                                             local_id=record["local_id"], subject=record["subject"])
     with MeshDriver(mesh.config(), work_dir) as driver:
         report = driver.poll()
     saved = work_dir.load(rid)
-    assert report.duplicates == [duplicate] and mesh.inbox() == []
+    assert report.duplicates == [duplicate] and mesh.inbox() == [] and not report.problems
     assert saved["state"] == ACKNOWLEDGED and saved["duplicate_replies"] == [duplicate]
     assert saved["reply_message_id"] == replied["reply_message_id"]
     assert (work_dir.request_dir(rid) / "reply.dat").read_bytes() == reply_before
+
+    # A different answer for the same request (issue 19 item 6): never acknowledged unread, left for a person.
+    other = nhs.synthetic_numbers(1, seed=4242).to_pylist()[0]
+    with mesh.client(NDOP_MAILBOX) as ndop_client:
+        different = ndop_client.send_message(OUR_MAILBOX, f"{other},\r\n".encode(), workflow_id="SPINE_NTT_UPHOLDING",
+                                             local_id=record["local_id"], subject=record["subject"])
+    for _ in range(2):  # every poll says so, and records it once
+        with MeshDriver(mesh.config(), work_dir) as driver:
+            report = driver.poll()
+        assert report.second_replies == [(rid, different)] and report.duplicates == []
+        assert mesh.inbox() == [different] and "second, different reply" in report.problems[0][1]
+    assert [s["message_id"] for s in work_dir.load(rid)["second_replies"]] == [different]
 
 
 def test_poll_finishes_an_acknowledgement_whose_state_write_was_lost(mesh: Mesh, work_dir: WorkDir,
