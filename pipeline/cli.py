@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
 from pipeline.files import check_folder
+from pipeline.plausibility import SWING
 from pipeline.settings import DAYS, POLL_INTERVAL, WAIT, WHOLE_DAYS, number_option
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
@@ -213,7 +214,18 @@ def _ledger_options() -> argparse.ArgumentParser:
                              "(env NDOP_REFRESH_DAYS, default 30; 0: write only changes)")
     ledger.add_argument("--full-refresh", action="store_true",
                         help="write every Consent (e.g. after a store restore) and start a new ledger")
+    ledger.add_argument("--max-swing", type=number_option("--max-swing", SWING), default=None, metavar="POINTS",
+                        help="refuse a reply that moves the opted-out share more than this many percentage points "
+                             "against the ledger (env NDOP_MAX_SWING, default 2)")
+    ledger.add_argument("--accept-swing", action="store_true",
+                        help="a person has checked NDOP's answer: use it even if it moves the share more")
     return ledger
+
+
+def _swing(args: argparse.Namespace) -> float | None:
+    from pipeline.plausibility import max_swing
+
+    return None if args.accept_swing else max_swing(args.max_swing)
 
 
 def _ledger_args(args: argparse.Namespace) -> list[str]:
@@ -248,11 +260,11 @@ def _run_process(args: argparse.Namespace) -> int:
     args.extra_args = [*args.extra_args, *_ledger_args(args)]
     if args.no_ack:
         record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
-                                 stage_dir=args.stage_dir)
+                                 stage_dir=args.stage_dir, swing=_swing(args))
     else:
         with _mesh_driver(args) as driver:  # configuration errors surface before the pipeline runs
             record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
-                                     acknowledge=driver.acknowledge, stage_dir=args.stage_dir)
+                                     acknowledge=driver.acknowledge, stage_dir=args.stage_dir, swing=_swing(args))
     c = record.get("processing", {}).get("counts", {})
     print(
         f"request {record['request_id']}: {c.get('opted_out', 0)} opted out, "
@@ -301,7 +313,7 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     from pipeline.purge import retention_days
     from pipeline.staleness import stale_days
 
-    retention_days(None), stale_days(), every_seconds(), _ledger_args(args)
+    retention_days(None), stale_days(), every_seconds(), _ledger_args(args), _swing(args)
     load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url}).check_poll_interval(args.interval)
 
 
@@ -317,7 +329,7 @@ def _run_run(args: argparse.Namespace) -> int:
                                 column=args.column, format=args.format,
                                 patient_id_column=args.patient_id_column),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
-        beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir,
+        beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir, swing=_swing(args),
     )
     from pipeline.metrics import metrics_file
     from pipeline.purge import retention_days

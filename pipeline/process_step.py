@@ -16,7 +16,7 @@ from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError, NdopError
 from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.process import SUMMARY, _is_local, failure_message, join_path, run
-from pipeline.state import PROCESSED, REPLIED, RequestRecord, WorkDir, isoformat, utcnow
+from pipeline.state import ACCEPTED, PROCESSED, REPLIED, RequestRecord, WorkDir, isoformat, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def stage_inputs(folder: Path, files: dict[str, str], stage_dir: str) -> tuple[s
 
 def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = None,
                     beam_args: Sequence[str] = (), acknowledge: Acknowledge | None = None,
-                    stage_dir: str | None = None) -> RequestRecord:
+                    stage_dir: str | None = None, swing: float | None = None) -> RequestRecord:
     """``ndop process``: run the pipeline for a replied request, then mark it processed and acknowledge.
 
     A record already ``processed`` (an earlier run wrote everything but did not acknowledge) is only
@@ -92,13 +92,35 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
     With ``stage_dir`` (a ``gs://`` folder for Dataflow) the inputs are copied to
     ``<stage_dir>/<request_id>/`` and the pipeline reads and writes there, so ``--runner DataflowRunner``
     works from the same work dir; ``summary.json`` is copied back beside the request.
+
+    With ``swing`` (percentage points) a reply that moves the opted-out share more than that against the ledger
+    is refused before anything is written (:func:`_check_swing`); None: the person accepted the swing.
     """
     with work_dir.lock():  # decide and act under one lock: one process step per request at a time
-        return _process_locked(work_dir, request_id, fhir_url, beam_args, acknowledge, stage_dir)
+        return _process_locked(work_dir, request_id, fhir_url, beam_args, acknowledge, stage_dir, swing)
+
+
+def _check_swing(work_dir: WorkDir, record: RequestRecord, allowed: float) -> None:
+    """The plausibility gate (pipeline/plausibility.py). A refused reply is set aside, not used: the request goes
+    back to waiting for NDOP, so the next poll downloads the reply again while MESH holds it."""
+    from pipeline.plausibility import swing_problem
+    from pipeline.staleness import ledger_summary
+
+    sent = int(record.get("counts", {}).get("sent", 0))
+    problem = swing_problem(ledger_summary(work_dir, 0), sent, int(record.get("reply_lines", 0)), allowed)
+    if problem is None:
+        return
+    rid = record["request_id"]
+    refused = {"message_id": record.get("reply_message_id"), "sha256": record.get("reply_sha256"),
+               "reason": problem, "at": isoformat(utcnow())}
+    (work_dir.request_dir(rid) / record.get("files", {}).get("reply", "reply.dat")).unlink(missing_ok=True)
+    work_dir.update(rid, state=ACCEPTED, expect=REPLIED, reply_message_id=None, reply_sha256=None,
+                    refused_replies=[*record.get("refused_replies", []), refused])
+    raise NdopError(f"request {rid}: reply {refused['message_id']} not used: {problem}")
 
 
 def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, beam_args: Sequence[str],
-                    acknowledge: Acknowledge | None, stage_dir: str | None) -> RequestRecord:
+                    acknowledge: Acknowledge | None, stage_dir: str | None, swing: float | None) -> RequestRecord:
     record = work_dir.load(request_id)
     if record.get("state") == PROCESSED:
         _LOGGER.info("process %s: already processed; acknowledging only", request_id)
@@ -111,6 +133,8 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
                         "came for it; which answer is NDOP's is for a person to decide (docs/guarantees.md)")
     if not record.get("checked_at"):
         raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
+    if swing is not None:
+        _check_swing(work_dir, record, swing)
     folder = work_dir.request_dir(request_id)
     files = record.get("files", {})
     if stage_dir:

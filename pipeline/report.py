@@ -9,7 +9,7 @@ import json
 from typing import Any, Mapping
 
 from pipeline.files import write_bytes, write_json
-from pipeline.state import REPLIED, SEND_UNKNOWN, SENT, WorkDir, parse_time
+from pipeline.state import IN_FLIGHT, REPLIED, SEND_UNKNOWN, SENT, WorkDir, parse_time
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -48,7 +48,9 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
                       "failed", "refused", "integrity_errors")
             if k in counts
         },
-        "problems": summary.get("problems", []),
+        "problems": [*summary.get("problems", []), *[  # a reply the plausibility gate set aside, still waiting
+            f"reply {r.get('message_id')} not used: {r.get('reason')}"
+            for r in (record.get("refused_replies") or [])[-1:] if record.get("state") in IN_FLIGHT]],
         "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
         "stage_seconds": _stage_seconds(record),
     }

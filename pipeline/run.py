@@ -21,6 +21,7 @@ from pipeline.faults import fault_point
 from pipeline.fhir_client import FhirClientConfig
 from pipeline.mesh_config import MeshConfig
 from pipeline.mesh_driver import MeshDriver
+from pipeline.plausibility import DEFAULT_MAX_SWING
 from pipeline.report import render_markdown, write_report
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
@@ -43,6 +44,7 @@ class RunSettings:
     fhir_url: str | None = None
     beam_args: Sequence[str] = ()
     stage_dir: str | None = None
+    swing: float | None = DEFAULT_MAX_SWING  # the plausibility gate (pipeline/plausibility.py); None: accepted
     fhir_env_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,7 +147,8 @@ class Runner:
 
                 try:
                     process_request(self.work_dir, rid, self.settings.fhir_url, self.settings.beam_args,
-                                    acknowledge=self._acknowledger(driver), stage_dir=self.settings.stage_dir)
+                                    acknowledge=self._acknowledger(driver), stage_dir=self.settings.stage_dir,
+                                    swing=self.settings.swing)
                 finally:
                     self._timed(rid, "process", started)
             record = self.work_dir.load(rid)

@@ -79,7 +79,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     SENT: frozenset({ACCEPTED, REPLIED, REJECTED, FAILED}),
     SEND_UNKNOWN: frozenset({SENT, ACCEPTED, REPLIED, REJECTED, FAILED}),
     ACCEPTED: frozenset({REPLIED, REJECTED, FAILED}),
-    REPLIED: frozenset({PROCESSED}),
+    REPLIED: frozenset({PROCESSED, ACCEPTED}),  # back to waiting: a reply the plausibility gate set aside
     PROCESSED: frozenset({ACKNOWLEDGED}),
     ACKNOWLEDGED: frozenset(),
     REJECTED: frozenset(),
@@ -146,6 +146,7 @@ class RequestRecord(TypedDict, total=False):
     checked_at: str
     duplicate_replies: list[str]
     second_replies: list[dict[str, str]]  # different replies after the answer: never used, left for a person
+    refused_replies: list[dict[str, Any]]  # replies the plausibility gate set aside (downloaded again next poll)
     # process and acknowledge
     processing: dict[str, Any]
     processed_at: str
@@ -206,7 +207,7 @@ def _record_hints() -> dict[str, Any]:
 
 def _fits(value: Any, hint: Any) -> bool:
     """Does a JSON value have the shape a :class:`RequestRecord` annotation asks for (outer type only)?"""
-    if hint is Any:
+    if hint is Any or value is None:  # None clears a field (update's convention)
         return True
     arms = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     return any(isinstance(value, typing.get_origin(arm) or arm) for arm in arms)

@@ -79,3 +79,45 @@ def test_a_second_different_reply_stops_the_request_for_a_person(tmp_path, work_
         found = requests.get(f"{fhir_server}/Consent", params={"patient:identifier": f"{SYSTEM}|{number}"},
                              timeout=30).json()
         assert found.get("entry", []) == [], number
+
+
+def test_a_reply_that_swings_the_share_is_set_aside_downloaded_again_and_used_only_when_accepted(
+        tmp_path, work_dir, mesh, fhir_server) -> None:
+    """Issue 19 item 2: a reply cut short (nothing on the wire tells) reads as half the cohort opting out; against
+    the ledger the swing is the tell. Nothing is written or acknowledged; the next poll downloads the reply again
+    (MESH still holds it); ``--accept-swing`` lets a person confirm it."""
+    numbers = nhs.synthetic_numbers(100, seed=9903).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    opted = tmp_path / "opted-out.txt"
+    opted.write_text("\n".join(numbers[:5]) + "\n")
+    mesh.plugin(opted_out_file=str(opted))
+    env = {**mesh.env(), "FHIR_URL": fhir_server}
+    assert ndop_run(work_dir, env, "--cohort", str(cohort)).returncode == 0  # the ledger: 5% opted out
+
+    mesh.plugin(mode="silent")
+    assert ndop_run(work_dir, env, "--cohort", str(cohort), "--wait", "0").returncode == 3
+    record = work_dir.all()[-1]
+    cut = "".join(f"{n},\r\n" for n in numbers[5:55]).encode()  # the reply cut short after 50 lines
+    with mesh.client("X26HC065") as ndop:
+        reply = ndop.send_message("X26ABC1", cut, workflow_id="SPINE_NTT_UPHOLDING", local_id=record["local_id"],
+                                  subject=record["subject"])
+    for _ in range(2):  # refused, and downloaded again by the next run's poll
+        refused = ndop_run(work_dir, env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        error = refused.stderr.strip().splitlines()[-1]
+        assert "opted-out share from 5.0% to 50.0%" in error and "--accept-swing" in error, error
+        saved = work_dir.load(record["request_id"])
+        assert saved["state"] == "accepted" and not (work_dir.request_dir(record["request_id"]) / "reply.dat").exists()
+        assert mesh.inbox() == [reply]  # not acknowledged
+        report = json.loads((work_dir.request_dir(record["request_id"]) / "report.json").read_text())
+        assert any("opted-out share" in problem for problem in report["problems"])
+    assert [r["message_id"] for r in saved["refused_replies"]] == [reply, reply]
+    for number in numbers[5:]:  # nothing written: every one of them still "inactive"
+        found = requests.get(f"{fhir_server}/Consent", params={"patient:identifier": f"{SYSTEM}|{number}"},
+                             timeout=30).json()
+        assert [e["resource"]["status"] for e in found["entry"]] == ["inactive"], number
+
+    accepted = ndop_run(work_dir, env, "--accept-swing")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert work_dir.load(record["request_id"])["state"] == "acknowledged" and mesh.inbox() == []
