@@ -143,7 +143,7 @@ def _run_poll(args: argparse.Namespace) -> int:
         f"inbox: {report.listed} NDOP message(s); {len(report.notices)} notice(s), {len(report.replies)} reply(ies), "
         f"{len(report.rejected)} rejected, {len(report.failed)} failed, {len(report.duplicates)} duplicate(s) "
         f"acknowledged, {len(report.unknown_local_id)} with no matching request left alone, "
-        f"{report.other_workflow} of other workflows left alone"
+        f"{report.other_workflow} of other workflows left alone, {len(report.unreadable)} unreadable skipped"
     )
     for rid in report.replies:
         print(f"request {rid}: reply downloaded; run `ndop process`")

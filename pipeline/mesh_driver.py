@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
-from mesh_client import DEP_ENDPOINT, INT_ENDPOINT, LIVE_ENDPOINT, MeshClient
+import urllib3
+from mesh_client import DEP_ENDPOINT, INT_ENDPOINT, LIVE_ENDPOINT, MeshClient, Message
 from mesh_client.io_helpers import SplitStream
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
@@ -89,6 +91,7 @@ class PollReport:
     in_flight: list[str] = field(default_factory=list)
     timed_out: bool = False
     second_replies: list[tuple[str, str]] = field(default_factory=list)  # (request id, message id): for a person
+    unreadable: dict[str, str] = field(default_factory=dict)  # message id -> why: skipped, tried again next cycle
 
     @property
     def problems(self) -> list[tuple[str, str]]:
@@ -391,12 +394,17 @@ class MeshDriver:
         for message_id in ids:
             if message_id in left_alone:
                 continue
-            with _mesh_errors(self.config, f"download message {message_id}"):
-                message = self.client.retrieve_message(message_id)
             try:
-                kept = self._handle(message, by_local, by_message, report)
-            finally:
-                message.close()
+                with _mesh_errors(self.config, f"download message {message_id}"):
+                    message = VerifiedMessage(self.client, message_id)
+                    try:
+                        kept = self._handle(message, by_local, by_message, report)
+                    finally:
+                        message.close()
+            except UnreadableMessage as err:  # skipped this cycle; never saved, never acknowledged
+                _LOGGER.warning("message %s skipped: %s", message_id, err)
+                report.unreadable[message_id] = str(err)  # tried again next cycle: our reply may come whole
+                continue
             if kept:
                 left_alone.add(message_id)
             else:
@@ -619,6 +627,63 @@ def make_client(config: MeshConfig) -> MeshClient:
     )
 
 
+class UnreadableMessage(NdopError):
+    """One inbox message could not be downloaded or decoded whole: skipped this cycle, counted, never used."""
+
+
+class VerifiedMessage:
+    """A MESH inbox message whose body is read whole or not at all.
+
+    mesh-client's ``Message`` gives the headers; its own reader takes a short read as the end of a chunk, so a body
+    cut short in transit would pass as the whole message. Here every chunk is read from its own response: each
+    must bring its full Content-Length (urllib3 checks while streaming), the chunks must be ``1:N`` .. ``N:N``, and
+    each gzip stream (MESH compresses chunk by chunk) must reach its end. Anything less raises, and
+    :class:`_mesh_errors` turns that into :class:`UnreadableMessage`.
+    """
+
+    def __init__(self, client: MeshClient, message_id: str) -> None:
+        self._first = client.retrieve_message_chunk(message_id, 1)
+        self._meta = Message(message_id, self._first, client)
+        self._blocks = self._chunks(client, message_id)
+        self._buffer = b""
+
+    def __getattr__(self, name: str) -> Any:  # headers and ids: mesh-client's Message
+        return getattr(self._meta, name)
+
+    def _chunks(self, client: MeshClient, message_id: str) -> Iterator[bytes]:
+        total = int((self._first.headers.get("Mex-Chunk-Range") or "1:1").split(":")[1])
+        for number in range(1, total + 1):
+            response = self._first if number == 1 else client.retrieve_message_chunk(message_id, number)
+            with response:
+                found = response.headers.get("Mex-Chunk-Range") or "1:1"
+                if found != f"{number}:{total}":
+                    raise UnreadableMessage(f"chunk {number} of {total} came as chunk {found}")
+                gzipped = (response.headers.get("Content-Encoding") or "").lower() == "gzip"
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+                for raw in response.raw.stream(_READ_BLOCK, decode_content=False):
+                    yield inflate.decompress(raw) if inflate is not None else raw
+                if inflate is not None:
+                    yield inflate.flush()
+                    if not inflate.eof:
+                        raise UnreadableMessage(f"the gzip stream of chunk {number} of {total} ends early")
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            block = next(self._blocks, None)
+            if block is None:
+                break
+            self._buffer += block
+        cut = len(self._buffer) if size < 0 else size
+        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return out
+
+    def close(self) -> None:
+        self._first.close()
+
+
+_BODY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, zlib.error, EOFError)
+
+
 class _NotSent(Exception):
     """The outbox POST certainly created no message."""
 
@@ -677,7 +742,13 @@ class _mesh_errors:
                     f"MESH at {self.config.url} refused mailbox {self.config.mailbox} ({self.action}: HTTP {code}): "
                     f"check MESH_MAILBOX, MESH_PASSWORD and MESH_SHARED_KEY"
                 ) from None
+            if self.action.startswith("download") and code >= 500:  # MESH cannot serve this message now
+                raise UnreadableMessage(f"MESH answered HTTP {code} {_error_text(err.response)}") from None
             raise NdopError(f"MESH {self.action} failed: HTTP {code} {_error_text(err.response)}") from None
+        if self.action.startswith("download") and isinstance(err, _BODY_ERRORS):
+            # A body cut short (fewer bytes than its Content-Length, a chunked stream broken off), or a gzip
+            # stream that does not decode: what was read is discarded (the reply file is written atomically).
+            raise UnreadableMessage(f"its body could not be read whole ({type(err).__name__})") from None
         if isinstance(err, requests.exceptions.SSLError):
             raise NdopError(f"MESH {self.action} failed: TLS with {self.config.url} failed; check MESH_CLIENT_CERT, "
                             f"MESH_CLIENT_KEY and MESH_CA_CERT") from None

@@ -18,6 +18,7 @@ from pipeline.mesh_driver import REPLY_FILE, MeshDriver, workflow_filter
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import ACCEPTED, FAILED, REPLIED, WorkDir
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
+from tests.fixtures.mesh_proxy import MeshFaultProxy
 from tests.helpers import cli
 
 INBOX = f"/messageexchange/{OUR_MAILBOX}/inbox"
@@ -153,3 +154,36 @@ def test_a_mesh_that_accepts_and_never_answers_fails_the_poll_quickly(work_dir: 
     assert last.startswith("ndop poll: error: MESH handshake failed: cannot talk to http://127.0.0.1:"), last
     assert "read timeout=1.0" in done.stderr
     assert took < 30, took
+
+
+def test_a_message_mesh_cannot_serve_or_cut_short_is_skipped_and_never_blocks_our_reply(
+        mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
+    """Issue 19 items 2 and 6, through a fault-injecting proxy in front of the real sandbox: another request's
+    message that MESH answers 500 for is skipped and counted on every cycle; our reply, cut short once (fewer bytes
+    than its Content-Length, which mesh-client's own reader takes as the end), is not saved, and the next cycle
+    downloads it whole."""
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path, count=40, seed=8)
+    with MeshDriver(mesh.config(), work_dir) as driver:
+        driver.send()
+    dat = (work_dir.request_dir(record["request_id"]) / record["files"]["dat"]).read_bytes()
+    reply = b"".join(line + b"\r\n" for line in dat.splitlines()[3:])
+    with mesh.client(NDOP_MAILBOX) as ndop_client:
+        stray = ndop_client.send_message(OUR_MAILBOX, b"x" * 2000, workflow_id="SPINE_NTT_UPHOLDING",
+                                         local_id="NDOP-SOMEONE-ELSES", subject="x")
+        ours = ndop_client.send_message(OUR_MAILBOX, reply, workflow_id="SPINE_NTT_UPHOLDING",
+                                        local_id=record["local_id"], subject=record["subject"])
+    with MeshFaultProxy(mesh.url) as proxy:
+        proxy.faults = {stray: "500", ours: "cut"}
+        proxy.times = {ours: 1}
+        with MeshDriver(mesh.config(url=proxy.url), work_dir) as driver:
+            first = driver.poll()  # one cycle: both skipped
+            assert set(first.unreadable) == {stray, ours} and "HTTP 500" in first.unreadable[stray]
+            assert "could not be read whole" in first.unreadable[ours]
+            assert work_dir.load(record["request_id"])["state"] == "sent"
+            assert not (work_dir.request_dir(record["request_id"]) / REPLY_FILE).exists()
+            second = driver.poll()
+    assert set(second.unreadable) == {stray} and second.replies == [record["request_id"]]
+    assert (work_dir.request_dir(record["request_id"]) / REPLY_FILE).read_bytes() == reply  # whole, not the half
+    assert work_dir.load(record["request_id"])["reply_lines"] == 37
+    assert sorted(mesh.inbox()) == sorted([stray, ours])  # nothing acknowledged: ours waits for its Consents
