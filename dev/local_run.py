@@ -21,7 +21,9 @@ import requests
 from dev.fhir_server import FhirServer
 from dev.mesh_sandbox import NDOP_MAILBOX, MeshSandbox
 from pipeline import nhs
+from pipeline.errors import InputError
 from pipeline.files import private_dir, write_bytes
+from pipeline.settings import Range, number_option
 
 ROOT = Path(__file__).resolve().parent.parent
 OUR_MAILBOX = "X26ABC1"
@@ -59,17 +61,28 @@ def _fhir_port(state: Path) -> int:
     return port
 
 
+COHORT_SIZE = Range(1, 10_000_000, "patients", whole=True)
+FRACTION = Range(0, 1)
+SEED = Range(0, 2**32 - 1, "", whole=True)
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_local.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=10_000, help="synthetic cohort size (default %(default)s)")
-    parser.add_argument("--opt-out", type=float, default=0.05, help="fraction NDOP reports opted out (default 0.05)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the opt-outs (change it to see changes)")
+    parser.add_argument("--size", type=number_option("--size", COHORT_SIZE), default=10_000,
+                        help="synthetic cohort size, 1 to 10,000,000 (default %(default)s)")
+    parser.add_argument("--opt-out", type=number_option("--opt-out", FRACTION), default=0.05,
+                        help="fraction NDOP reports opted out, 0 to 1 (default 0.05)")
+    parser.add_argument("--seed", type=number_option("--seed", SEED), default=1,
+                        help="seed of the opt-outs (change it to see changes)")
     parser.add_argument("--state-dir", default=str(ROOT / ".local-run"), help="where local state is kept")
     parser.add_argument("--fresh", action="store_true", help="forget the state of earlier local runs first")
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the servers up after the run, until Ctrl-C, to query them")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except InputError as err:  # a number out of its range (pipeline/settings.py): one line, exit 2
+        print(f"run_local.sh: error: {err}", file=sys.stderr)
+        return err.exit_code
 
     state = Path(args.state_dir)
     if args.fresh and state.exists():

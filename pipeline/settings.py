@@ -26,7 +26,11 @@ class Range:
     def describe(self) -> str:
         kind = "a whole number" if self.whole else "a number"
         unit = f" of {self.unit}" if self.unit else ""
-        return f"{kind}{unit} from {self.low:g} to {self.high:g}"
+        return f"{kind}{unit} from {_show(self.low)} to {_show(self.high)}"
+
+
+def _show(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
 
 
 DAYS = Range(0, 3650, "days")  # ten years: a retention, staleness or overdue period

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
+
+from tests.helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +29,11 @@ def test_run_local_twice(tmp_path) -> None:
     assert "[send]" in first.stderr and "[poll]" in first.stderr and "[process]" in first.stderr
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # the servers it started are gone
+
+
+def test_run_local_refuses_sizes_and_fractions_out_of_range() -> None:
+    """Issue 22 item 5: ``--size 0`` crashed (UnboundLocalError) and ``--opt-out 1.5`` was accepted."""
+    for args, named in ((["--size", "0"], "--size"), (["--opt-out", "1.5"], "--opt-out"), (["--size", "nan"], "--size")):
+        done = subprocess.run([sys.executable, "-m", "dev.local_run", *args], cwd=ROOT, env=cli_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
