@@ -4,6 +4,8 @@
 # Usage: ./run_local.sh [--size N] [--seed S] [--fresh] [--keep-running]   (see --help)
 set -euo pipefail
 cd "$(dirname "$0")"
-# The local default runs on Beam's in-process runner: it needs neither Prism nor Flink (the tests build those).
-NDOP_WITH_PRISM="${NDOP_WITH_PRISM:-0}" NDOP_WITH_FLINK="${NDOP_WITH_FLINK:-0}" bash dev/setup_env.sh
+# The local default runs on Beam's in-process runner and the sekmet FHIR server: it needs neither Prism, Flink nor
+# HAPI FHIR (the tests build those), so neither Go nor Java and Maven.
+NDOP_WITH_PRISM="${NDOP_WITH_PRISM:-0}" NDOP_WITH_FLINK="${NDOP_WITH_FLINK:-0}" NDOP_WITH_HAPI="${NDOP_WITH_HAPI:-0}" \
+  bash dev/setup_env.sh
 exec .venv/bin/python -m dev.local_run "$@"

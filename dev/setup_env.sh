@@ -12,11 +12,13 @@ PYTHON="${PYTHON:-python3}"
 SEKMET_VERSION="0.1.1"
 
 _stamp() { sha256sum "$ROOT/setup.py" | cut -c1-16; }
-_hapi_stamp() { find "$ROOT/dev/hapi" -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16; }
+_hapi_stamp() { (cd "$ROOT/dev/hapi" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
 
 HAPI_CACHE="$ROOT/.cache/hapi"
 HAPI_PID=""
-if [ "$(cat "$HAPI_CACHE/.ndop-stamp" 2>/dev/null)" != "$(_hapi_stamp)" ] || [ ! -f "$HAPI_CACHE/classpath.txt" ]; then
+# NDOP_WITH_HAPI=0 skips it (run_local.sh: the local default runs on sekmet, so a new user needs no Java or Maven).
+if [ "${NDOP_WITH_HAPI:-1}" != "0" ] && { [ "$(cat "$HAPI_CACHE/.ndop-stamp" 2>/dev/null)" != "$(_hapi_stamp)" ] \
+     || [ ! -f "$HAPI_CACHE/classpath.txt" ]; }; then
   command -v mvn >/dev/null && command -v java >/dev/null \
     || { echo "setup failed: the HAPI test server needs java (17) and mvn on PATH" >&2; exit 1; }
   echo "building the HAPI FHIR test server into $HAPI_CACHE (first time: about three minutes)" >&2

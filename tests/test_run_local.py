@@ -1,6 +1,7 @@
 """``./run_local.sh`` itself, as a new user runs it (with a small cohort), twice in a row."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -37,3 +38,17 @@ def test_run_local_refuses_sizes_and_fractions_out_of_range() -> None:
         done = subprocess.run([sys.executable, "-m", "dev.local_run", *args], cwd=ROOT, env=cli_env(),
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
+
+
+def test_run_local_needs_no_java_maven_or_go(tmp_path) -> None:
+    """Issue 22 item 5: the local default never builds HAPI (Java, Maven), Prism (Go) or Flink."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("mvn", "java", "go"):
+        (fake / tool).write_text(f"#!/bin/sh\necho '{tool} was called' >&2\nexit 1\n")
+        (fake / tool).chmod(0o755)
+    env = {**cli_env(), "PATH": f"{fake}:{os.environ['PATH']}"}
+    done = subprocess.run(["./run_local.sh", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "--size" in done.stdout, done.stderr
+    assert "was called" not in done.stderr
