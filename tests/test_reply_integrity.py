@@ -11,6 +11,7 @@ import requests
 
 from pipeline import nhs
 from pipeline.state import REPLIED
+from pipeline.plausibility import swing_problem
 from tests.helpers import cli
 from tests.test_run import ndop_run
 
@@ -121,3 +122,12 @@ def test_a_reply_that_swings_the_share_is_set_aside_downloaded_again_and_used_on
     accepted = ndop_run(work_dir, env, "--accept-swing")
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     assert work_dir.load(record["request_id"])["state"] == "acknowledged" and mesh.inbox() == []
+
+
+def test_the_swing_rule() -> None:
+    ledger = {"by_status": {"opted_out": 50, "not_opted_out": 950}}  # 5%
+    assert swing_problem(ledger, 1000, 940, 2.0) is None  # 6%: +1 point
+    assert "5.0% to 50.0%" in (swing_problem(ledger, 1000, 500, 2.0) or "")  # a reply cut in half
+    assert swing_problem({"by_status": {"opted_out": 6, "not_opted_out": 34}}, 40, 33, 2.0) is None  # 1 patient
+    assert "to 100.0%" in (swing_problem({"by_status": {"opted_out": 1, "not_opted_out": 9}}, 10, 0, 2.0) or "")
+    assert swing_problem(None, 1000, 0, 2.0) is None  # a first load: nothing to compare
