@@ -18,17 +18,24 @@ from tests.test_run import ndop_run
 SYSTEM = nhs.NHS_NUMBER_SYSTEM
 
 
-def test_a_reply_that_is_not_data_writes_nothing_and_is_not_acknowledged(tmp_path, work_dir, mesh,
-                                                                         fhir_server) -> None:
-    """A service's error text as the whole reply (the header-only reply: tests/test_read_inputs.py)."""
-    body, why = b"Service Unavailable, please try again later\r\n", "not an NHSNUMBER, line"
-    numbers = nhs.synthetic_numbers(6, seed=9901).to_pylist()
+def waiting_request(tmp_path, work_dir, mesh, fhir_server, seed: int, count: int = 6):
+    """A request sent by a real ``ndop run`` to an NDOP that stays silent: (numbers, env, record); the test then
+    answers from the NDOP mailbox by hand."""
+    numbers = nhs.synthetic_numbers(count, seed=seed).to_pylist()
     cohort = tmp_path / "cohort.txt"
     cohort.write_text("\n".join(numbers) + "\n")
     env = {**mesh.env(), "FHIR_URL": fhir_server}
     mesh.plugin(mode="silent")
     assert ndop_run(work_dir, env, "--cohort", str(cohort), "--wait", "0").returncode == 3
     [record] = work_dir.all()
+    return numbers, env, record
+
+
+def test_a_reply_that_is_not_data_writes_nothing_and_is_not_acknowledged(tmp_path, work_dir, mesh,
+                                                                         fhir_server) -> None:
+    """A service's error text as the whole reply (the header-only reply: tests/test_read_inputs.py)."""
+    body, why = b"Service Unavailable, please try again later\r\n", "not an NHSNUMBER, line"
+    numbers, env, record = waiting_request(tmp_path, work_dir, mesh, fhir_server, seed=9901)
     with mesh.client("X26HC065") as ndop:
         ndop.send_message("X26ABC1", body, workflow_id="SPINE_NTT_UPHOLDING", local_id=record["local_id"],
                           subject=record["subject"])
@@ -52,13 +59,7 @@ def test_a_reply_that_is_not_data_writes_nothing_and_is_not_acknowledged(tmp_pat
 def test_a_second_different_reply_stops_the_request_for_a_person(tmp_path, work_dir, mesh, fhir_server) -> None:
     """Issue 19 item 6: a job notice whose subject is not SUCCESS is saved as the reply; the real reply that
     follows is a second, different answer: never acknowledged unread, and the request stops for a person."""
-    numbers = nhs.synthetic_numbers(6, seed=9902).to_pylist()
-    cohort = tmp_path / "cohort.txt"
-    cohort.write_text("\n".join(numbers) + "\n")
-    env = {**mesh.env(), "FHIR_URL": fhir_server}
-    mesh.plugin(mode="silent")
-    assert ndop_run(work_dir, env, "--cohort", str(cohort), "--wait", "0").returncode == 3
-    [record] = work_dir.all()
+    numbers, env, record = waiting_request(tmp_path, work_dir, mesh, fhir_server, seed=9902)
     with mesh.client("X26HC065") as ndop:
         ndop.send_message("X26ABC1", b'{"status": "pending", "stages": []}', workflow_id="SPINE_NTT_UPHOLDING",
                           local_id=record["local_id"], subject="PENDING")
