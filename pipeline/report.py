@@ -29,6 +29,16 @@ def _stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
     return {name: stages[name] for name in sorted(stages, key=lambda n: (STAGES + (n,)).index(n))}
 
 
+def outcome_counts(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's results with the ledger's "unchanged (not written)" beside them (report.json keeps it under
+    ``changes``), as the run log and the pages show them."""
+    results = dict(report.get("results") or {})
+    unchanged = (report.get("changes") or {}).get("unchanged")
+    if results and "unchanged" not in results and isinstance(unchanged, int):
+        results["unchanged"] = unchanged
+    return results
+
+
 def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]:
     """Assemble the report of a processed (or failed) request from its record and summary."""
     folder = work_dir.request_dir(record["request_id"])

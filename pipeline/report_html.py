@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from pipeline.files import write_bytes
+from pipeline.report import outcome_counts
 from pipeline.runlog import read_runs
 from pipeline.state import WorkDir
 
@@ -179,7 +180,7 @@ def chart_stage_bars(stages: dict[str, float]) -> str:
 
 def chart_outcome(report: dict[str, Any]) -> str:
     """One request: opted out / not, and what happened to the Consents."""
-    results = report.get("results") or {}
+    results = outcome_counts(report)
     fig, ax = _figure("This request", height=2.4)
     rows = [("opted out", results.get("opted_out", 0), COLOURS["opted_out"]),
             ("not opted out", results.get("not_opted_out", 0), COLOURS["not_opted_out"]),
@@ -259,7 +260,7 @@ def render_index(runs: Sequence[dict[str, Any]]) -> str:
 
 def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
     rid = report["request_id"]
-    cohort, results, change = report.get("cohort") or {}, report.get("results") or {}, report.get("changes") or {}
+    cohort, results, change = report.get("cohort") or {}, outcome_counts(report), report.get("changes") or {}
     body = [f"<h1>NDOP request {_e(rid)}</h1>",
             (f"<p>State: <strong>{_e(report.get('state'))}</strong>. Created {_e(report.get('created_at'))}; "
              f"sent {_e(report.get('sent_at'))}; NDOP answered {_e(report.get('checked_at'))}.</p>"),
@@ -270,9 +271,9 @@ def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> st
     if results:
         body += ['<h2>Results</h2><div class="chart">', chart_outcome(report), "</div>",
                  _table(["figure", "patients"], [[k.replace("_", " "), v] for k, v in results.items()])]
-    if change.get("previous_request_id"):
-        keys = [k for k in change if k != "previous_request_id"]
-        body += [f"<h2>Changes since {_e(change['previous_request_id'])}</h2>",
+    keys = [k for k in change if k != "previous_request_id"]
+    if keys:
+        body += ["<h2>Changes (counted by the Consent ledger)</h2>",
                  _table(["change", "patients"], [[k.replace("_", " "), change[k]] for k in keys])]
     if report.get("problems"):
         body += ["<h2>Problems</h2><ul>", *(f'<li class="failed">{_e(p)}</li>' for p in report["problems"]), "</ul>"]

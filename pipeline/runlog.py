@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from pipeline import nhs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
 from pipeline.files import PRIVATE, fsync_dir
+from pipeline.report import REPORT_JSON, outcome_counts
 from pipeline.state import WorkDir, isoformat, utcnow
 
 _LOGGER = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def dead_letter_count(results: dict[str, Any]) -> int:
 def run_entry(exit_code: int, request_id: str | None, message: str, report: dict[str, Any] | None,
               started_at: str, ended_at: str, seconds: float) -> dict[str, Any]:
     report = report or {}
-    results = dict(report.get("results") or {})
-    changes = report.get("changes") or {}
-    if results and "unchanged" not in results and isinstance(changes.get("unchanged"), int):
-        results["unchanged"] = changes["unchanged"]  # the Consent ledger's "unchanged (not written)"
+    results = outcome_counts(report)
     return {
         "started_at": started_at,
         "ended_at": ended_at,
@@ -126,8 +124,6 @@ def typical_wait(runs: list[dict[str, Any]]) -> float | None:
 
 
 def load_report(work_dir: WorkDir, request_id: str | None) -> dict[str, Any] | None:
-    from pipeline.report import REPORT_JSON
-
     if not request_id:
         return None
     path = work_dir.request_dir(request_id) / REPORT_JSON

@@ -33,3 +33,17 @@ def test_markdown_has_the_figures_and_no_numbers() -> None:
     text = render_markdown(report)
     assert "| 10 | 1 | 2 | 7 |" in text and "| 3 | 2 | 1 | 0 | 0 | 4 | 1 |" in text and "| process | 3.0 |" in text
     assert not re.search(r"\d{10}", text)
+
+
+def test_the_request_page_shows_the_ledgers_unchanged_count_and_its_changes() -> None:
+    """Issue 22 item 7: a run that left 10,000 Consents unchanged showed "unchanged 0" (report.json keeps the
+    count under changes) and never drew its Changes section."""
+    from pipeline.report_html import render_request
+
+    report = {"request_id": "X26ABC1-041226-0009", "state": "acknowledged", "cohort": {"sent": 10_000},
+              "results": {"replied": 9_500, "opted_out": 500, "not_opted_out": 9_500, "written": 0},
+              "changes": {"to_write": 0, "new_patients": 0, "newly_opted_out": 0, "opt_out_withdrawn": 0,
+                          "refreshed": 0, "unchanged": 10_000, "left_cohort": 0, "superseded": 0}}
+    text = render_request(report, [])
+    assert "<td>unchanged</td><td>10000</td>" in text and "<td>written</td><td>0</td>" in text
+    assert "<h2>Changes (counted by the Consent ledger)</h2>" in text and "<td>new patients</td><td>0</td>" in text
