@@ -15,12 +15,13 @@ from typing import Callable, Sequence
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
 from pipeline.files import check_folder
 from pipeline.plausibility import SWING
-from pipeline.settings import DAYS, POLL_INTERVAL, WAIT, WHOLE_DAYS, number_option
+from pipeline.settings import DAYS, POLL_INTERVAL, SAMPLE, WAIT, WHOLE_DAYS, number_option
 from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
 
 Handler = Callable[[argparse.Namespace], int]
+VERIFY_SAMPLE = 100  # Consents `ndop run` reads back each run (pipeline/verify.py)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -300,6 +301,10 @@ def _run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
     p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
                    help="run the process step on inputs copied here (e.g. gs://bucket/ndop for Dataflow)")
+    p.add_argument("--verify-sample", type=number_option("--verify-sample", SAMPLE), default=VERIFY_SAMPLE,
+                   metavar="N", help="after the run, read N Consents picked at random back from the store and "
+                                     "compare them with the ledger (default %(default)s; 0: none; ndop verify "
+                                     "checks them all)")
     p.add_argument("--metrics-file", default=None, metavar="PATH",
                    help="after the run, write Prometheus metrics here for node_exporter's textfile collector "
                         "(env NDOP_METRICS_FILE)")
@@ -330,6 +335,7 @@ def _run_run(args: argparse.Namespace) -> int:
                                 patient_id_column=args.patient_id_column),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
         beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir, swing=_swing(args),
+        verify_sample=args.verify_sample,
     )
     from pipeline.metrics import metrics_file
     from pipeline.purge import retention_days
@@ -408,8 +414,39 @@ def _run_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", parents=[common_options()],
+                       help="read Consents back from the FHIR store and compare them with the ledger",
+                       description="Compares id, status and dateTime of every Consent in the ledger (or a random "
+                                   "sample) with the store's. A mismatch is written again now with --repair, else "
+                                   "queued: the next process step writes it. Exit 1 while a mismatch is not repaired "
+                                   "(pipeline/verify.py).")
+    p.add_argument("--sample", type=number_option("--sample", SAMPLE), default=None, metavar="N",
+                   help="check N patients picked at random (default: every one)")
+    p.add_argument("--repair", action="store_true", help="write the mismatched Consents again now")
+    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.verify import verify
+
+    result = verify(WorkDir(args.work_dir), FhirClientConfig.from_env(base_url=args.fhir_url), sample=args.sample,
+                    repair=args.repair)
+    c = result.counts()
+    print(f"verified {c['checked']} Consents: {c['mismatches']} differ from the ledger ({c['missing']} missing, "
+          f"{c['status']} status, {c['dateTime']} dateTime); {c['repaired']} repaired, {c['queued']} queued for "
+          f"the next process step")
+    if c["mismatches"] > c["repaired"]:
+        print(f"ndop verify: error: {c['mismatches'] - c['repaired']} Consents differ from the ledger; queued for "
+              "rewrite (or run ndop verify --repair)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _request, _send, _poll, _process, _run, _status, _report, _purge,
+    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify,
 ]
 
 

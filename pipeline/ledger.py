@@ -154,6 +154,21 @@ def _pending(work_dir: WorkDir, request_id: str) -> Path:
     return root(work_dir) / f".pending-{request_id}"
 
 
+def pending_folder(work_dir: WorkDir, version: str) -> Path:
+    """An empty private folder where a new ledger version is written before :func:`promote` swaps it in."""
+    private_dir(root(work_dir))
+    folder = _pending(work_dir, version)
+    shutil.rmtree(folder, ignore_errors=True)
+    private_dir(folder)
+    return folder
+
+
+def write_part(folder: Path, name: str, table: Any) -> None:
+    """One ledger part (0600, written atomically)."""
+    with atomic_writer(folder / name) as handle:
+        pq.write_table(table, handle)
+
+
 def _copy(source: str, target: str) -> None:
     """One ledger file, through ``FileSystems``; a local target is 0600 in a 0700 folder."""
     with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:

@@ -15,7 +15,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-STAGES = ("request", "send", "wait_for_ndop", "poll", "process")
+STAGES = ("request", "send", "wait_for_ndop", "poll", "process", "verify")
 
 
 def _stage_seconds(record: Mapping[str, Any]) -> dict[str, float]:
@@ -64,6 +64,8 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
         "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
         "stage_seconds": _stage_seconds(record),
     }
+    if record.get("verified"):  # ndop run --verify-sample: Consents read back and compared with the ledger
+        report["verified"] = record["verified"]
     # Counted by the pipeline's ledger join, not re-derived from earlier requests. A reply with integrity
     # errors is suspect: changes computed from it would be fiction.
     if summary.get("changes") and not counts.get("integrity_errors"):
@@ -119,6 +121,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("ledger"):
         lines += ["", "## Ledger", ""]
         lines += [f"- {line.removeprefix('ledger: ')}" for line in format_summary(report["ledger"])]
+    if report.get("verified"):
+        v = report["verified"]
+        lines += [f"- verified: {v['checked']} Consents read back from the store, {v['mismatches']} differ from the "
+                  f"ledger ({v['missing']} missing, {v['status']} status, {v['dateTime']} dateTime; "
+                  f"{v['queued']} queued for the next process step)"]
     if report.get("problems"):
         lines += ["", "## Problems", ""] + [f"- {problem}" for problem in report["problems"]]
     if report.get("dead_letters"):

@@ -26,7 +26,7 @@ from pipeline.report import render_markdown, write_report
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
     ACKNOWLEDGED, CREATED, FAILED, FINAL, IN_FLIGHT, PROCESSED, REJECTED, REPLIED, SEND_UNKNOWN, RequestRecord,
-    WorkDir,
+    WorkDir, isoformat, utcnow,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class RunSettings:
     beam_args: Sequence[str] = ()
     stage_dir: str | None = None
     swing: float | None = DEFAULT_MAX_SWING  # the plausibility gate (pipeline/plausibility.py); None: accepted
+    verify_sample: int = 0  # Consents read back after the run (pipeline/verify.py); the CLI's default is 100
     fhir_env_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -153,6 +154,11 @@ class Runner:
                     self._timed(rid, "process", started)
             record = self.work_dir.load(rid)
         if record["state"] == ACKNOWLEDGED:
+            drift = self._verify_sample(rid)
+            if drift:
+                return self._finish(rid, EXIT_FAILED, f"request {rid} done, but {drift} Consents of a sample differ "
+                                                      "from the ledger (changed in the store directly): queued for "
+                                                      "the next process step (ndop verify --repair writes them now)")
             return self._finish(rid, EXIT_OK, f"request {rid} done: Consents written, MESH reply acknowledged")
         return self._finish(rid, EXIT_FAILED, f"request {rid} ended in state {record['state']}")
 
@@ -162,6 +168,21 @@ class Runner:
         from pipeline.runlog import read_runs, typical_wait
 
         return poll_sleeper(self.settings.wait, self.settings.interval, typical_wait(read_runs(self.work_dir)))
+
+    def _verify_sample(self, request_id: str) -> int:
+        """``--verify-sample N``: read N Consents back and compare them with the ledger (pipeline/verify.py); the
+        counts go on the request's record (and so into its report); returns how many differ."""
+        if not self.settings.verify_sample:
+            return 0
+        from pipeline.verify import verify
+
+        started = time.monotonic()
+        config = FhirClientConfig.from_env(base_url=self.settings.fhir_url, **self.settings.fhir_env_overrides)
+        counts = verify(self.work_dir, config, sample=self.settings.verify_sample).counts()
+        self.work_dir.update(request_id, verified={**counts, "at": isoformat(utcnow())})
+        self._timed(request_id, "verify", started)
+        self.progress(f"[verify] {counts['checked']} Consents read back: {counts['mismatches']} differ from the ledger")
+        return counts["mismatches"]
 
     def _acknowledger(self, driver: MeshDriver) -> Callable[[str], RequestRecord]:
         def acknowledge(request_id: str) -> RequestRecord:

@@ -146,6 +146,7 @@ class RequestRecord(TypedDict, total=False):
     checked_at: str
     duplicate_replies: list[str]
     second_replies: list[dict[str, str]]  # different replies after the answer: never used, left for a person
+    verified: dict[str, Any]  # ndop run --verify-sample: counts of Consents read back (pipeline/verify.py)
     refused_replies: list[dict[str, Any]]  # replies the plausibility gate set aside (downloaded again next poll)
     # process and acknowledge
     processing: dict[str, Any]
