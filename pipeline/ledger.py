@@ -163,6 +163,33 @@ def pending_folder(work_dir: WorkDir, version: str) -> Path:
     return folder
 
 
+def without_patients(table: Any, numbers: set[int]) -> Any:
+    """``table`` (ledger rows) without the rows of ``numbers``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return table.filter(pc.invert(pc.is_in(table.column("nhs_number"), pa.array(sorted(numbers), pa.int64()))))
+
+
+def drop_patients(folder: str, numbers: set[int]) -> int:
+    """Remove these patients' rows from a ledger being written (any ``FileSystems`` path); the rows dropped."""
+    dropped = 0
+    for path in ledger_files(folder):
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            table = pq.read_table(handle)
+        kept = without_patients(table, numbers)
+        if kept.num_rows == table.num_rows:
+            continue
+        dropped += table.num_rows - kept.num_rows
+        if _local(path):
+            with atomic_writer(path) as out:
+                pq.write_table(kept, out)
+        else:
+            with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+                pq.write_table(kept, out)
+    return dropped
+
+
 def write_part(folder: Path, name: str, table: Any) -> None:
     """One ledger part (0600, written atomically)."""
     with atomic_writer(folder / name) as handle:

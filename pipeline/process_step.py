@@ -163,9 +163,15 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
         write_json(folder / SUMMARY, summary)  # the local record of the run; dead letters stay on the bucket
     fields: dict[str, Any] = {"processing": {"summary": SUMMARY, "ok": summary["ok"], "counts": summary["counts"],
                              "at": summary["timings"]["finished_at"]}}
-    if not summary["ok"]:
+    if not summary["ok"] and not summary.get("retry"):
         work_dir.update(request_id, expect=REPLIED, **fields)
         raise NdopError(f"request {request_id}: {failure_message(summary)}")
-    ledger_dirs.promote(work_dir, request_id, stage_dir)  # every Consent stored: the new ledger in force
+    # Every Consent stored (or, with a retry set, all but those the store refused): the new ledger in force.
+    ledger_dirs.promote(work_dir, request_id, stage_dir)
     record = work_dir.update(request_id, state=PROCESSED, expect=REPLIED, processed_at=isoformat(utcnow()), **fields)
-    return hand_off_acknowledgement(work_dir, record, acknowledge)
+    record = hand_off_acknowledgement(work_dir, record, acknowledge)
+    if summary.get("retry"):  # NDOP checks go on; the refused Consents are written again by the next run
+        raise NdopError(f"request {request_id}: {summary['retry']['patients']} Consents refused by the FHIR store "
+                        f"(the rest stored, the reply acknowledged); the next run writes them again: "
+                        f"{failure_message(summary)}")
+    return record

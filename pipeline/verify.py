@@ -168,9 +168,9 @@ def queue_for_rewrite(work_dir: WorkDir, numbers: set[int]) -> int:
     dropped = 0
     for path in ledger_files(folder):
         table = pq.read_table(path)
-        keep = pc.invert(pc.is_in(table.column("nhs_number"), pa.array(sorted(numbers), pa.int64())))
-        dropped += table.num_rows - int(pc.sum(keep).as_py() or 0)
-        ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], table.filter(keep))
+        kept = ledger_dirs.without_patients(table, numbers)
+        dropped += table.num_rows - kept.num_rows
+        ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], kept)
     ledger_dirs.finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
                                       "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}},
                        meta["fhir_base_url"])

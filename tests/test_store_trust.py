@@ -84,3 +84,35 @@ def test_an_older_request_processed_late_never_overwrites_a_newer_answer(tmp_pat
     checked = {r["checked_at"] for r in ledger_rows}
     assert len(ledger_rows) == 12 and len(checked) == 1  # every row keeps B's (newer) checked_at
     assert checked.pop() > datetime.fromisoformat(a["checked_at"].replace("Z", "+00:00"))
+
+
+def test_a_consent_the_store_always_refuses_does_not_stop_ndop_checks(tmp_path, work_dir, mesh,
+                                                                      fhir_server) -> None:
+    """Issue 19 item 4: what was stored is promoted; the refused patient is in the retry set (left out of the
+    ledger, so every later run writes it again), each run exits 1 while it is refused, and a newer request goes
+    out on schedule."""
+    numbers = nhs.synthetic_numbers(30, seed=1933).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    mesh.plugin(opted_out_file=str(tmp_path / "none.txt"))
+    (tmp_path / "none.txt").write_text("")
+    refused = numbers[7]
+    with FaultProxy(fhir_server, f"invalid:{refused}") as proxy:
+        env = {**mesh.env(), "FHIR_URL": proxy.url}
+        for run in (1, 2):
+            done = ndop_run(work_dir, env, "--cohort", str(cohort))
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert "1 Consents refused by the FHIR store" in done.stderr and refused not in done.stderr
+            records = work_dir.all()
+            assert len(records) == run and records[-1]["state"] == ACKNOWLEDGED  # a new request each run
+            assert statuses(fhir_server, numbers) == {n: [] if n == refused else ["inactive"] for n in numbers}
+            dead = (work_dir.request_dir(records[-1]["request_id"]) / "dead_letters.jsonl").read_text()
+            assert refused in dead and "status" in dead  # the server's reason
+            report = json.loads((work_dir.request_dir(records[-1]["request_id"]) / "report.json").read_text())
+            assert report["changes"]["to_write"] == (30 if run == 1 else 1)  # then only the retry set
+        proxy.fault = None  # the store accepts it now
+        fixed = ndop_run(work_dir, env, "--cohort", str(cohort))
+    assert fixed.returncode == 0, fixed.stderr
+    assert statuses(fhir_server, numbers) == {n: ["inactive"] for n in numbers}
+    parts = sorted((work_dir.root / "ledger" / "current").glob("*.parquet"))
+    assert sum(pq.read_table(p).num_rows for p in parts) == 30
