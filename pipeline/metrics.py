@@ -104,6 +104,12 @@ def build_registry(work_dir: WorkDir, previous_file: str | os.PathLike[str] | No
               latest.get("dead_letters", 0))
         gauge("ndop_stale_patients", "Patients whose Consent the ledger found stale in the latest processed request",
               latest.get("stale"))
+        verified = latest.get("verified") or {}
+        if verified:  # ndop run --verify-sample (pipeline/verify.py)
+            gauge("ndop_verified_consents", "Consents read back from the store after the latest processed request",
+                  verified.get("checked"))
+            gauge("ndop_verify_mismatches", "Consents of that sample that differ from the ledger (drift)",
+                  verified.get("mismatches"))
         stages = latest.get("stage_seconds") or {}
         if stages:
             stage = Gauge("ndop_stage_duration_seconds", "Seconds per stage of the latest processed request",

@@ -90,6 +90,7 @@ def run_entry(exit_code: int, request_id: str | None, message: str, report: dict
         "stage_seconds": dict(report.get("stage_seconds") or {}),
         "dead_letters": dead_letter_count(results),
         "stale": _stale(report),
+        "verified": dict(report.get("verified") or {}),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import nhs
 from tests.helpers import cli
@@ -56,8 +57,12 @@ def test_drift_is_found_queued_and_repaired(tmp_path, work_dir, mesh, fhir_serve
     consent = requests.get(url, timeout=30).json()
     consent["status"] = "active"
     requests.put(url, json=consent, timeout=30)
-    drifted = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "--verify-sample", "40")
+    metrics = tmp_path / "ndop.prom"
+    drifted = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "--verify-sample", "40",
+                       "--metrics-file", str(metrics))
     assert drifted.returncode == 1 and "1 Consents of a sample differ from the ledger" in drifted.stderr
     assert "verified: 40 Consents read back from the store, 1 differ" in drifted.stdout
+    gauges = {s.name: s.value for f in text_string_to_metric_families(metrics.read_text()) for s in f.samples}
+    assert gauges["ndop_verified_consents"] == 40 and gauges["ndop_verify_mismatches"] == 1
     assert ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request").returncode == 0  # written again
     assert statuses(fhir_server, numbers) == {n: ["active" if n in numbers[:4] else "inactive"] for n in numbers}
