@@ -283,13 +283,17 @@ def only_refused_entries(summary: dict[str, Any]) -> bool:
             and not c["provenances_failed"] and c["written"] + c["failed"] == c["to_write"])
 
 
-def dead_letter_numbers(path: str) -> list[str]:
-    """The NHS numbers of a run's dead letters (one JSON object a line)."""
+def refused_by_the_store(path: str) -> set[int]:
+    """The NHS numbers of a run's dead letters when every one is an entry the store refused with a 4xx (not 429)
+    in its own batch-response; otherwise (no answer, 5xx, an answer that said nothing) the empty set."""
     if not FileSystems.exists(path):
-        return []
+        return set()
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         records = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
-    return [str(r["nhs_number"]) for r in records if r.get("nhs_number")]
+    if not records or not all(r.get("nhs_number") and 400 <= int(r.get("status") or 0) < 500
+                              and int(r.get("status") or 0) != 429 for r in records):
+        return set()
+    return {int(r["nhs_number"]) for r in records}
 
 
 def write_summary(output_dir: str, summary: dict[str, Any]) -> str:
@@ -348,11 +352,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
     if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
         ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
-    elif lopts.ledger_out and only_refused_entries(summary):
-        # Every Consent is stored but those the store refused, entry by entry, with its reason (dead letters): the
-        # ledger forgets just those patients (the retry set: the next run writes them again) and is described, so
-        # what was stored is promoted and NDOP checks go on; the run still fails while anything is refused.
-        refused = {int(n) for n in dead_letter_numbers(dead_letters)}
+    elif lopts.ledger_out and only_refused_entries(summary) and (refused := refused_by_the_store(dead_letters)):
+        # Every Consent is stored but those the store itself refused, entry by entry, with its reason (a 4xx in its
+        # batch-response): the ledger forgets just those patients (the retry set: the next run writes them again)
+        # and is described, so what was stored is promoted and NDOP checks go on; the run still fails while
+        # anything is refused. A bundle that got no answer the store gave entry by entry never takes this path.
         summary["retry"] = {"patients": len(refused),
                             "ledger_rows_dropped": ledger_dirs.drop_patients(lopts.ledger_out, refused)}
         summary["counts"]["ledger_rows"] -= summary["retry"]["ledger_rows_dropped"]
