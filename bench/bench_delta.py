@@ -48,7 +48,7 @@ def _peak_mb() -> float:
 
 def prepare(patients: int, changed: int, shards: int) -> dict[str, Path]:
     """Day 0 inputs, day 1's reply (``changed`` statuses flipped) and the ledger day 0's run left."""
-    from bench.generate import generate
+    from bench.generate import bench_key, generate
     from pipeline import datfile
     from pipeline.files import private_dir
     from transforms import ledger, shards as shardlib
@@ -78,7 +78,7 @@ def prepare(patients: int, changed: int, shards: int) -> dict[str, Path]:
         req_keys, rep_keys = shardlib.shard_of(requested, shards), shardlib.shard_of(replied_numbers, shards)
         for shard in range(shards):
             decision = ledger.decide(classify(requested[req_keys == shard], replied_numbers[rep_keys == shard]),
-                                     ledger.empty_ledger(), DAY0, "DAY0", refresh_days=0)
+                                     ledger.empty_ledger(), DAY0, "DAY0", bench_key(), refresh_days=0)
             pq.write_table(decision.ledger, ledger0 / f"part-{shard:05d}.parquet",
                            row_group_size=ledger.ROW_GROUP_ROWS, compression="zstd")
         (ledger0 / "done").write_text("")
@@ -86,8 +86,11 @@ def prepare(patients: int, changed: int, shards: int) -> dict[str, Path]:
 
 
 def describe(ledger_dir: Path, fhir_base_url: str) -> None:
+    from bench.generate import bench_key
+
     """ledger.json for the bench's ledger, naming this run's server (its port changes every run)."""
-    (ledger_dir / "ledger.json").write_text(json.dumps({"fhir_base_url": fhir_base_url, "request_id": "DAY0"}))
+    (ledger_dir / "ledger.json").write_text(json.dumps({"fhir_base_url": fhir_base_url, "request_id": "DAY0",
+                                                             "id_key_fingerprint": bench_key().fingerprint}))
 
 
 def trial(kind: str, argv: list[str]) -> dict[str, Any]:

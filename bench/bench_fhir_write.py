@@ -36,17 +36,20 @@ from dev.fhir_server import FhirServer  # noqa: E402
 from dev.hapi_server import HapiServer  # noqa: E402
 from pipeline import nhs  # noqa: E402
 from pipeline.fhir_client import FhirClientConfig  # noqa: E402
+from bench.generate import bench_key  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402
 from transforms.vocabulary import OPTED_OUT  # noqa: E402
 from transforms.provenance import ProvenanceSettings  # noqa: E402
 from transforms.write_consents import WriteConsents  # noqa: E402
+
+BENCH_KEY = bench_key()
 
 CHECKED_AT = "2024-11-26T10:00:00Z"
 
 
 def consent(number: str) -> dict:
     """The Consent the pipeline writes (transforms/build_consent.py), on both sides of the comparison."""
-    return build_consent(number, OPTED_OUT, CHECKED_AT)
+    return build_consent(number, OPTED_OUT, CHECKED_AT, consent_id=BENCH_KEY.consent_id(number))
 
 
 def baseline(base_url: str, numbers: list[str], batch_size: int) -> float:

@@ -28,6 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT = REPO_ROOT / "bench" / "out"
 CHECKED_AT = "2024-11-26T10:15:00Z"
 
+from bench.generate import bench_key  # noqa: E402
+
+BENCH_KEY = bench_key()
+
 
 def _peak_mb() -> float:
     """This process's own peak RSS (VmHWM): ru_maxrss survives fork and exec, so a trial would
@@ -71,7 +75,7 @@ def trial(kind: str, manifest: str, reply: str, shards: int, extra: list[str]) -
         numbers = pq.read_table(manifest).column("nhs_number").to_pylist()
         start = time.perf_counter()
         for number in numbers:
-            build_consent(number, "inactive", CHECKED_AT)
+            build_consent(number, "inactive", CHECKED_AT, consent_id=BENCH_KEY.consent_id(number))
         return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "consents": len(numbers)}
     if kind == "ingest":
         return _ingest(manifest, extra[0], int(extra[1]))
@@ -104,7 +108,7 @@ def _ingest(manifest: str, base_url: str, batch_size: int) -> dict[str, Any]:
     from transforms.build_consent import build_consent
 
     numbers = pq.read_table(manifest).column("nhs_number").to_pylist()
-    consents = [build_consent(n, "inactive", CHECKED_AT) for n in numbers]
+    consents = [build_consent(n, "inactive", CHECKED_AT, consent_id=BENCH_KEY.consent_id(n)) for n in numbers]
     session = open_session(FhirClientConfig.from_env(base_url=base_url, auth="none"))
     start = time.perf_counter()
     for at in range(0, len(consents), batch_size):

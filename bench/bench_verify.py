@@ -29,26 +29,29 @@ from pipeline.fhir_client import FhirClientConfig, iter_search, open_session, po
 from pipeline.state import WorkDir  # noqa: E402
 from pipeline.verify import verify  # noqa: E402
 from transforms import ledger, shards  # noqa: E402
+from bench.generate import bench_key  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402
 from transforms.join import classify  # noqa: E402
 from transforms.vocabulary import NOT_OPTED_OUT  # noqa: E402
 from transforms.write_consents import build_bundle  # noqa: E402
 
 CHECKED_AT = "2026-12-01T06:00:00Z"
+BENCH_KEY = bench_key()
 
 
 def load(base_url: str, work_dir: WorkDir, count: int) -> None:
     numbers = nhs.synthetic_numbers(count, seed=77).to_pylist()
     with open_session(FhirClientConfig(base_url)) as session:
         for start in range(0, count, 500):
-            consents = [build_consent(n, NOT_OPTED_OUT, CHECKED_AT) for n in numbers[start:start + 500]]
+            consents = [build_consent(n, NOT_OPTED_OUT, CHECKED_AT, consent_id=BENCH_KEY.consent_id(n))
+                        for n in numbers[start:start + 500]]
             post_bundle(session, base_url, build_bundle(consents, "batch", "id")).raise_for_status()
     ints = shards.to_int64(pa.array(numbers, pa.string()))
-    decided = ledger.decide(classify(ints, ints), ledger.empty_ledger(), CHECKED_AT, "BENCH", refresh_days=0)
+    decided = ledger.decide(classify(ints, ints), ledger.empty_ledger(), CHECKED_AT, "BENCH", BENCH_KEY, refresh_days=0)
     pending = ledger_dirs.pending_folder(work_dir, "BENCH")
     ledger_dirs.write_part(pending, "part-00000.parquet", decided.ledger)
     ledger_dirs.finish(str(pending), {"request_id": "BENCH", "checked_at": CHECKED_AT,
-                                      "counts": {"ledger_rows": count}}, base_url)
+                                      "counts": {"ledger_rows": count}}, base_url, BENCH_KEY.fingerprint)
     ledger_dirs.promote(work_dir, "BENCH")
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,18 @@ import pyarrow.parquet as pq
 
 from pipeline import datfile, nhs
 from pipeline.files import private_dir, write_bytes
+from transforms.consent_ids import KEY_ENV, IdKey, configured_source, generate_key, read_source
 
 MANIFEST = "manifest.parquet"
 REPLY = "reply.dat"
+
+
+def bench_key() -> IdKey:
+    """The Consent id key a bench uses: the environment's, else a fresh one put into ``NDOP_ID_KEY`` (so the
+    pipelines and trial processes it starts read the same key)."""
+    if not configured_source():
+        os.environ[KEY_ENV] = generate_key()
+    return read_source(configured_source() or "")
 
 
 def generate(out: Path, patients: int, opted_out: float = 0.05, seed: int = 20241126) -> tuple[Path, Path]:

@@ -28,6 +28,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
+from pipeline.keys import check_fingerprint
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, utcnow
@@ -38,6 +39,7 @@ _LOGGER = logging.getLogger(__name__)
 META = "ledger.json"
 CURRENT = "current"
 REFRESH_ENV = "NDOP_REFRESH_DAYS"
+KEY_FINGERPRINT = "id_key_fingerprint"  # ledger.json: the Consent id key its Consents were written under
 
 
 def _local(path: str) -> bool:
@@ -57,15 +59,18 @@ def read_meta(folder: str) -> dict[str, Any]:
     return meta
 
 
-def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = False) -> str | None:
+def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
+                 full_refresh: bool = False) -> str | None:
     """The ledger folder a run may read, or ``None`` (a first load, or ``--full-refresh`` over a bad one).
 
     Raises :class:`InputError` (one line, exit 2) before anything is written when the ledger cannot be
-    read or describes another FHIR base URL, unless ``full_refresh``.
+    read or describes another FHIR base URL, unless ``full_refresh``; and, even then, when its Consents
+    were written under another Consent id key (a second Consent per patient would follow: ``ndop rekey``).
     """
     if not folder:
         return None
     if full_refresh:  # every Consent is written again: the new ledger is built from what the store now holds
+        _check_key(folder, key_fingerprint)  # even so: another key would put a second Consent beside each one
         _LOGGER.warning("full refresh: the previous ledger %s is not read; a new one starts from this run", folder)
         return None
     meta = read_meta(folder)
@@ -73,6 +78,7 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
         raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
                          f"not {fhir_base_url}; "
                          "give --full-refresh to rewrite this store and start a new ledger")
+    check_fingerprint(folder, meta.get(KEY_FINGERPRINT), key_fingerprint)
     found = ledger_files(folder)
     _check_files(folder, meta, found)
     for path in found:
@@ -88,6 +94,14 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
 
 
 _REBUILD = "give --full-refresh to rewrite the store and start a new ledger"
+
+
+def _check_key(folder: str, key_fingerprint: str) -> None:
+    try:
+        meta = read_meta(folder)
+    except InputError:
+        return  # an unreadable description: the checks below (or --full-refresh) deal with it
+    check_fingerprint(folder, meta.get(KEY_FINGERPRINT), key_fingerprint)
 
 
 def _digest(path: str) -> str:
@@ -119,10 +133,12 @@ def _name(path: str) -> str:
     return Path(path).name if _local(path) else path.rsplit("/", 1)[-1]
 
 
-def finish(folder: str, summary: dict[str, Any], fhir_base_url: str) -> None:
-    """Describe a new ledger (``ledger.json``) once its run stored every Consent."""
+def finish(folder: str, summary: dict[str, Any], fhir_base_url: str, key_fingerprint: str | None) -> None:
+    """Describe a new ledger (``ledger.json``) once its run stored every Consent (under the key named by its
+    fingerprint, never the key)."""
     meta = {
         "fhir_base_url": fhir_base_url.rstrip("/"),
+        KEY_FINGERPRINT: key_fingerprint,
         "request_id": summary.get("request_id"),
         "checked_at": summary.get("checked_at"),
         "rows": summary["counts"].get("ledger_rows", 0),

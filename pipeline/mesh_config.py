@@ -13,7 +13,6 @@ against a loopback sandbox, where the sandbox's own default may be what is wante
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import stat
@@ -25,7 +24,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import InputError, at
 from pipeline.request import NDOP_MAILBOX, WORKFLOW_ID
-from pipeline.settings import DAYS, HOURS, MESH_TIMEOUT, parse_number
+from pipeline.settings import DAYS, HOURS, MESH_TIMEOUT, is_loopback_url, parse_number
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -84,15 +83,7 @@ class MeshConfig:
     @property
     def is_local(self) -> bool:
         """True for a loopback URL: a local mesh-sandbox, never a real MESH."""
-        if self.url.lower() in ENDPOINT_NAMES:
-            return False
-        host = urlparse(self.url).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return self.url.lower() not in ENDPOINT_NAMES and is_loopback_url(self.url)
 
     def check_poll_interval(self, seconds: float) -> None:
         """The MESH API's rule: against a real MESH, poll at most once every five minutes (a sandbox may go faster)."""

@@ -49,6 +49,10 @@ class NdopOptions(PipelineOptions):
                             help="the exchange's organisation in each Provenance's agent (default: our MESH mailbox)")
         parser.add_argument("--no_provenance", "--no-provenance", dest="no_provenance", action="store_true",
                             default=False, help="write no Provenance beside the Consents")
+        parser.add_argument("--id_key_source", default=None,
+                            help="where the Consent id key is read, by the launcher and every worker: file:PATH, "
+                                 "env:NAME or gcp-secret:projects/P/secrets/S/versions/V (default: env "
+                                 "NDOP_ID_KEY_SOURCE, NDOP_ID_KEY_FILE or NDOP_ID_KEY); never the key itself")
         parser.add_argument("--reply_message_id", default="",
                             help="the NDOP reply's MESH message id, named in each Provenance's entity")
 

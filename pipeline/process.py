@@ -39,6 +39,7 @@ from pipeline.files import write_json
 from pipeline.options import LedgerOptions, NdopOptions
 from pipeline.state import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
+from transforms.consent_ids import IdKey, KeySource, configured_source
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
 from transforms import ledger
 from transforms.join import MANIFEST, REPLY
@@ -82,21 +83,33 @@ def fhir_config(opts: NdopOptions) -> Any:
 STAGES = ("join", "consents", "write")
 
 
+def id_key(opts: NdopOptions) -> tuple[IdKey, KeySource]:
+    """The Consent id key (read once here, to check it and learn its fingerprint) and the source workers read."""
+    from pipeline.keys import NO_KEY, open_key
+
+    spec = opts.id_key_source or configured_source()
+    if not spec:
+        raise InputError(NO_KEY)
+    return open_key(spec)
+
+
 def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
-                   ledger_opts: LedgerOptions | None = None) -> dict[str, Any]:
+                   ledger_opts: LedgerOptions | None = None, key: KeySource | None = None) -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
     ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
-    (and BuildConsent), ``write`` (the whole pipeline, with the dead-letter file).
+    (and BuildConsent), ``write`` (the whole pipeline, with the dead-letter file). ``key``: where workers
+    read the Consent id key (default: :func:`id_key`).
     """
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}")
+    key = key or id_key(opts)[1]
     manifest = p | "ReadManifest" >> ReadManifest(opts.manifest, opts.shards)
     reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
     lopts = ledger_opts or opts.view_as(LedgerOptions)
     previous = p | "ReadLedger" >> ledger.ReadLedger(lopts.ledger_in, opts.shards)
     joined = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous} | "JoinWithLedger" >> (
-        ledger.JoinWithLedger(opts.checked_at, opts.request_id, lopts.refresh_days, lopts.full_refresh))
+        ledger.JoinWithLedger(opts.checked_at, opts.request_id, key, lopts.refresh_days, lopts.full_refresh))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
         joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
@@ -114,7 +127,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     if until == "join":
         return outputs
     patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
-    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
+    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, key, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
@@ -315,8 +328,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     from pipeline.fhir_client import check_server
 
     check_server(fhir_config(opts))
+    key, source = id_key(opts)
     lopts = options.view_as(LedgerOptions)
-    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, lopts.full_refresh)
+    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, key.fingerprint,
+                                               lopts.full_refresh)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):
@@ -330,7 +345,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     try:
         with _private_files(local):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, opts, ledger_opts=lopts)
+            build_pipeline(p, opts, ledger_opts=lopts, key=source)
             # The total is what the ledger join decides to write (it reports it shard by shard), not the cohort.
             with progress.tracking_writes(None, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()
@@ -351,7 +366,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     reasons = file_level_reasons(dead_letters) if found and found.get("integrity_errors") else []
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
     if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
-        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
+        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url, key.fingerprint)
     elif lopts.ledger_out and only_refused_entries(summary) and (refused := refused_by_the_store(dead_letters)):
         # Every Consent is stored but those the store itself refused, entry by entry, with its reason (a 4xx in its
         # batch-response): the ledger forgets just those patients (the retry set: the next run writes them again)
@@ -360,7 +375,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         summary["retry"] = {"patients": len(refused),
                             "ledger_rows_dropped": ledger_dirs.drop_patients(lopts.ledger_out, refused)}
         summary["counts"]["ledger_rows"] -= summary["retry"]["ledger_rows_dropped"]
-        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url)
+        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url, key.fingerprint)
     summary["summary"] = write_summary(opts.output_dir, summary)
     c = summary["counts"]
     _LOGGER.info(

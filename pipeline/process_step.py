@@ -5,6 +5,7 @@ driver. When a request may be processed or acknowledged again: the contract in p
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,6 +15,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError, NdopError
+from pipeline.fhir_client import ENV_URL
+from pipeline.keys import key_source_spec
 from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.process import SUMMARY, _is_local, failure_message, join_path, run
 from pipeline.state import ACCEPTED, PROCESSED, REPLIED, RequestRecord, WorkDir, isoformat, utcnow
@@ -155,6 +158,8 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
+    if not any(a.startswith(("--id_key_source", "--id-key-source")) for a in beam_args):
+        argv.append(f"--id_key_source={key_source_spec(fhir_url or os.environ.get(ENV_URL), work_dir.root)}")
     if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
         argv.append("--patient_ids")
     argv += ledger_dirs.pipeline_args(work_dir, request_id, stage_dir)  # the work dir's ledger in, a pending one out

@@ -3,13 +3,18 @@
 Every number a user can set goes through :func:`parse_number` with a :class:`Range`: ``nan``, ``inf``, ``1e300``,
 ``-1`` or ``ten`` are bad input (:class:`~pipeline.errors.InputError`: one line naming the setting, exit 2),
 raised before anything is sent or written. :func:`number_option` is the same rule as an argparse ``type=``.
+
+Also the one rule for "a peer on this machine" (:func:`is_loopback_url`): a MESH sandbox may be polled faster, a
+FHIR dev server may be written with the work dir's own Consent id key.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
+from urllib.parse import urlparse
 
 from pipeline.errors import InputError
 
@@ -87,3 +92,14 @@ def days_setting(value: float | None, env: str, default: float | None, *, whole:
     if value is None:
         return env_number(env, default, allowed)
     return parse_number(value, "days", allowed)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for a URL on this machine (``localhost``, ``127.0.0.0/8``, ``::1``): a sandbox or dev server."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

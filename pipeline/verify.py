@@ -146,7 +146,8 @@ def _rewrite(session: Any, base_url: str, rows: list[dict[str, Any]]) -> int:
     stored = 0
     for start in range(0, len(rows), READ_BATCH):
         batch = rows[start:start + READ_BATCH]
-        consents = [build_consent(r["nhs_number"], r["status"], _when(r["written_at"])) for r in batch]
+        consents = [build_consent(r["nhs_number"], r["status"], _when(r["written_at"]), consent_id=r["consent_id"])
+                    for r in batch]
         with post_bundle(session, base_url, build_bundle(consents, "batch", "id")) as response:
             body: Any = response.json() if response.status_code == 200 else None
             problem = answer_problem(response.status_code, body, "batch", len(batch))
@@ -173,7 +174,7 @@ def queue_for_rewrite(work_dir: WorkDir, numbers: set[int]) -> int:
         ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], kept)
     ledger_dirs.finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
                                       "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}},
-                       meta["fhir_base_url"])
+                       meta["fhir_base_url"], meta.get(ledger_dirs.KEY_FINGERPRINT))
     ledger_dirs.promote(work_dir, version)
     return dropped
 

@@ -11,9 +11,19 @@ from pipeline.faults import FAULT_ENV
 from pipeline.nhs import NHS_NUMBER_SYSTEM
 from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
 from pipeline.state import RequestRecord, WorkDir, isoformat, utcnow
-from transforms.vocabulary import IDENTIFIER_SYSTEM, consent_id
+from transforms.consent_ids import KeySource, parse_key
+from transforms.vocabulary import IDENTIFIER_SYSTEM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TEST_KEY_HEX = "7e57" * 16  # the tests' Consent id key (tests/conftest.py puts it in NDOP_ID_KEY_FILE)
+TEST_KEY = parse_key(TEST_KEY_HEX, "the tests' key")
+consent_id = TEST_KEY.consent_id  # a patient's Consent id as every test run writes it
+
+
+def key_source_for_tests() -> KeySource:
+    """Where a test pipeline's workers read the tests' key (the file conftest.py wrote)."""
+    return KeySource(f"file:{os.environ['NDOP_ID_KEY_FILE']}", TEST_KEY.fingerprint)
 
 
 def cli_command(*args: str) -> list[str]:

@@ -18,7 +18,7 @@ from pipeline.process import DEAD_LETTERS, SUMMARY
 from tests.helpers import consents_for_patient as _consents_of
 from tests.test_process_pipeline import T1, T2, _inputs, _numbers
 from tests.test_runners import FNAPI, _INPUT_COUNTS, _process, _store
-from transforms.build_consent import consent_id
+from tests.helpers import consent_id
 
 pytestmark = pytest.mark.flink
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ from pipeline import datfile, nhs
 from pipeline.fhir_client import FhirClientConfig
 from pipeline.process import run as run_process
 from tests.test_write_consents import make_consent, run as run_write
-from transforms.build_consent import build_consent, consent_id
+from tests.helpers import consent_id
+from transforms.build_consent import build_consent
 from tests.helpers import summarise
 
 pytestmark = pytest.mark.hapi
@@ -40,8 +41,8 @@ def test_the_pipelines_consents_pass_hapis_validator_and_an_unchanged_put_keeps_
     patient = requests.put(f"{hapi_server}/Patient/hapi-v-1", headers=FHIR_JSON, timeout=30, json={
         "resourceType": "Patient", "id": "hapi-v-1", "identifier": [{"system": SYSTEM, "value": number}]})
     assert patient.status_code == 201, patient.text
-    for consent in (build_consent(number, "active", "2024-11-26T10:15:00Z"),
-                    build_consent(number, "inactive", "2024-11-26T10:15:00Z", patient_id="hapi-v-1")):
+    for consent in (build_consent(number, "active", "2024-11-26T10:15:00Z", consent_id=consent_id(number)),
+                    build_consent(number, "inactive", "2024-11-26T10:15:00Z", patient_id="hapi-v-1", consent_id=consent_id(number))):
         answer = requests.put(f"{hapi_server}/Consent/{consent['id']}", json=consent, headers=FHIR_JSON, timeout=30)
         assert answer.status_code in (200, 201), answer.text
     again = requests.put(f"{hapi_server}/Consent/{consent['id']}", json=consent, headers=FHIR_JSON, timeout=30)
@@ -50,7 +51,7 @@ def test_the_pipelines_consents_pass_hapis_validator_and_an_unchanged_put_keeps_
 
 def test_a_reference_to_a_patient_the_store_lacks_is_refused(hapi_server: str) -> None:
     number = _numbers(1, 7303)[0]
-    consent = build_consent(number, "active", "2024-11-26T10:15:00Z", patient_id="no-such-patient")
+    consent = build_consent(number, "active", "2024-11-26T10:15:00Z", patient_id="no-such-patient", consent_id=consent_id(number))
     main, dead, _ = run_write([consent], FhirClientConfig(hapi_server))
     assert summarise(main)["failed"] == 1
     assert dead[0]["status"] in (400, 404, 422) and "no-such-patient" in dead[0]["reason"]

@@ -28,7 +28,7 @@ from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
 from pipeline.process import run
 from pipeline.state import PROCESSED, REPLIED, WorkDir
 from transforms import ledger, shards
-from transforms.build_consent import consent_id
+from tests.helpers import TEST_KEY, consent_id, key_source_for_tests
 from transforms.join import classify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +54,11 @@ def _classified(cohort: list[str], opted_out: set[str]):
 
 def test_decide_writes_new_changed_and_due_and_keeps_who_left() -> None:
     people = _numbers(10, seed=9801)
-    first = ledger.decide(_classified(people[:8], {people[0]}), ledger.empty_ledger(), _at(0), "R1", refresh_days=0)
+    first = ledger.decide(_classified(people[:8], {people[0]}), ledger.empty_ledger(), _at(0), "R1", TEST_KEY, refresh_days=0)
     assert first.counts["to_write"] == 8 and first.counts["new_patients"] == 8 and first.ledger.num_rows == 8
     # people[1] opts out, people[0] withdraws, people[7] leaves, people[8] is new
     now = _classified(people[:7] + [people[8]], {people[1]})
-    second = ledger.decide(now, first.ledger, _at(1), "R2", refresh_days=0)
+    second = ledger.decide(now, first.ledger, _at(1), "R2", TEST_KEY, refresh_days=0)
     assert second.counts == {"to_write": 3, "new_patients": 1, "newly_opted_out": 1, "opt_out_withdrawn": 1,
                              "refreshed": 0, "unchanged": 5, "left_cohort": 1, "superseded": 0}
     written = set(shards.to_strings(np.concatenate([second.write_opted_out, second.write_not_opted_out])))
@@ -72,20 +72,20 @@ def test_decide_writes_new_changed_and_due_and_keeps_who_left() -> None:
     assert rows[people[2]]["checked_at"].date() == (DAY0 + timedelta(days=1)).date()  # confirmed, not written
     assert rows[people[2]]["status_since"] == rows[people[2]]["written_at"]
     assert all(rows[n]["consent_id"] == consent_id(n) for n in rows)
-    full = ledger.decide(now, second.ledger, _at(1), "R3", refresh_days=0, full_refresh=True)
+    full = ledger.decide(now, second.ledger, _at(1), "R3", TEST_KEY, refresh_days=0, full_refresh=True)
     assert full.counts["to_write"] == 8 and full.counts["unchanged"] == 0
 
 
 def test_an_older_answer_never_overwrites_a_newer_one() -> None:
     people = _numbers(6, seed=9802)
-    newer = ledger.decide(_classified(people, {people[0]}), ledger.empty_ledger(), _at(2), "B", refresh_days=0)
+    newer = ledger.decide(_classified(people, {people[0]}), ledger.empty_ledger(), _at(2), "B", TEST_KEY, refresh_days=0)
     # An older request's answer (day 1), processed after the newer one: people[1] opted out then, people[0] not.
-    older = ledger.decide(_classified(people[:5], {people[1]}), newer.ledger, _at(1), "A", refresh_days=0)
+    older = ledger.decide(_classified(people[:5], {people[1]}), newer.ledger, _at(1), "A", TEST_KEY, refresh_days=0)
     assert older.counts["superseded"] == 5 and older.counts["to_write"] == 0 and older.counts["left_cohort"] == 1
     assert len(older.write_opted_out) == len(older.write_not_opted_out) == 0
     assert sorted(older.ledger.to_pylist(), key=lambda r: r["nhs_number"]) == sorted(
         newer.ledger.to_pylist(), key=lambda r: r["nhs_number"])  # every row exactly as the newer answer left it
-    same_time = ledger.decide(_classified(people, {people[1]}), newer.ledger, _at(2), "C", refresh_days=0)
+    same_time = ledger.decide(_classified(people, {people[1]}), newer.ledger, _at(2), "C", TEST_KEY, refresh_days=0)
     assert same_time.counts["superseded"] == 0 and same_time.counts["newly_opted_out"] == 1  # as new: applies
 
 
@@ -93,11 +93,11 @@ def test_refresh_spread_over_40_days() -> None:
     """1,500 patients, no change, --refresh_days 30, a check a day for 40 days after a full load."""
     cohort, days = 1500, 30
     classified = _classified(_numbers(cohort, seed=9802), set(_numbers(cohort, seed=9802)[::7]))
-    state = ledger.decide(classified, ledger.empty_ledger(), _at(0), "R0", refresh_days=days).ledger
+    state = ledger.decide(classified, ledger.empty_ledger(), _at(0), "R0", TEST_KEY, refresh_days=days).ledger
     per_day, times_written = [], np.zeros(cohort, int)
     for day in range(1, 41):
-        decision = ledger.decide(classified, state, _at(day), f"R{day}", refresh_days=days)
-        again = ledger.decide(classified, decision.ledger, _at(day), f"R{day}b", refresh_days=days)
+        decision = ledger.decide(classified, state, _at(day), f"R{day}", TEST_KEY, refresh_days=days)
+        again = ledger.decide(classified, decision.ledger, _at(day), f"R{day}b", TEST_KEY, refresh_days=days)
         assert again.counts["to_write"] == 0  # a second run the same day refreshes nobody twice
         state = decision.ledger
         per_day.append(decision.counts["refreshed"])
@@ -127,7 +127,7 @@ def test_composites_join_decide_write_and_read_back(tmp_path) -> None:
     from tests.beam_util import local_pipeline
 
     people = _numbers(12, seed=9804)
-    first = ledger.decide(_classified(people[:10], set()), ledger.empty_ledger(), _at(0), "R1", refresh_days=0)
+    first = ledger.decide(_classified(people[:10], set()), ledger.empty_ledger(), _at(0), "R1", TEST_KEY, refresh_days=0)
     previous = tmp_path / "in"
     previous.mkdir()
     pq.write_table(first.ledger, previous / "part-00000.parquet")
@@ -138,7 +138,7 @@ def test_composites_join_decide_write_and_read_back(tmp_path) -> None:
             "manifest": p | "M" >> beam.Create(list(shards.split_by_shard(manifest, 3))),
             "reply": p | "R" >> beam.Create(list(shards.split_by_shard(reply, 3))),
             ledger.LEDGER: p | "L" >> ledger.ReadLedger(str(previous), 3),
-        } | ledger.JoinWithLedger(_at(1), "R2", refresh_days=0)
+        } | ledger.JoinWithLedger(_at(1), "R2", key_source_for_tests(), refresh_days=0)
         written = joined.to_write | beam.FlatMap(lambda batch: [(batch[0], n) for n in shards.to_strings(batch[1])])
         assert_that(written, equal_to([("active", people[2]), ("inactive", people[10]), ("inactive", people[11])]))
         joined[ledger.LEDGER] | ledger.WriteLedgerShards(str(tmp_path / "out"))
@@ -237,7 +237,7 @@ def test_pipeline_days_refresh_what_decide_says(tmp_path, fhir_server) -> None:
         _inputs(folder, cohort, opted)
         args = [f"--ledger_out={out}", "--refresh_days=30"] + ([f"--ledger_in={previous}"] if previous else [])
         summary = _process(folder, fhir_server, _at(day), *args)
-        expected = ledger.decide(classified, expected_state, _at(day), folder.name, refresh_days=30)
+        expected = ledger.decide(classified, expected_state, _at(day), folder.name, TEST_KEY, refresh_days=30)
         assert summary["ok"] and summary["counts"]["written"] == expected.counts["to_write"], (day, summary["changes"])
         assert summary["changes"]["refreshed"] == expected.counts["refreshed"]
         expected_state, previous = expected.ledger, out
@@ -255,7 +255,8 @@ def test_ledger_refused_unless_full_refresh(tmp_path, fhir_server) -> None:
         _process(folder, fhir_server, _at(0), f"--ledger_in={other}", f"--ledger_out={out}")
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / ledger_dirs.META).write_text(json.dumps({"fhir_base_url": fhir_server}))
+    (broken / ledger_dirs.META).write_text(json.dumps({"fhir_base_url": fhir_server,
+                                                       ledger_dirs.KEY_FINGERPRINT: TEST_KEY.fingerprint}))
     (broken / "part-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="part-00000.parquet: ledger file cannot be read"):
         _process(folder, fhir_server, _at(0), f"--ledger_in={broken}", f"--ledger_out={out}")
@@ -307,7 +308,8 @@ def _replied_request(work_dir: WorkDir, request_id: str, cohort: list[str], opte
 
 
 def _ndop(work_dir: WorkDir, fhir_url: str, request_id: str, *extra: str, fault: str | None = None):
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV and not k.startswith(("FHIR_", "NDOP_"))}
+    env = {k: v for k, v in os.environ.items()
+           if k != FAULT_ENV and (not k.startswith(("FHIR_", "NDOP_")) or k == "NDOP_ID_KEY_FILE")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     if fault:
         env[FAULT_ENV] = fault

@@ -36,7 +36,7 @@ from pipeline.process_step import process_request
 from pipeline.state import PROCESSED
 from tests.beam_util import RUNNER_ARGS
 from tests.test_process_pipeline import _consents_of, _replied_request
-from transforms.build_consent import consent_id
+from tests.helpers import consent_id
 
 SENTINEL = "sentinel-secret-4f1d9c"  # stands for the FHIR token / client secret
 BUCKET = "gs://ndop-test-bucket"

@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PortableOptions
 from pipeline.process import DEAD_LETTERS, JOB_SERVER_TIMEOUT, counters, pipeline_options, run, summarise
 from tests.helpers import consents_for_patient as _consents_of
 from tests.test_process_pipeline import T1, T2, _inputs, _numbers
-from transforms.build_consent import consent_id
+from tests.helpers import consent_id
 
 FNAPI = ["--runner=FnApiRunner"]
 # Summary counts that depend neither on what the FHIR store held before the run nor on how the runner

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline import nhs
 from tests.helpers import cli
 from tests.test_run import ndop_run, statuses
-from transforms.build_consent import consent_id
+from tests.helpers import consent_id
 
 
 def test_drift_is_found_queued_and_repaired(tmp_path, work_dir, mesh, fhir_server) -> None:

@@ -19,7 +19,8 @@ from pipeline import nhs
 from pipeline.fhir_client import FhirClientConfig, open_session, search_total
 from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import summarise
-from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent, consent_id
+from tests.helpers import consent_id
+from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent
 from transforms.write_consents import WriteConsents, answer_problem, build_bundle, read_entries
 
 CHECKED_AT = "2024-11-26T10:00:00Z"
@@ -27,7 +28,7 @@ CHECKED_AT = "2024-11-26T10:00:00Z"
 
 def make_consent(number: str, status: str = "active") -> dict[str, Any]:
     """The Consent the pipeline makes (transforms/build_consent.py), so WriteConsents is tested with it."""
-    return build_consent(number, status, CHECKED_AT)
+    return build_consent(number, status, CHECKED_AT, consent_id=consent_id(number))
 
 
 def numbers(count: int, seed: int) -> list[str]:

@@ -18,14 +18,13 @@ from apache_beam.metrics import Metrics
 
 from pipeline import nhs
 from transforms import shards as shardlib
-from transforms.vocabulary import (  # noqa: F401 (consent_id, IDENTIFIER_SYSTEM: this module's public words)
-    CONSENT_ID_NAMESPACE,
+from transforms.consent_ids import IdKey, KeySource
+from transforms.vocabulary import (  # noqa: F401 (IDENTIFIER_SYSTEM: this module's public word)
     IDENTIFIER_SYSTEM,
     METRICS_NAMESPACE,
     NOT_OPTED_OUT,
     OPTED_OUT,
     Counter,
-    consent_id,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -50,14 +49,16 @@ def _shared_parts() -> dict[str, Any]:
     }
 
 
-def build_consent(nhs_number: str, status: str, checked_at: str, patient_id: str | None = None) -> dict[str, Any]:
-    """The Consent for one patient; ``status`` is ``active`` (opted out) or ``inactive``.
+def build_consent(nhs_number: str, status: str, checked_at: str, patient_id: str | None = None, *,
+                  consent_id: str) -> dict[str, Any]:
+    """The Consent for one patient; ``status`` is ``active`` (opted out) or ``inactive``; ``consent_id`` from
+    :meth:`IdKey.consent_id <transforms.consent_ids.IdKey.consent_id>` (or the ledger, which holds it).
 
     With the Patient's FHIR id known, ``patient`` references ``Patient/<id>`` with the NHS number
     identifier beside it (so ``Consent?patient=Patient/<id>`` and chained searches find it, and servers
     that check references resolve it); without, it is the identifier alone.
     """
-    cid = consent_id(nhs_number)
+    cid = consent_id
     patient: dict[str, Any] = {"identifier": {"system": nhs.NHS_NUMBER_SYSTEM, "value": nhs_number}}
     if patient_id:
         patient = {"reference": f"Patient/{patient_id}", **patient}
@@ -99,7 +100,8 @@ def check_checked_at(checked_at: str | None) -> str:
         raise ValueError(f"checked_at {checked_at!r} is not an ISO 8601 date-time") from None
     if moment.tzinfo is None or "T" not in checked_at:
         raise ValueError(f"checked_at {checked_at!r} needs a time and a time zone (e.g. 2024-11-26T10:15:00Z)")
-    validate_consent(build_consent("9990000018", OPTED_OUT, checked_at))  # the template, validated once
+    validate_consent(build_consent("9990000018", OPTED_OUT, checked_at,
+                                   consent_id="00000000-0000-8000-8000-000000000000"))  # the template, validated once
     return checked_at
 
 
@@ -109,21 +111,24 @@ class BuildConsentFn(beam.DoFn):
     ``checked_at`` is taken as checked: :class:`BuildConsent` validated it (and the template) once.
     """
 
-    def __init__(self, checked_at: str, sample_validate: int = 1) -> None:
+    def __init__(self, checked_at: str, key: KeySource, sample_validate: int = 1) -> None:
         self._checked_at = checked_at
+        self._key_source = key
         self._sample_validate = sample_validate
         self._built = Metrics.counter(METRICS_NAMESPACE, Counter.CONSENTS_BUILT)
 
     def setup(self) -> None:
         self._to_validate = self._sample_validate
+        self._key: IdKey = self._key_source.load()
 
     def process(self, batch: tuple[str, np.ndarray],
                 patient_ids: Mapping[int, str] | None = None) -> Iterator[dict[str, Any]]:
         status, numbers = batch
         checked_at = self._checked_at
         ids = patient_ids or {}
+        consent_id = self._key.consent_id
         for key, number in zip(numbers.tolist(), shardlib.to_strings(numbers)):
-            consent = build_consent(number, status, checked_at, ids.get(key))
+            consent = build_consent(number, status, checked_at, ids.get(key), consent_id=consent_id(number))
             if self._to_validate > 0:
                 self._to_validate -= 1
                 validate_consent(consent)
@@ -134,17 +139,18 @@ class BuildConsentFn(beam.DoFn):
 class BuildConsent(beam.PTransform):
     """Classified batches -> Consent dicts (per patient from here on: the FHIR leg is per patient)."""
 
-    def __init__(self, checked_at: str, sample_validate: int = 1,
+    def __init__(self, checked_at: str, key: KeySource, sample_validate: int = 1,
                  patient_ids: pvalue.PCollection | None = None) -> None:
         """``patient_ids``: optional ``(int64 number, Patient id)`` pairs (:class:`ReadPatientIds`), a dict
         side input: a worker holds every known id (about 100 bytes each; fine for a FHIR store's cohort)."""
         super().__init__()
         self._checked_at = check_checked_at(checked_at)
+        self._key = key
         self._sample_validate = sample_validate
         self._patient_ids = patient_ids
 
     def expand(self, batches: pvalue.PCollection) -> pvalue.PCollection:
-        fn = BuildConsentFn(self._checked_at, self._sample_validate)
+        fn = BuildConsentFn(self._checked_at, self._key, self._sample_validate)
         if self._patient_ids is None:
             return batches | "BuildConsentDicts" >> beam.ParDo(fn)
         return batches | "BuildConsentDicts" >> beam.ParDo(fn, patient_ids=pvalue.AsDict(self._patient_ids))

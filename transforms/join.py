@@ -20,7 +20,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import shards as shardlib
-from transforms.vocabulary import METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT, consent_id, integrity_error
+from transforms.vocabulary import METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT, integrity_error
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ClassifyShardFn(beam.DoFn):
         """One dead-letter record per number found only in the reply."""
         for number in shardlib.to_strings(result.reply_only):
             yield pvalue.TaggedOutput(
-                self.INTEGRITY_ERRORS, integrity_error(REASON_REPLY_ONLY, number, consent_id(number))
+                self.INTEGRITY_ERRORS, integrity_error(REASON_REPLY_ONLY, number)
             )
 
     def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:

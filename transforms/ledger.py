@@ -47,6 +47,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import progress
 from transforms import shards as shardlib
+from transforms.consent_ids import IdKey, KeySource
 from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
 
@@ -131,14 +132,13 @@ def _seconds(column: pa.ChunkedArray) -> np.ndarray:
     return column.cast(pa.int64()).to_numpy()
 
 
-def decide(classified: Classified, previous: pa.Table, checked_at: str, request_id: str,
+def decide(classified: Classified, previous: pa.Table, checked_at: str, request_id: str, key: IdKey,
            refresh_days: int = DEFAULT_REFRESH_DAYS, full_refresh: bool = False) -> Decision:
     """Decide one shard: who is written, and the shard's new ledger rows (see the module docstring).
 
-    ``previous`` holds the shard's earlier ledger rows (:data:`SCHEMA`, any order, unique numbers).
+    ``previous`` holds the shard's earlier ledger rows (:data:`SCHEMA`, any order, unique numbers); a new
+    patient's Consent id comes from ``key`` (the ledger keeps it from then on).
     """
-    from transforms.build_consent import consent_id  # one id rule
-
     now = epoch_seconds(checked_at)
     numbers = np.concatenate([classified.opted_out, classified.not_opted_out])
     status = np.concatenate([np.ones(len(classified.opted_out), np.int8),
@@ -203,6 +203,7 @@ def decide(classified: Classified, previous: pa.Table, checked_at: str, request_
     ids: list[pa.Array] = []
     if previous.num_rows:
         ids.append(previous.column("consent_id").combine_chunks().take(pa.array(np.where(known, old_row, 0))))
+    consent_id = key.consent_id
     fresh = pa.array([consent_id(n) for n in shardlib.to_strings(numbers[new])], pa.string())
     if previous.num_rows:
         consent_ids = _fill(ids[0], new, fresh)
@@ -360,20 +361,25 @@ class DecideShardFn(ClassifyShardFn):
 
     LEDGER = LEDGER
 
-    def __init__(self, checked_at: str, request_id: str, refresh_days: int, full_refresh: bool) -> None:
+    def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int,
+                 full_refresh: bool) -> None:
         super().__init__()
+        self._key_source = key
         self._checked_at = checked_at
         self._request_id = request_id
         self._refresh_days = refresh_days
         self._full_refresh = full_refresh
         self._ledger_counters = {key: Metrics.counter(METRICS_NAMESPACE, name) for key, name in COUNTERS.items()}
 
+    def setup(self) -> None:
+        self._key: IdKey = self._key_source.load()
+
     def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
         shard, grouped = element
         result = self.classify_group(grouped)
         yield from self.integrity_outputs(result)
         decision = decide(result, from_bytes(list(grouped[LEDGER])), self._checked_at, self._request_id,
-                          self._refresh_days, self._full_refresh)
+                          self._key, self._refresh_days, self._full_refresh)
         for key, value in decision.counts.items():
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
@@ -395,13 +401,13 @@ class JoinWithLedger(beam.PTransform):
     LEDGER = LEDGER
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
-    def __init__(self, checked_at: str, request_id: str, refresh_days: int = DEFAULT_REFRESH_DAYS,
+    def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int = DEFAULT_REFRESH_DAYS,
                  full_refresh: bool = False) -> None:
         super().__init__()
         if refresh_days < 0:
             raise ValueError("refresh_days must be 0 or more")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, refresh_days, full_refresh)
+        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
         assert set(inputs) == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
