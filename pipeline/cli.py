@@ -250,7 +250,7 @@ def _process(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ack", action="store_true",
                    help="write the Consents but leave the MESH reply unacknowledged (no MESH settings needed); "
                         "a later `ndop process` or `ndop poll` acknowledges it")
-    p.set_defaults(handler=_run_process, beam_args=True)
+    p.set_defaults(handler=_run_process, beam_args=True, precheck=_check_key)
 
 
 def _run_process(args: argparse.Namespace) -> int:
@@ -319,7 +319,16 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     from pipeline.staleness import stale_days
 
     retention_days(None), stale_days(), every_seconds(), _ledger_args(args), _swing(args)
+    _check_key(args)
     load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url}).check_poll_interval(args.interval)
+
+
+def _check_key(args: argparse.Namespace) -> None:
+    """The Consent id key (pipeline/keys.py), before a request is sent or a Consent written."""
+    from pipeline.fhir_client import ENV_URL
+    from pipeline.keys import check_key_available
+
+    check_key_available(args.fhir_url or os.environ.get(ENV_URL))
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -445,8 +454,52 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keygen", parents=[common_options()], help="make a new Consent id key (a 0600 file)",
+                       description="Consent ids are derived from NHS numbers with this secret key, so an id in a log "
+                                   "does not give the number away (docs/privacy.md). Keep the file safe and private; "
+                                   "point NDOP_ID_KEY_FILE at it. An existing file is never overwritten.")
+    p.add_argument("--out", required=True, metavar="FILE", help="the new key file")
+    p.set_defaults(handler=_run_keygen, read_only=True)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from pipeline.keys import keygen
+
+    key = keygen(args.out)
+    print(f"Consent id key written to {args.out} (0600), fingerprint {key.fingerprint}; "
+          f"now: export NDOP_ID_KEY_FILE={os.path.abspath(args.out)}")
+    return EXIT_OK
+
+
+def _rekey(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rekey", parents=[common_options()],
+                       help="move the store's Consents to the current key's ids (once, resumable)",
+                       description="Writes each Consent the ledger names under the id of the current Consent id key "
+                                   "(NDOP_ID_KEY_FILE) and deletes its old id, rewrites Provenance targets, then "
+                                   "records the key's fingerprint in the ledger. Safe to run again after a failure "
+                                   "(pipeline/rekey.py).")
+    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    p.set_defaults(handler=_run_rekey, precheck=_check_key)
+
+
+def _run_rekey(args: argparse.Namespace) -> int:
+    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.keys import key_source_spec, open_key
+    from pipeline.rekey import rekey
+
+    config = FhirClientConfig.from_env(base_url=args.fhir_url)
+    work_dir = WorkDir(args.work_dir)
+    key, _ = open_key(key_source_spec(config.base_url, work_dir.root))
+    result = rekey(work_dir, config, key)
+    c = result.counts()
+    print(f"rekey to key {key.fingerprint}: {c['patients']} patients; {c['moved']} moved, {c['already']} already "
+          f"under the new ids, {c['restored']} restored from the ledger; {c['provenances']} Provenances retargeted")
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify,
+    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify, _keygen, _rekey,
 ]
 
 

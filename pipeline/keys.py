@@ -44,6 +44,16 @@ def key_source_spec(fhir_url: str | None, work_dir_root: Path | None) -> str:
     raise InputError(NO_KEY)
 
 
+def check_key_available(fhir_url: str | None) -> None:
+    """Before anything is built or sent: the key the environment names can be read, or there is none and the
+    FHIR server is on this machine (the work dir's own key will do); otherwise one line, exit 2."""
+    spec = configured_source()
+    if spec:
+        open_key(spec)
+    elif fhir_url and not is_loopback_url(fhir_url):
+        raise InputError(NO_KEY)
+
+
 def open_key(spec: str) -> tuple[IdKey, KeySource]:
     """The key and the source workers get; an unreadable key is one line (exit 2)."""
     try:
