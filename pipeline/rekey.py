@@ -6,8 +6,8 @@ patient by patient, from the ledger, which holds every Consent's id:
 1. read the old and the new id back (batch Bundles of GETs, answered entry by entry, as ``ndop verify`` reads);
 2. PUT the Consent under its new id (the stored Consent with its id and identifier changed, so nothing else moves;
    rebuilt from the ledger if the store has lost it: counted as restored), each entry's answer checked;
-3. DELETE the old id, only once the new one is stored;
-4. rewrite every Provenance whose target names an old id;
+3. rewrite every Provenance whose target names an old id (a store may refuse to delete what is still referenced);
+4. DELETE the old id, only once the new one is stored;
 5. a new ledger version with the new ids and the new key's fingerprint, swapped in like a run's.
 
 Resumable and idempotent: a patient already moved (new id stored, old gone) is left alone, so after a crash the
@@ -74,25 +74,23 @@ def _post_checked(session: Any, base_url: str, entries: list[dict[str, Any]], wh
     return read_entries(body, len(entries))
 
 
-def _move_batch(session: Any, base_url: str, rows: Sequence[dict[str, Any]], result: RekeyResult) -> None:
+def _write_batch(session: Any, base_url: str, rows: Sequence[dict[str, Any]], result: RekeyResult) -> list[str]:
+    """Store each patient's Consent under its new id; returns the old ids still in the store whose patient's new
+    id is stored (to delete once the Provenances point at the new ids)."""
     olds = dict(read_consents(session, base_url, [r["consent_id"] for r in rows]))
     news = dict(read_consents(session, base_url, [r["new_id"] for r in rows]))
-    puts: list[tuple[dict[str, Any], dict[str, Any], bool]] = []
+    writes: list[tuple[dict[str, Any], dict[str, Any], bool]] = []
+    stored_new = set()
     for row in rows:
         old, new = olds.get(row["consent_id"]), news.get(row["new_id"])
         if new is not None:
-            if old is None:
-                result.already += 1
-            else:
-                puts.append((row, {}, False))  # stored under both: only the old one goes
-            continue
-        if old is not None:
-            puts.append((row, _moved(old, row["new_id"]), False))
+            stored_new.add(row["new_id"])
+            result.already += old is None
+        elif old is not None:
+            writes.append((row, _moved(old, row["new_id"]), False))
         else:
-            puts.append((row, build_consent(row["nhs_number"], row["status"], _when(row["written_at"]),
-                                            consent_id=row["new_id"]), True))
-    writes = [(row, consent, restored) for row, consent, restored in puts if consent]
-    stored_new = {row["new_id"] for row, consent, _ in puts if not consent}
+            writes.append((row, build_consent(row["nhs_number"], row["status"], _when(row["written_at"]),
+                                              consent_id=row["new_id"]), True))
     if writes:
         answers = _post_checked(session, base_url, [
             {"resource": consent, "request": {"method": "PUT", "url": f"Consent/{row['new_id']}"}}
@@ -103,16 +101,19 @@ def _move_batch(session: Any, base_url: str, rows: Sequence[dict[str, Any]], res
                 result.restored += restored
             else:
                 result.failed.append(f"Consent {row['new_id']}: {reason or f'HTTP {code}'}")
-    deletes = [row for row in rows if row["new_id"] in stored_new and olds.get(row["consent_id"]) is not None]
-    if deletes:
+    return [row["consent_id"] for row in rows if row["new_id"] in stored_new and olds.get(row["consent_id"])]
+
+
+def _delete_old(session: Any, base_url: str, old_ids: Sequence[str], result: RekeyResult) -> None:
+    for start in range(0, len(old_ids), READ_BATCH):
+        batch = old_ids[start:start + READ_BATCH]
         answers = _post_checked(session, base_url, [
-            {"request": {"method": "DELETE", "url": f"Consent/{row['consent_id']}"}} for row in deletes],
-            "deleting the old ids")
-        for row, (code, reason) in zip(deletes, answers):
+            {"request": {"method": "DELETE", "url": f"Consent/{cid}"}} for cid in batch], "deleting the old ids")
+        for cid, (code, reason) in zip(batch, answers):
             if 200 <= code < 300 or code in (404, 410):
                 result.moved += 1
             else:
-                result.failed.append(f"old Consent of the patient moved to {row['new_id']}: {reason or code}")
+                result.failed.append(f"deleting an old Consent id: {reason or f'HTTP {code}'}")
 
 
 def _retarget(provenance: dict[str, Any], new_ids: dict[str, str]) -> bool:
@@ -181,11 +182,14 @@ def rekey(work_dir: WorkDir, config: FhirClientConfig, key: IdKey, batch: int = 
     for row in rows:
         row["new_id"] = key.consent_id(row["nhs_number"])
     new_ids = {row["consent_id"]: row["new_id"] for row in rows}
-    with open_session(config) as session:
+    with open_session(config) as session:  # new ids first, then Provenances, then the old ids (a store refuses to
+        old_ids: list[str] = []            # delete a Consent a Provenance still names: HAPI answers 409)
         for start in range(0, len(rows), batch):
-            _move_batch(session, config.base_url, rows[start:start + batch], result)
+            old_ids += _write_batch(session, config.base_url, rows[start:start + batch], result)
         if not result.failed:
             _rewrite_provenances(session, config.base_url, new_ids, result)
+        if not result.failed:
+            _delete_old(session, config.base_url, old_ids, result)
     if result.failed:
         for reason in result.failed[:5]:
             _LOGGER.error("rekey: %s", reason)

@@ -232,14 +232,14 @@ def test_rekey_moves_an_old_store_once_resumably(tmp_path, fhir_store) -> None:
 
     # An earlier rekey was interrupted: 5 patients already moved; and the store lost one Consent.
     with open_session(FhirClientConfig.from_env(env={}, base_url=fhir_store, auth="none")) as session:
-        for number in cohort[:5]:
+        for number in cohort[10:15]:  # (not named by the Provenance: a store may refuse to delete what it names)
             old = session.get(f"{fhir_store}/Consent/{unkeyed_consent_id(number)}").json()
             moved = {**old, "id": TEST_KEY.consent_id(number),
                      "identifier": [{"system": old["identifier"][0]["system"], "value": TEST_KEY.consent_id(number)}]}
             moved.pop("meta", None)
             assert session.put(f"{fhir_store}/Consent/{moved['id']}", json=moved).status_code in (200, 201)
             assert session.delete(f"{fhir_store}/Consent/{unkeyed_consent_id(number)}").status_code < 300
-        assert session.delete(f"{fhir_store}/Consent/{unkeyed_consent_id(cohort[7])}").status_code < 300
+        assert session.delete(f"{fhir_store}/Consent/{unkeyed_consent_id(cohort[17])}").status_code < 300
 
     done = cli("rekey", "--work-dir", str(work_dir.root), "--fhir-url", fhir_store, timeout=240)
     assert done.returncode == 0, done.stderr
