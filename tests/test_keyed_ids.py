@@ -78,6 +78,21 @@ def test_a_worker_with_another_key_stops(tmp_path, monkeypatch) -> None:
     assert KeySource("env:SAME_KEY", TEST_KEY.fingerprint).load().fingerprint == TEST_KEY.fingerprint
 
 
+def test_a_secret_manager_source_names_the_secret_and_checks_what_it_gets(monkeypatch) -> None:
+    """Offline (no Google project here): the gcp-secret source asks for exactly the named version, and a worker
+    refuses a secret that is not the launcher's key."""
+    from transforms import consent_ids
+
+    asked = []
+    name = "projects/p1/secrets/ndop-id-key/versions/3"
+    monkeypatch.setattr(consent_ids, "_read_gcp_secret", lambda n: asked.append(n) or "7e57" * 16)
+    assert KeySource(f"gcp-secret:{name}", TEST_KEY.fingerprint).load().fingerprint == TEST_KEY.fingerprint
+    assert asked == [name]
+    monkeypatch.setattr(consent_ids, "_read_gcp_secret", lambda n: generate_key())
+    with pytest.raises(KeyError_, match="another key would write other ids"):
+        KeySource(f"gcp-secret:{name}", TEST_KEY.fingerprint).load()
+
+
 def test_keygen_writes_a_private_key_once(tmp_path) -> None:
     out = tmp_path / "id.key"
     made = cli("keygen", "--out", str(out), "--work-dir", str(tmp_path / "w"))

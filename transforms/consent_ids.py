@@ -123,9 +123,12 @@ def write_key_file(path: str | os.PathLike[str]) -> IdKey:
     return parse_key(text, str(file))
 
 
-def _read_gcp_secret(name: str) -> str:  # pragma: no cover - needs Google credentials; checked in test_portability
-    from google.cloud import secretmanager  # type: ignore[import-not-found]
-
+def _read_gcp_secret(name: str) -> str:  # pragma: no cover - needs a Google project; the call is checked offline
+    try:
+        from google.cloud import secretmanager  # type: ignore[import-not-found]
+    except ImportError:
+        raise KeyError_(f"Consent id key source gcp-secret:{name}: google-cloud-secret-manager is not installed "
+                        "on this worker") from None
     client = secretmanager.SecretManagerServiceClient()
     return str(client.access_secret_version(name=name).payload.data.decode("ascii"))
 
