@@ -19,7 +19,8 @@ from pathlib import Path
 from dev.mesh_sandbox import MeshSandbox
 from pipeline import nhs
 from pipeline.mesh_config import MeshConfig
-from pipeline.mesh_driver import MeshDriver, make_client
+from pipeline.mesh.driver import MeshDriver
+from pipeline.mesh.transport import make_client
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import WorkDir
 

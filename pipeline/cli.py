@@ -86,7 +86,7 @@ def _mesh_options() -> argparse.ArgumentParser:
 
 def _mesh_driver(args: argparse.Namespace, **overrides: str | None):
     from pipeline.mesh_config import load_config
-    from pipeline.mesh_driver import MeshDriver
+    from pipeline.mesh.driver import MeshDriver
 
     config = load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url, **overrides})
     return MeshDriver(config, WorkDir(args.work_dir))

@@ -1,6 +1,6 @@
 """What to do with one MESH inbox message: a pure decision on its metadata and the request it names.
 
-The MESH driver (pipeline/mesh_driver.py) lists, downloads and acknowledges; this module only decides,
+The MESH driver (pipeline/mesh/: driver, transport, poller) lists, downloads and acknowledges; this module only decides,
 so every kind of message is tested without a sandbox (tests/test_inbox.py). Why a reply is never
 acknowledged before its Consents are stored: see the contract in pipeline/state.py.
 """

@@ -20,7 +20,7 @@ from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, Ndop
 from pipeline.faults import fault_point
 from pipeline.fhir_client import FhirClientConfig
 from pipeline.mesh_config import MeshConfig
-from pipeline.mesh_driver import MeshDriver
+from pipeline.mesh.driver import MeshDriver
 from pipeline.plausibility import DEFAULT_MAX_SWING
 from pipeline.report import render_markdown, write_report
 from pipeline.request import RequestSettings, build_request

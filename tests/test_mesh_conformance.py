@@ -14,7 +14,9 @@ import requests
 from dev.mesh_sandbox import NDOP_MAILBOX
 from pipeline import nhs
 from pipeline.mesh_config import MIN_POLL_INTERVAL
-from pipeline.mesh_driver import REPLY_FILE, MeshDriver, workflow_filter
+from pipeline.mesh.driver import MeshDriver
+from pipeline.mesh.poller import REPLY_FILE
+from pipeline.mesh.transport import workflow_filter
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import ACCEPTED, FAILED, REPLIED, WorkDir
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh

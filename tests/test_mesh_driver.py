@@ -18,7 +18,7 @@ from dev.mesh_sandbox import NDOP_MAILBOX
 from pipeline import datfile, nhs
 from pipeline.errors import EXIT_WAITING, InputError, NdopError
 from pipeline.faults import FAULT_ENV
-from pipeline.mesh_driver import MeshDriver
+from pipeline.mesh.driver import MeshDriver
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import (
     ACCEPTED,

@@ -11,7 +11,8 @@ from mesh_client import INT_ENDPOINT, LIVE_ENDPOINT
 from dev.mesh_sandbox import NDOP_MAILBOX, MeshSandbox
 from pipeline.errors import NdopError
 from pipeline.mesh_config import MeshConfig
-from pipeline.mesh_driver import MeshDriver, make_client
+from pipeline.mesh.driver import MeshDriver
+from pipeline.mesh.transport import make_client
 from pipeline.state import WorkDir
 
 

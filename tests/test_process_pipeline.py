@@ -179,7 +179,7 @@ def test_module_entry_point_refuses_missing_options(capsys):
 
 def test_ndop_process_acknowledges_the_reply_through_mesh(work_dir, fhir_server, mesh, tmp_path):
     """Request -> send -> poll against the sandbox's NDOP, then `ndop process` writes and acknowledges."""
-    from pipeline.mesh_driver import MeshDriver
+    from pipeline.mesh.driver import MeshDriver
     from pipeline.request import RequestSettings, build_request
     from pipeline.state import ACKNOWLEDGED
 

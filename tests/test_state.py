@@ -244,7 +244,7 @@ def test_a_work_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path: Path
 
 def test_the_driver_refuses_an_empty_request_id_too(work_dir: WorkDir) -> None:
     from pipeline.mesh_config import MeshConfig
-    from pipeline.mesh_driver import MeshDriver
+    from pipeline.mesh.driver import MeshDriver
 
     _record(work_dir)
     config = MeshConfig(url="http://127.0.0.1:9", mailbox="X26ABC1", password="p", shared_key="k")
