@@ -26,7 +26,8 @@ from pipeline.state import WorkDir  # noqa: E402
 REQUEST = "X26ABC1-010126-0001"
 OUTPUTS = f"""
 import sys
-from pipeline.runlog import RunOutcome, after_run, load_report
+from pipeline.outputs import RunOutcome, after_run  # noqa: E402
+from pipeline.runlog import load_report  # noqa: E402
 from pipeline.state import WorkDir
 work = WorkDir(sys.argv[1])
 after_run(work, RunOutcome(0, {REQUEST!r}, "done", load_report(work, {REQUEST!r})), "2026-01-01T06:00:00Z", 1.0,

@@ -348,7 +348,7 @@ def _run_run(args: argparse.Namespace) -> int:
     )
     from pipeline.metrics import metrics_file
     from pipeline.purge import retention_days
-    from pipeline.runlog import recorded
+    from pipeline.outputs import recorded
 
     work_dir = WorkDir(args.work_dir)
     retention = retention_days(None)

@@ -4,9 +4,7 @@ What the HTML pages chart across runs and what the metrics file is computed from
 times, states and request ids only: never an NHS number (the message is passed through
 :func:`pipeline.nhs.redact` as well, since it may quote a library's text).
 
-:func:`recorded` wraps a run: whatever way it ends (done, waiting, failed, bad input, interrupted) it
-appends the line, regenerates the request's ``report.html`` and ``WORK/index.html``, and writes the
-Prometheus metrics file when one is configured.
+Written, with the pages and the metrics file, by pipeline/outputs.py (``recorded``) after every run.
 """
 from __future__ import annotations
 
@@ -15,17 +13,14 @@ import json
 import logging
 import os
 import statistics
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline import nhs
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING
 from pipeline.files import PRIVATE, fsync_dir
 from pipeline.report import REPORT_JSON, outcome_counts
-from pipeline.state import WorkDir, isoformat, utcnow
+from pipeline.state import WorkDir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -132,62 +127,3 @@ def load_report(work_dir: WorkDir, request_id: str | None) -> dict[str, Any] | N
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-@dataclass
-class RunOutcome:
-    """What the wrapped run says about itself; whatever is left unset is read from the exception."""
-
-    exit_code: int | None = None
-    request_id: str | None = None
-    message: str = ""
-    report: dict[str, Any] | None = None
-
-
-def after_run(work_dir: WorkDir, outcome: RunOutcome, started_at: str, seconds: float,
-              metrics_file: str | None = None) -> dict[str, Any]:
-    """Record the run, regenerate its pages, write the metrics file; returns the runs.jsonl line."""
-    code = EXIT_FAILED if outcome.exit_code is None else outcome.exit_code
-    report = outcome.report or load_report(work_dir, outcome.request_id)
-    entry = run_entry(code, outcome.request_id, outcome.message, report, started_at, isoformat(utcnow()), seconds)
-    append_run(work_dir, entry)
-    try:
-        from pipeline.report_html import write_index, write_request_page
-
-        if outcome.request_id and report:
-            write_request_page(work_dir, outcome.request_id, report)
-        write_index(work_dir)
-    except Exception as err:  # pages are a view: a chart that fails must not turn a good run into a failed one
-        _LOGGER.warning("could not write the HTML report: %s", nhs.redact(str(err)))
-    if metrics_file:
-        from pipeline.metrics import write_metrics
-
-        try:
-            write_metrics(metrics_file, work_dir)
-        except OSError as err:  # the run's own outcome (and exit status) stands; a stale file alerts by itself
-            print(f"ndop run: error: {metrics_file}: cannot write the metrics file: {err.strerror or err}",
-                  file=sys.stderr)
-    return entry
-
-
-@contextlib.contextmanager
-def recorded(work_dir: WorkDir, metrics_file: str | None = None) -> Iterator[RunOutcome]:
-    """Wrap a run: the caller fills the yielded :class:`RunOutcome`; an escaping error is recorded too."""
-    outcome = RunOutcome()
-    started_at, clock = isoformat(utcnow()), time.monotonic()
-    try:
-        yield outcome
-    except NdopError as err:
-        outcome.exit_code, outcome.message = err.exit_code, str(err)
-        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
-        raise
-    except KeyboardInterrupt:
-        outcome.exit_code, outcome.message = EXIT_INTERRUPTED, "interrupted"
-        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
-        raise
-    except BaseException as err:
-        outcome.exit_code, outcome.message = EXIT_FAILED, f"{type(err).__name__}: {err}"
-        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)
-        raise
-    else:
-        after_run(work_dir, outcome, started_at, time.monotonic() - clock, metrics_file)

@@ -290,7 +290,7 @@ def test_airflow_dag_retries_exit_3_and_fails_exit_1(tmp_path) -> None:
 
 
 def test_an_unwritable_metrics_file_is_one_error_line_and_the_run_log_still_grows(tmp_path, capsys) -> None:
-    from pipeline.runlog import RunOutcome, after_run
+    from pipeline.outputs import RunOutcome, after_run
 
     work_dir = WorkDir(tmp_path / "work")
     blocker = tmp_path / "not-a-dir"
