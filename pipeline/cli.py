@@ -483,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     made_here = not os.path.lexists(args.work_dir)
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
+        if hasattr(args, "fhir_url"):  # no user:password@ in a FHIR URL (issue 21), before anything runs
+            from pipeline.fhir_client import check_cli_url
+
+            check_cli_url(args.fhir_url)
         if getattr(args, "precheck", None):
             args.precheck(args)  # settings read from the environment: bad input before the work dir is touched
         if getattr(args, "read_only", False):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -95,6 +95,7 @@ class FhirClientConfig:
     def __post_init__(self) -> None:
         if not self.base_url:
             raise InputError(f"no FHIR base URL: set {ENV_URL} or --fhir-url")
+        refuse_userinfo(self.base_url, f"--fhir-url / {ENV_URL}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if self.auth not in AUTH_MODES:
             raise InputError(f"unknown FHIR auth mode {self.auth!r}: choose one of {', '.join(AUTH_MODES)}")
@@ -136,6 +137,43 @@ class FhirClientConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Credentials never travel in a URL (issue 21): a URL is stored (ledger.json), logged and printed.
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part: what a ledger stores and compares and a message may name."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def same_base_url(a: str, b: str) -> bool:
+    """Whether two FHIR base URLs name the same store (userinfo and a trailing ``/`` ignored)."""
+    return without_userinfo(a).rstrip("/") == without_userinfo(b).rstrip("/")
+
+
+def refuse_userinfo(url: str | None, source: str) -> None:
+    """One line (exit 2) when a FHIR URL holds ``user:password@``; the line names the URL without it and where
+    credentials go instead, never the user name or password."""
+    if url and "@" in urlsplit(url).netloc:
+        raise InputError(
+            f"{source}: the FHIR URL {without_userinfo(url)} holds a user name or password (user:password@); "
+            f"credentials never go in a URL (it is stored and logged): remove them and set {ENV_AUTH}=token with "
+            f"{ENV_TOKEN_FILE} (or {ENV_TOKEN}), or {ENV_AUTH}={AUTH_CLIENT_CREDENTIALS} with {ENV_TOKEN_URL}, "
+            f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}")
+
+
+def check_cli_url(option_value: str | None, env: Mapping[str, str] | None = None) -> None:
+    """Before a command touches anything: the FHIR URL it would use (``--fhir-url``, else ``FHIR_URL``)."""
+    env = os.environ if env is None else env
+    if option_value:
+        refuse_userinfo(option_value, "--fhir-url")
+    else:
+        refuse_userinfo(env.get(ENV_URL), ENV_URL)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Secrets
 
 
@@ -169,8 +207,8 @@ def _client_secret(config: FhirClientConfig) -> str:
 
 def _url_without_query(url: str) -> str:
     """Scheme, host and path: what an error may name (a query may hold an NHS number)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    parts = urlsplit(without_userinfo(url))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _url_for_log(url: str | None) -> str:

@@ -28,6 +28,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
+from pipeline.fhir_client import same_base_url, without_userinfo
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, utcnow
@@ -52,9 +53,19 @@ def read_meta(folder: str) -> dict[str, Any]:
     except (OSError, ValueError) as err:  # Beam raises BeamIOError (an IOError) for a missing file
         raise InputError(f"{path}: cannot read the ledger's description ({type(err).__name__}); "
                          "give --full-refresh to rewrite the store and start a new ledger") from None
-    if not isinstance(meta, dict) or "fhir_base_url" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("fhir_base_url"), str):
         raise InputError(f"{path}: not a ledger description (no fhir_base_url)")
+    # a ledger written before issue 21 may hold user:password@: never compared, printed or copied with it
+    meta["fhir_base_url"] = without_userinfo(meta["fhir_base_url"])
     return meta
+
+
+def check_same_store(meta: dict[str, Any], fhir_base_url: str, where: str, then: str) -> None:
+    """One line (exit 2) when a ledger describes another FHIR store than ``fhir_base_url`` (userinfo ignored,
+    and never printed)."""
+    if not same_base_url(meta["fhir_base_url"], fhir_base_url):
+        raise InputError(f"{where}: the ledger describes FHIR server {without_userinfo(meta['fhir_base_url'])}, "
+                         f"not {without_userinfo(fhir_base_url)}; {then}")
 
 
 def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = False) -> str | None:
@@ -69,10 +80,7 @@ def check_ledger(folder: str | None, fhir_base_url: str, full_refresh: bool = Fa
         _LOGGER.warning("full refresh: the previous ledger %s is not read; a new one starts from this run", folder)
         return None
     meta = read_meta(folder)
-    if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
-        raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
-                         f"not {fhir_base_url}; "
-                         "give --full-refresh to rewrite this store and start a new ledger")
+    check_same_store(meta, fhir_base_url, folder, "give --full-refresh to rewrite this store and start a new ledger")
     found = ledger_files(folder)
     _check_files(folder, meta, found)
     for path in found:
@@ -122,7 +130,7 @@ def _name(path: str) -> str:
 def finish(folder: str, summary: dict[str, Any], fhir_base_url: str) -> None:
     """Describe a new ledger (``ledger.json``) once its run stored every Consent."""
     meta = {
-        "fhir_base_url": fhir_base_url.rstrip("/"),
+        "fhir_base_url": without_userinfo(fhir_base_url).rstrip("/"),
         "request_id": summary.get("request_id"),
         "checked_at": summary.get("checked_at"),
         "rows": summary["counts"].get("ledger_rows", 0),

@@ -120,9 +120,9 @@ def verify(work_dir: WorkDir, config: FhirClientConfig, sample: int | None = Non
     """Check the ledger (or a sample of it) against the store; repair or queue what differs."""
     rows = ledger_rows(work_dir, sample, seed)
     found = ledger_dirs.current(work_dir)
-    described = ledger_dirs.read_meta(str(found.resolve()))["fhir_base_url"] if found is not None else None
-    if described and described.rstrip("/") != config.base_url.rstrip("/"):
-        raise InputError(f"the ledger describes FHIR server {described}, not {config.base_url}: nothing verified")
+    if found is not None:
+        ledger_dirs.check_same_store(ledger_dirs.read_meta(str(found.resolve())), config.base_url, str(found),
+                                     "nothing verified")
     result = VerifyResult(checked=len(rows))
     by_id = {row["consent_id"]: row for row in rows}
     with open_session(config) as session:
