@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -162,6 +162,23 @@ def refuse_userinfo(url: str | None, source: str) -> None:
             f"credentials never go in a URL (it is stored and logged): remove them and set {ENV_AUTH}=token with "
             f"{ENV_TOKEN_FILE} (or {ENV_TOKEN}), or {ENV_AUTH}={AUTH_CLIENT_CREDENTIALS} with {ENV_TOKEN_URL}, "
             f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, the default port written out (never a path, query or userinfo): what a
+    paging link must share with the FHIR base URL before the session's credentials go with it."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    try:
+        port: int | str | None = parts.port
+    except ValueError:  # a port that is no number: shown as written, and never equal to a real origin
+        port = parts.netloc.rpartition(":")[2]
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port or _DEFAULT_PORTS.get(scheme, '')}"
 
 
 def check_cli_url(option_value: str | None, env: Mapping[str, str] | None = None) -> None:
@@ -517,9 +534,23 @@ def iter_search(
             resource = entry.get("resource")
             if resource and entry.get("search", {}).get("mode", "match") == "match":
                 yield resource
-        url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+        link = next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+        url = _next_page(url, str(link), base_url, resource_type) if link else None
         query = None  # the next link carries the whole query
     _LOGGER.debug("search %s: %d pages", resource_type, pages)
+
+
+def _next_page(page: str, link: str, base_url: str, resource_type: str) -> str:
+    """The next page's URL (a relative link resolved against the page), only on the base URL's origin: the
+    session sends its credentials (a bearer token) with every request, so a link elsewhere stops the read with
+    one line naming that origin (never the link's path or query, which may carry a paging token)."""
+    target = urljoin(page, link)
+    if origin(target) != origin(base_url) or "@" in urlsplit(target).netloc:
+        raise FhirError(
+            f"search {resource_type}: the server's next-page link leads to {origin(target)}, not the FHIR base "
+            f"URL's origin {origin(base_url)}: paging stopped so no credential is sent there (the FHIR server's "
+            "own base address must be the one ndop uses)")
+    return target
 
 
 def search_total(session: requests.Session, base_url: str, resource_type: str, params: Mapping[str, Any]) -> int:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import requests
 
 from pipeline import ledger as ledger_dirs
 from pipeline import nhs
 from pipeline.errors import InputError
-from pipeline.fhir_client import FhirClientConfig, same_base_url, without_userinfo
+from pipeline.fhir_client import (FhirClientConfig, FhirError, iter_search, open_session, origin, same_base_url,
+                                  without_userinfo)
+from tests.fixtures.fhir import ACCEPTED_TOKENS
+from tests.fixtures.fhir_proxy import FaultProxy, HeaderRecorder
 from tests.helpers import cli
 from tests.test_run import ndop_run
 
@@ -96,3 +100,68 @@ def test_a_ledger_written_with_userinfo_keeps_working_after_the_password_is_remo
     assert report["changes"]["new_patients"] == 0  # the old ledger was read, not a full refresh
     new_meta = (ledger_dirs.current(work_dir).resolve() / ledger_dirs.META).read_text()  # type: ignore[union-attr]
     assert PASSWORD not in new_meta and json.loads(new_meta)["fhir_base_url"] == fhir_server
+
+
+# --- item 4: paging links stay on the base URL's origin ------------------------------------------------
+
+TOKEN = ACCEPTED_TOKENS[4]
+FAMILY = "PagingOrigin21"
+
+
+@pytest.fixture(scope="module")
+def patients(fhir_auth_server) -> list[str]:
+    """25 Patients in the sekmet that wants a bearer token (three pages of 10)."""
+    numbers = nhs.synthetic_numbers(25, seed=2104).to_pylist()
+    for i, number in enumerate(numbers):
+        response = requests.put(
+            f"{fhir_auth_server.base_url}/Patient/origin21-{i}", timeout=30,
+            json={"resourceType": "Patient", "id": f"origin21-{i}", "name": [{"family": FAMILY}],
+                  "identifier": [{"system": nhs.NHS_NUMBER_SYSTEM, "value": number}]},
+            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code in (200, 201), response.text
+    return numbers
+
+
+def test_origin_is_scheme_host_and_port() -> None:
+    assert origin("https://Fhir.Example.org/fhir?_getpages=x") == "https://fhir.example.org:443"
+    assert origin("http://user:pw@127.0.0.1:8080/fhir") == "http://127.0.0.1:8080"
+    assert origin("https://h/fhir") != origin("http://h/fhir") != origin("http://h:8080/fhir")
+
+
+def test_next_links_on_the_base_origin_are_followed(fhir_auth_server, patients, monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_TOKEN", TOKEN)
+    with FaultProxy(fhir_auth_server.base_url) as proxy, \
+            open_session(FhirClientConfig(proxy.url, auth="token")) as session:
+        pages: list[str] = []
+        session.hooks["response"].append(lambda r, *a, **k: pages.append(r.url))
+        found = list(iter_search(session, proxy.url, "Patient", {"family": FAMILY, "_count": 10}))
+    assert sorted(p["identifier"][0]["value"] for p in found) == sorted(patients)
+    assert len(pages) == 3 and all(origin(p) == origin(proxy.url) for p in pages)
+
+
+def test_a_next_link_to_another_origin_stops_the_read_and_gets_no_token(fhir_auth_server, patients,
+                                                                         monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_TOKEN", TOKEN)
+    with FaultProxy(fhir_auth_server.base_url) as proxy, HeaderRecorder() as elsewhere, \
+            open_session(FhirClientConfig(proxy.url, auth="token")) as session:
+        proxy.link_origin = elsewhere.url
+        with pytest.raises(FhirError) as stopped:
+            list(iter_search(session, proxy.url, "Patient", {"family": FAMILY, "_count": 10}))
+    message = str(stopped.value)
+    assert elsewhere.requests == []  # old main: the next page was fetched there, with "Authorization: Bearer ..."
+    assert origin(elsewhere.url) in message and origin(proxy.url) in message
+    assert TOKEN not in message and "_getpages" not in message and "?" not in message
+
+
+def test_ndop_run_cohort_fhir_with_a_foreign_next_link_fails_in_one_line(tmp_path, work_dir, mesh, fhir_auth_server,
+                                                                           patients) -> None:
+    mesh.plugin()
+    with FaultProxy(fhir_auth_server.base_url) as proxy, HeaderRecorder() as elsewhere:
+        proxy.link_origin = elsewhere.url
+        env = {**mesh.env(), "FHIR_URL": proxy.url, "FHIR_AUTH": "token", "FHIR_TOKEN": TOKEN}
+        result = ndop_run(work_dir, env, "--cohort", "fhir")
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(errors) == 1, result.stdout + result.stderr
+    assert origin(elsewhere.url) in errors[0] and "next-page link" in errors[0]
+    assert elsewhere.requests == [] and TOKEN not in result.stdout + result.stderr
+    assert not any(work_dir.all())  # no request built from a cohort read only in part
