@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
@@ -250,10 +250,11 @@ def pipeline_args(work_dir: WorkDir, request_id: str, stage_dir: str | None = No
     return [f"--ledger_in={staged_in}", f"--ledger_out={staged_out}"]
 
 
-def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> Path:
+def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None, keep_previous: bool = True) -> Path:
     """Swap the request's new ledger in: rename it into place, then replace the ``current`` link atomically.
 
-    A crash before the link swap leaves the previous ledger in force; the older ledger is removed last.
+    A crash before the link swap leaves the previous ledger in force; the older ledger is removed last (and the
+    previous one too, without ``keep_previous``: a purge's rows must not live on in it).
     A staged ledger (``stage_dir``) is first copied back into the pending folder.
     """
     base = root(work_dir)
@@ -280,10 +281,33 @@ def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) ->
     os.replace(tmp, link)
     fsync_dir(base)
     for old in base.iterdir():  # keep the ledger in force and the one before it
-        if old.name.startswith("v-") and old != target and old != previous:
+        if old.name.startswith("v-") and old != target and (old != previous or not keep_previous):
             shutil.rmtree(old, ignore_errors=True)
     _LOGGER.info("ledger: %s now in force", target)
     return target
+
+
+def rewrite_current(work_dir: WorkDir, version: str, keep: Callable[[Any], Any], keep_previous: bool = True) -> int:
+    """A new ledger version of the current one's rows that ``keep`` (a table -> table filter) keeps, described
+    and swapped in like a run's (:func:`promote`); the rows dropped (none: nothing is written)."""
+    found = current(work_dir)
+    if found is None:
+        return 0
+    folder = str(found.resolve())
+    meta = read_meta(folder)
+    pending, dropped = pending_folder(work_dir, version), 0
+    for path in ledger_files(folder):  # one part at a time: a 10M-row ledger is never whole in memory
+        table = pq.read_table(path)
+        kept = keep(table)
+        dropped += table.num_rows - kept.num_rows
+        write_part(pending, _name(path), kept)
+    if not dropped:
+        shutil.rmtree(pending)
+        return 0
+    finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
+                          "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}}, meta["fhir_base_url"])
+    promote(work_dir, version, keep_previous=keep_previous)
+    return dropped
 
 
 def status_line(work_dir: WorkDir) -> str | None:

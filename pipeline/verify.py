@@ -159,23 +159,8 @@ def _rewrite(session: Any, base_url: str, rows: list[dict[str, Any]]) -> int:
 def queue_for_rewrite(work_dir: WorkDir, numbers: set[int]) -> int:
     """A new ledger version without these patients' rows, swapped in like a run's: the next process step writes
     their Consents as for new patients."""
-    found = ledger_dirs.current(work_dir)
-    assert found is not None
-    folder = str(found.resolve())
-    meta = ledger_dirs.read_meta(folder)
-    version = f"verify-{utcnow():%Y%m%dT%H%M%S}"
-    pending = ledger_dirs.pending_folder(work_dir, version)
-    dropped = 0
-    for path in ledger_files(folder):
-        table = pq.read_table(path)
-        kept = ledger_dirs.without_patients(table, numbers)
-        dropped += table.num_rows - kept.num_rows
-        ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], kept)
-    ledger_dirs.finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
-                                      "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}},
-                       meta["fhir_base_url"])
-    ledger_dirs.promote(work_dir, version)
-    return dropped
+    return ledger_dirs.rewrite_current(work_dir, f"verify-{utcnow():%Y%m%dT%H%M%S}",
+                                       lambda table: ledger_dirs.without_patients(table, numbers))
 
 
 def _when(epoch: int) -> str:
