@@ -315,10 +315,10 @@ def _check_run_settings(args: argparse.Namespace) -> None:
     """Every number ``ndop run`` reads from the environment, checked before anything is built or sent."""
     from pipeline.mesh_config import load_config
     from pipeline.progress import every_seconds
-    from pipeline.purge import retention_days
+    from pipeline.purge import grace_days, retention_days
     from pipeline.staleness import stale_days
 
-    retention_days(None), stale_days(), every_seconds(), _ledger_args(args), _swing(args)
+    retention_days(None), stale_days(), every_seconds(), _ledger_args(args), _swing(args), grace_days()
     _check_key(args)
     load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url}).check_poll_interval(args.interval)
 
@@ -385,21 +385,24 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _purge_after_run(work_dir: WorkDir, days: float, stage_dir: str | None) -> None:
     """``ndop run`` purges finished requests at its end when NDOP_RETENTION_DAYS is set (pipeline/purge.py)."""
-    from pipeline.purge import format_purge, purge
+    from pipeline.purge import format_purge, purge, purge_leftovers
 
-    items = purge(work_dir, days, stage_dir=stage_dir)
-    for line in format_purge(items, dry_run=False) if items else ():
+    items, leftovers = purge(work_dir, days, stage_dir=stage_dir), purge_leftovers(work_dir, days)
+    for line in format_purge(items, dry_run=False, leftovers=leftovers) if items or leftovers else ():
         print(f"[purge] {line}", file=sys.stderr)
 
 
 def _purge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("purge", parents=[common_options()],
                        help="delete the files holding NHS numbers of finished requests past the retention period",
-                       description="Keeps request.json, report.* and summary.json (and a .ctl without numbers); "
-                                   "never touches an unfinished request or the ledger (pipeline/purge.py).")
+                       description="Keeps request.json, report.* and summary.json (and a .ctl without numbers). "
+                                   "Also removes leftovers, each by its own age rule: .building-* of a killed "
+                                   "request, ledger .pending-* never swapped in, requests with no answer past the "
+                                   "MESH expiry + NDOP_UNFINISHED_GRACE_DAYS (default 5), and ledger rows of "
+                                   "patients who left the cohort more than DAYS ago (pipeline/purge.py).")
     p.add_argument("--older-than", type=number_option("--older-than", DAYS), default=None, metavar="DAYS",
-                   help="purge requests finished more than DAYS ago (env NDOP_RETENTION_DAYS, default 30; "
-                        "0: every finished request)")
+                   help="purge requests finished, and patients who left the cohort, more than DAYS ago "
+                        "(env NDOP_RETENTION_DAYS, default 30; 0: every finished request)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
                    help="also delete the requests' staged copies under URL/<request id>/ (env NDOP_STAGE_DIR)")
@@ -407,18 +410,19 @@ def _purge(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_purge_settings(args: argparse.Namespace) -> None:
-    from pipeline.purge import retention_days
+    from pipeline.purge import grace_days, retention_days
 
-    retention_days(args.older_than)
+    retention_days(args.older_than), grace_days()
 
 
 def _run_purge(args: argparse.Namespace) -> int:
-    from pipeline.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, retention_days
+    from pipeline.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, purge_leftovers, retention_days
 
     days = retention_days(args.older_than)
-    items = purge(WorkDir(args.work_dir), DEFAULT_RETENTION_DAYS if days is None else days, dry_run=args.dry_run,
-                  stage_dir=args.stage_dir)
-    for line in format_purge(items, args.dry_run):
+    days = DEFAULT_RETENTION_DAYS if days is None else days
+    items = purge(WorkDir(args.work_dir), days, dry_run=args.dry_run, stage_dir=args.stage_dir)
+    leftovers = purge_leftovers(WorkDir(args.work_dir), days, dry_run=args.dry_run)
+    for line in format_purge(items, args.dry_run, leftovers):
         print(line)
     return EXIT_OK
 
@@ -536,6 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     made_here = not os.path.lexists(args.work_dir)
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
+        if hasattr(args, "fhir_url"):  # no user:password@ in a FHIR URL (issue 21), before anything runs
+            from pipeline.fhir_client import check_cli_url
+
+            check_cli_url(args.fhir_url)
         if getattr(args, "precheck", None):
             args.precheck(args)  # settings read from the environment: bad input before the work dir is touched
         if getattr(args, "read_only", False):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -95,6 +95,7 @@ class FhirClientConfig:
     def __post_init__(self) -> None:
         if not self.base_url:
             raise InputError(f"no FHIR base URL: set {ENV_URL} or --fhir-url")
+        refuse_userinfo(self.base_url, f"--fhir-url / {ENV_URL}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if self.auth not in AUTH_MODES:
             raise InputError(f"unknown FHIR auth mode {self.auth!r}: choose one of {', '.join(AUTH_MODES)}")
@@ -136,6 +137,60 @@ class FhirClientConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Credentials never travel in a URL (issue 21): a URL is stored (ledger.json), logged and printed.
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part: what a ledger stores and compares and a message may name."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def same_base_url(a: str, b: str) -> bool:
+    """Whether two FHIR base URLs name the same store (userinfo and a trailing ``/`` ignored)."""
+    return without_userinfo(a).rstrip("/") == without_userinfo(b).rstrip("/")
+
+
+def refuse_userinfo(url: str | None, source: str) -> None:
+    """One line (exit 2) when a FHIR URL holds ``user:password@``; the line names the URL without it and where
+    credentials go instead, never the user name or password."""
+    if url and "@" in urlsplit(url).netloc:
+        raise InputError(
+            f"{source}: the FHIR URL {without_userinfo(url)} holds a user name or password (user:password@); "
+            f"credentials never go in a URL (it is stored and logged): remove them and set {ENV_AUTH}=token with "
+            f"{ENV_TOKEN_FILE} (or {ENV_TOKEN}), or {ENV_AUTH}={AUTH_CLIENT_CREDENTIALS} with {ENV_TOKEN_URL}, "
+            f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of a URL, the default port written out (never a path, query or userinfo): what a
+    paging link must share with the FHIR base URL before the session's credentials go with it."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    try:
+        port: int | str | None = parts.port
+    except ValueError:  # a port that is no number: shown as written, and never equal to a real origin
+        port = parts.netloc.rpartition(":")[2]
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port or _DEFAULT_PORTS.get(scheme, '')}"
+
+
+def check_cli_url(option_value: str | None, env: Mapping[str, str] | None = None) -> None:
+    """Before a command touches anything: the FHIR URL it would use (``--fhir-url``, else ``FHIR_URL``)."""
+    env = os.environ if env is None else env
+    if option_value:
+        refuse_userinfo(option_value, "--fhir-url")
+    else:
+        refuse_userinfo(env.get(ENV_URL), ENV_URL)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Secrets
 
 
@@ -169,8 +224,8 @@ def _client_secret(config: FhirClientConfig) -> str:
 
 def _url_without_query(url: str) -> str:
     """Scheme, host and path: what an error may name (a query may hold an NHS number)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    parts = urlsplit(without_userinfo(url))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _url_for_log(url: str | None) -> str:
@@ -479,9 +534,23 @@ def iter_search(
             resource = entry.get("resource")
             if resource and entry.get("search", {}).get("mode", "match") == "match":
                 yield resource
-        url = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+        link = next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+        url = _next_page(url, str(link), base_url, resource_type) if link else None
         query = None  # the next link carries the whole query
     _LOGGER.debug("search %s: %d pages", resource_type, pages)
+
+
+def _next_page(page: str, link: str, base_url: str, resource_type: str) -> str:
+    """The next page's URL (a relative link resolved against the page), only on the base URL's origin: the
+    session sends its credentials (a bearer token) with every request, so a link elsewhere stops the read with
+    one line naming that origin (never the link's path or query, which may carry a paging token)."""
+    target = urljoin(page, link)
+    if origin(target) != origin(base_url) or "@" in urlsplit(target).netloc:
+        raise FhirError(
+            f"search {resource_type}: the server's next-page link leads to {origin(target)}, not the FHIR base "
+            f"URL's origin {origin(base_url)}: paging stopped so no credential is sent there (the FHIR server's "
+            "own base address must be the one ndop uses)")
+    return target
 
 
 def search_total(session: requests.Session, base_url: str, resource_type: str, params: Mapping[str, Any]) -> int:

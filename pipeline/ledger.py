@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
@@ -29,6 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
 from pipeline.keys import check_fingerprint
+from pipeline.fhir_client import same_base_url, without_userinfo
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, utcnow
@@ -54,9 +55,19 @@ def read_meta(folder: str) -> dict[str, Any]:
     except (OSError, ValueError) as err:  # Beam raises BeamIOError (an IOError) for a missing file
         raise InputError(f"{path}: cannot read the ledger's description ({type(err).__name__}); "
                          "give --full-refresh to rewrite the store and start a new ledger") from None
-    if not isinstance(meta, dict) or "fhir_base_url" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("fhir_base_url"), str):
         raise InputError(f"{path}: not a ledger description (no fhir_base_url)")
+    # a ledger written before issue 21 may hold user:password@: never compared, printed or copied with it
+    meta["fhir_base_url"] = without_userinfo(meta["fhir_base_url"])
     return meta
+
+
+def check_same_store(meta: dict[str, Any], fhir_base_url: str, where: str, then: str) -> None:
+    """One line (exit 2) when a ledger describes another FHIR store than ``fhir_base_url`` (userinfo ignored,
+    and never printed)."""
+    if not same_base_url(meta["fhir_base_url"], fhir_base_url):
+        raise InputError(f"{where}: the ledger describes FHIR server {without_userinfo(meta['fhir_base_url'])}, "
+                         f"not {without_userinfo(fhir_base_url)}; {then}")
 
 
 def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
@@ -74,10 +85,7 @@ def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
         _LOGGER.warning("full refresh: the previous ledger %s is not read; a new one starts from this run", folder)
         return None
     meta = read_meta(folder)
-    if meta["fhir_base_url"].rstrip("/") != fhir_base_url.rstrip("/"):
-        raise InputError(f"{folder}: the ledger describes FHIR server {meta['fhir_base_url']}, "
-                         f"not {fhir_base_url}; "
-                         "give --full-refresh to rewrite this store and start a new ledger")
+    check_same_store(meta, fhir_base_url, folder, "give --full-refresh to rewrite this store and start a new ledger")
     check_fingerprint(folder, meta.get(KEY_FINGERPRINT), key_fingerprint)
     found = ledger_files(folder)
     _check_files(folder, meta, found)
@@ -137,7 +145,7 @@ def finish(folder: str, summary: dict[str, Any], fhir_base_url: str, key_fingerp
     """Describe a new ledger (``ledger.json``) once its run stored every Consent (under the key named by its
     fingerprint, never the key)."""
     meta = {
-        "fhir_base_url": fhir_base_url.rstrip("/"),
+        "fhir_base_url": without_userinfo(fhir_base_url).rstrip("/"),
         KEY_FINGERPRINT: key_fingerprint,
         "request_id": summary.get("request_id"),
         "checked_at": summary.get("checked_at"),
@@ -258,10 +266,11 @@ def pipeline_args(work_dir: WorkDir, request_id: str, stage_dir: str | None = No
     return [f"--ledger_in={staged_in}", f"--ledger_out={staged_out}"]
 
 
-def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) -> Path:
+def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None, keep_previous: bool = True) -> Path:
     """Swap the request's new ledger in: rename it into place, then replace the ``current`` link atomically.
 
-    A crash before the link swap leaves the previous ledger in force; the older ledger is removed last.
+    A crash before the link swap leaves the previous ledger in force; the older ledger is removed last (and the
+    previous one too, without ``keep_previous``: a purge's rows must not live on in it).
     A staged ledger (``stage_dir``) is first copied back into the pending folder.
     """
     base = root(work_dir)
@@ -288,10 +297,37 @@ def promote(work_dir: WorkDir, request_id: str, stage_dir: str | None = None) ->
     os.replace(tmp, link)
     fsync_dir(base)
     for old in base.iterdir():  # keep the ledger in force and the one before it
-        if old.name.startswith("v-") and old != target and old != previous:
+        if old.name.startswith("v-") and old != target and (old != previous or not keep_previous):
             shutil.rmtree(old, ignore_errors=True)
     _LOGGER.info("ledger: %s now in force", target)
     return target
+
+
+def rewrite_current(work_dir: WorkDir, version: str, change: Callable[[Any], Any], keep_previous: bool = True,
+                    key_fingerprint: str | None = None) -> int:
+    """A new ledger version of the current one, each part passed through ``change`` (table -> table: a filter, or
+    new Consent ids with ``key_fingerprint``, the key they were written under), described and swapped in like a
+    run's (:func:`promote`); returns the rows dropped. When nothing changed, nothing is written."""
+    found = current(work_dir)
+    if found is None:
+        return 0
+    folder = str(found.resolve())
+    meta = read_meta(folder)
+    pending, dropped, changed = pending_folder(work_dir, version), 0, False
+    for path in ledger_files(folder):  # one part at a time: a 10M-row ledger is never whole in memory
+        table = pq.read_table(path)
+        new = change(table)
+        dropped += table.num_rows - new.num_rows
+        changed = changed or not new.equals(table)
+        write_part(pending, _name(path), new)
+    if not changed and key_fingerprint is None:
+        shutil.rmtree(pending)
+        return 0
+    finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
+                          "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}}, meta["fhir_base_url"],
+           key_fingerprint or meta.get(KEY_FINGERPRINT))
+    promote(work_dir, version, keep_previous=keep_previous)
+    return dropped
 
 
 def status_line(work_dir: WorkDir) -> str | None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError, NdopError
@@ -31,7 +30,6 @@ from pipeline.state import WorkDir, utcnow
 from pipeline.verify import READ_BATCH, _when, ledger_rows, read_consents
 from transforms.build_consent import build_consent
 from transforms.consent_ids import IdKey
-from transforms.ledger import ledger_files
 from transforms.vocabulary import IDENTIFIER_SYSTEM
 from transforms.write_consents import answer_problem, read_entries
 
@@ -148,19 +146,14 @@ def _rewrite_provenances(session: Any, base_url: str, new_ids: dict[str, str], r
                 result.failed.append(f"Provenance {provenance['id']}: {reason or f'HTTP {code}'}")
 
 
-def _new_ledger(work_dir: WorkDir, folder: str, meta: dict[str, Any], new_ids: dict[str, str], key: IdKey) -> None:
-    version = f"rekey-{utcnow():%Y%m%dT%H%M%S}"
-    pending = ledger_dirs.pending_folder(work_dir, version)
-    for path in ledger_files(folder):
-        table = pq.read_table(path)
-        ids = [new_ids.get(cid, cid) for cid in table.column("consent_id").to_pylist()]
+def _new_ledger(work_dir: WorkDir, new_ids: dict[str, str], key: IdKey) -> None:
+    def with_new_ids(table: pa.Table) -> pa.Table:
         index = table.schema.get_field_index("consent_id")
-        table = table.set_column(index, table.schema.field(index), pa.array(ids, pa.string()))
-        ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], table)
-    ledger_dirs.finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
-                                      "counts": {"ledger_rows": int(meta.get("rows", 0))}},
-                       meta["fhir_base_url"], key.fingerprint)
-    ledger_dirs.promote(work_dir, version)
+        ids = [new_ids.get(cid, cid) for cid in table.column("consent_id").to_pylist()]
+        return table.set_column(index, table.schema.field(index), pa.array(ids, pa.string()))
+
+    ledger_dirs.rewrite_current(work_dir, f"rekey-{utcnow():%Y%m%dT%H%M%S}", with_new_ids,
+                                key_fingerprint=key.fingerprint)
 
 
 def rekey(work_dir: WorkDir, config: FhirClientConfig, key: IdKey, batch: int = READ_BATCH) -> RekeyResult:
@@ -171,9 +164,7 @@ def rekey(work_dir: WorkDir, config: FhirClientConfig, key: IdKey, batch: int = 
                          "a first run writes keyed ids")
     folder = str(found.resolve())
     meta = ledger_dirs.read_meta(folder)
-    if meta["fhir_base_url"].rstrip("/") != config.base_url.rstrip("/"):
-        raise InputError(f"the ledger describes FHIR server {meta['fhir_base_url']}, not {config.base_url}: "
-                         "nothing moved")
+    ledger_dirs.check_same_store(meta, config.base_url, folder, "nothing moved")
     rows = ledger_rows(work_dir)
     result = RekeyResult(patients=len(rows))
     if meta.get(ledger_dirs.KEY_FINGERPRINT) == key.fingerprint:
@@ -195,6 +186,6 @@ def rekey(work_dir: WorkDir, config: FhirClientConfig, key: IdKey, batch: int = 
             _LOGGER.error("rekey: %s", reason)
         raise NdopError(f"rekey: {len(result.failed)} not moved (first: {result.failed[0]}); the ledger still names "
                         "the old ids: run `ndop rekey` again")
-    _new_ledger(work_dir, folder, meta, new_ids, key)
+    _new_ledger(work_dir, new_ids, key)
     _LOGGER.info("rekey: %s", ", ".join(f"{k} {v}" for k, v in result.counts().items()))
     return result

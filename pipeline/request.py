@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline import datfile, nhs
 from pipeline.cohort import DEFAULT_COLUMN, Cohort, read_cohort
 from pipeline.errors import InputError
+from pipeline.faults import fault_point
 from pipeline.files import atomic_writer, fsync_dir, write_bytes, write_json
 from pipeline.state import WorkDir, initial_state, isoformat, utcnow
 
@@ -159,6 +160,7 @@ def build_request(
         try:
             body = datfile.encode(unique, settings.line_ending)
             write_bytes(building / f"{stem}.dat", body)
+            fault_point("request-building")  # the crash tests' killed `ndop request` (pipeline/purge.py)
             write_bytes(
                 building / f"{stem}.ctl",
                 control_file(from_dts=settings.mailbox.upper(), to_dts=settings.ndop_mailbox.upper(), subject=subject,

@@ -120,9 +120,9 @@ def verify(work_dir: WorkDir, config: FhirClientConfig, sample: int | None = Non
     """Check the ledger (or a sample of it) against the store; repair or queue what differs."""
     rows = ledger_rows(work_dir, sample, seed)
     found = ledger_dirs.current(work_dir)
-    described = ledger_dirs.read_meta(str(found.resolve()))["fhir_base_url"] if found is not None else None
-    if described and described.rstrip("/") != config.base_url.rstrip("/"):
-        raise InputError(f"the ledger describes FHIR server {described}, not {config.base_url}: nothing verified")
+    if found is not None:
+        ledger_dirs.check_same_store(ledger_dirs.read_meta(str(found.resolve())), config.base_url, str(found),
+                                     "nothing verified")
     result = VerifyResult(checked=len(rows))
     by_id = {row["consent_id"]: row for row in rows}
     with open_session(config) as session:
@@ -160,23 +160,8 @@ def _rewrite(session: Any, base_url: str, rows: list[dict[str, Any]]) -> int:
 def queue_for_rewrite(work_dir: WorkDir, numbers: set[int]) -> int:
     """A new ledger version without these patients' rows, swapped in like a run's: the next process step writes
     their Consents as for new patients."""
-    found = ledger_dirs.current(work_dir)
-    assert found is not None
-    folder = str(found.resolve())
-    meta = ledger_dirs.read_meta(folder)
-    version = f"verify-{utcnow():%Y%m%dT%H%M%S}"
-    pending = ledger_dirs.pending_folder(work_dir, version)
-    dropped = 0
-    for path in ledger_files(folder):
-        table = pq.read_table(path)
-        kept = ledger_dirs.without_patients(table, numbers)
-        dropped += table.num_rows - kept.num_rows
-        ledger_dirs.write_part(pending, path.rsplit("/", 1)[-1], kept)
-    ledger_dirs.finish(str(pending), {"request_id": meta.get("request_id"), "checked_at": meta.get("checked_at"),
-                                      "counts": {"ledger_rows": int(meta.get("rows", 0)) - dropped}},
-                       meta["fhir_base_url"], meta.get(ledger_dirs.KEY_FINGERPRINT))
-    ledger_dirs.promote(work_dir, version)
-    return dropped
+    return ledger_dirs.rewrite_current(work_dir, f"verify-{utcnow():%Y%m%dT%H%M%S}",
+                                       lambda table: ledger_dirs.without_patients(table, numbers))
 
 
 def _when(epoch: int) -> str:

@@ -14,7 +14,7 @@ from pipeline.state import ACKNOWLEDGED, WorkDir
 from tests.helpers import cli
 from tests.test_run import ndop_run
 from transforms.provenance import MESH_MESSAGE_SYSTEM, REQUEST_SYSTEM
-from transforms.vocabulary import consent_id
+from tests.helpers import consent_id
 
 
 def _files_holding_numbers(root: Path, numbers: list[str]) -> list[str]:
