@@ -168,3 +168,19 @@ def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, f
     assert report["changes"]["new_patients"] == 10
     assert ledger_numbers() == set(numbers)
     assert all(len(found) == 1 for found in statuses(fhir_server, numbers).values())  # no duplicate Consent
+
+
+def test_a_damaged_ledger_leaves_its_rows_but_never_stops_the_other_purges(tmp_path, work_dir) -> None:
+    rid = _request(tmp_path, work_dir)
+    force_state(work_dir, rid, ACKNOWLEDGED, checked_at=isoformat(utcnow() - timedelta(days=2)))
+    current = work_dir.root / "ledger" / "current"
+    current.mkdir(parents=True)
+    (current / "part-00000.parquet").write_bytes(b"not parquet " + NUMBERS[0].encode())
+    for meta in (None, {"fhir_base_url": "http://127.0.0.1:9/fhir", "checked_at": isoformat(utcnow())}):
+        if meta is not None:
+            (current / ledger_dirs.META).write_text(json.dumps(meta))
+        (work_dir.requests / ".building-X26ABC1-010126-0009-1").mkdir()
+        done = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0")
+        assert done.returncode == 0 and "removed" in done.stdout, done.stdout + done.stderr
+        assert "left-cohort" not in done.stdout and "not purged" in done.stderr
+        assert not list(work_dir.requests.glob(".building-*")) and (current / "part-00000.parquet").exists()
