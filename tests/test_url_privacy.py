@@ -52,6 +52,10 @@ def test_config_refuses_userinfo_however_it_is_built() -> None:
         assert PASSWORD not in str(refused.value) and "http://127.0.0.1:8080/fhir" in str(refused.value)
         with pytest.raises(InputError):
             FhirClientConfig.from_env(env={"FHIR_URL": url})
+    with pytest.raises(InputError, match="FHIR_TOKEN_URL: the token endpoint URL https://login.example.org/t") as t:
+        FhirClientConfig("https://h/fhir", auth="client-credentials", client_id="c",
+                         token_url=_with_userinfo("https://login.example.org/t"))
+    assert PASSWORD not in str(t.value)
 
 
 def test_urls_compare_and_print_without_userinfo() -> None:
