@@ -96,6 +96,7 @@ class FhirClientConfig:
         if not self.base_url:
             raise InputError(f"no FHIR base URL: set {ENV_URL} or --fhir-url")
         refuse_userinfo(self.base_url, f"--fhir-url / {ENV_URL}")
+        refuse_userinfo(self.token_url, ENV_TOKEN_URL, "token endpoint URL")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if self.auth not in AUTH_MODES:
             raise InputError(f"unknown FHIR auth mode {self.auth!r}: choose one of {', '.join(AUTH_MODES)}")
@@ -153,12 +154,12 @@ def same_base_url(a: str, b: str) -> bool:
     return without_userinfo(a).rstrip("/") == without_userinfo(b).rstrip("/")
 
 
-def refuse_userinfo(url: str | None, source: str) -> None:
+def refuse_userinfo(url: str | None, source: str, what: str = "FHIR URL") -> None:
     """One line (exit 2) when a FHIR URL holds ``user:password@``; the line names the URL without it and where
     credentials go instead, never the user name or password."""
     if url and "@" in urlsplit(url).netloc:
         raise InputError(
-            f"{source}: the FHIR URL {without_userinfo(url)} holds a user name or password (user:password@); "
+            f"{source}: the {what} {without_userinfo(url)} holds a user name or password (user:password@); "
             f"credentials never go in a URL (it is stored and logged): remove them and set {ENV_AUTH}=token with "
             f"{ENV_TOKEN_FILE} (or {ENV_TOKEN}), or {ENV_AUTH}={AUTH_CLIENT_CREDENTIALS} with {ENV_TOKEN_URL}, "
             f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}")

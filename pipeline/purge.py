@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline import audit
+from pipeline.errors import InputError
 from pipeline.mesh_config import DEFAULT_OVERDUE_AFTER as MESH_EXPIRY
 from pipeline.settings import days_setting
 from pipeline.state import (ACKNOWLEDGED, FAILED, FINAL, OPEN, PROCESSED, REPLIED, RequestRecord, WorkDir,
@@ -133,8 +134,7 @@ def purge(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,
             folder = work_dir.request_dir(record["request_id"])
             item = PurgedRequest(record["request_id"], isoformat(done))
             for path in _doomed(folder):
-                item.files.append({"name": str(path.relative_to(folder)), "bytes": path.stat().st_size,
-                                   "rows": _rows(path)})
+                item.files.append(_file_info(path, folder))
                 if not dry_run:
                     path.unlink()
             if stage_dir:
@@ -166,9 +166,13 @@ class Leftover:
     rows: int = 0  # ledger rows (left-cohort)
 
 
-def _describe(folder: Path, base: Path) -> list[dict[str, Any]]:
-    return [{"name": str(p.relative_to(base)), "bytes": p.stat().st_size, "rows": _rows(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file()]
+def _file_info(path: Path, base: Path) -> dict[str, Any]:
+    """What a purge records of a file it removes: name, size and rows, never its content."""
+    return {"name": str(path.relative_to(base)), "bytes": path.stat().st_size, "rows": _rows(path)}
+
+
+def _describe(folder: Path) -> list[dict[str, Any]]:
+    return [_file_info(p, folder) for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
 def _remove_folder(work_dir: WorkDir, item: Leftover, folder: Path, dry_run: bool) -> Leftover:
@@ -188,7 +192,7 @@ def _audit_leftover(work_dir: WorkDir, item: Leftover) -> None:
 def _buildings(work_dir: WorkDir, dry_run: bool) -> list[Leftover]:
     found = sorted(work_dir.requests.glob(".building-*")) if work_dir.requests.is_dir() else []
     return [_remove_folder(work_dir, Leftover("building", str(folder.relative_to(work_dir.root)),
-                                              "a killed `ndop request`: any age", _describe(folder, folder)),
+                                              "a killed `ndop request`: any age", _describe(folder)),
                            folder, dry_run)
             for folder in found if folder.is_dir()]
 
@@ -206,7 +210,7 @@ def _pendings(work_dir: WorkDir, records: dict[str, RequestRecord], dry_run: boo
         state = record.get("state") if record is not None else "no such request"
         items.append(_remove_folder(work_dir, Leftover(
             "pending", str(folder.relative_to(work_dir.root)), f"a ledger never swapped in ({state}): any age",
-            _describe(folder, folder)), folder, dry_run))
+            _describe(folder)), folder, dry_run))
     return items
 
 
@@ -224,8 +228,7 @@ def _unfinished(work_dir: WorkDir, records: dict[str, RequestRecord], now: datet
         doomed = _doomed(folder)
         item = Leftover("unfinished", rid, f"{record.get('state')} since {isoformat(since)}: no answer can come "
                                            f"{days:g} days on (MESH expiry + grace)",
-                        [{"name": str(p.relative_to(folder)), "bytes": p.stat().st_size, "rows": _rows(p)}
-                         for p in doomed])
+                        [_file_info(p, folder) for p in doomed])
         items.append(item)
         if dry_run:
             continue
@@ -254,7 +257,11 @@ def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: d
     if found is None:
         return []
     folder = found.resolve()
-    meta = ledger_dirs.read_meta(str(folder))
+    try:
+        meta = ledger_dirs.read_meta(str(folder))
+    except InputError as err:  # the next run refuses it in one line; the other leftovers still go
+        _LOGGER.warning("ledger rows of patients who left the cohort not purged: %s", err)
+        return []
     checks = sorted({epoch_seconds(r["checked_at"]) for r in records.values()
                      if r.get("state") in (PROCESSED, ACKNOWLEDGED) and r.get("checked_at")}
                     | ({epoch_seconds(meta["checked_at"])} if meta.get("checked_at") else set()))
@@ -276,7 +283,11 @@ def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: d
 
     if not len(check_times):
         return []
-    rows = sum(int(left(pq.read_table(path, columns=["checked_at"])).sum()) for path in ledger_files(str(folder)))
+    try:
+        rows = sum(int(left(pq.read_table(path, columns=["checked_at"])).sum()) for path in ledger_files(str(folder)))
+    except (OSError, ValueError, KeyError) as err:  # a damaged part: the next run refuses the ledger in one line
+        _LOGGER.warning("ledger rows of patients who left the cohort not purged: %s: %s", folder, type(err).__name__)
+        return []
     if not rows:
         return []
     item = Leftover("left-cohort", str(folder.relative_to(work_dir.root.resolve())),

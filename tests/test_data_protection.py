@@ -114,7 +114,9 @@ def test_three_runs_with_a_purge_leave_no_number_and_every_consent_has_its_prove
     assert status.returncode == 0, status.stderr
     document = json.loads(status.stdout)
     assert [r["request_id"] for r in document["requests"]] == [r["request_id"] for r in records]
-    assert document["ledger"]["stale"] == 30 and document["ledger"]["left_cohort"] == 2
+    # the third run's purge (retention 0) removed the ledger rows of the 2 who left (issue 21 item 5)
+    assert "[purge] left-cohort" in third.stderr and "removed 2 ledger rows" in third.stderr
+    assert document["ledger"]["stale"] == 28 and document["ledger"]["left_cohort"] == 0
     text_status = cli("status", "--work-dir", str(work_dir.root), env=env)
     assert "0 stale (last confirmed by NDOP more than 21 days ago" in text_status.stdout, text_status.stdout
     assert not any(n in status.stdout + text_status.stdout for n in numbers)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline import audit, nhs
 from pipeline import ledger as ledger_dirs
 from pipeline.faults import FAULT_ENV
-from pipeline.purge import purge_leftovers
+from pipeline.purge import format_purge, purge_leftovers
 from pipeline.request import RequestSettings, build_request
 from pipeline.state import ACCEPTED, ACKNOWLEDGED, FAILED, REPLIED, SENT, WorkDir, isoformat, utcnow
 from tests.helpers import cli, force_state
@@ -138,17 +138,15 @@ def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, f
         return held
 
     assert ledger_numbers() == set(numbers)  # who left is kept in the ledger, untouched
-    kept = cli("purge", "--work-dir", str(work_dir.root))  # left just now: within the default 30 days
-    assert kept.stdout.strip() == "nothing to purge", kept.stdout
-    dry = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0", "--dry-run")
-    assert dry.returncode == 0 and "left-cohort" in dry.stdout and "would remove 10 ledger rows" in dry.stdout
-    assert ledger_numbers() == set(numbers)
+    assert purge_leftovers(work_dir, 30, dry_run=True) == []  # left just now: within 30 days
+    [dry] = purge_leftovers(work_dir, 0, dry_run=True)
+    assert (dry.kind, dry.rows) == ("left-cohort", 10) and ledger_numbers() == set(numbers)
+    assert format_purge([], True, [dry])[0].endswith("would remove 10 ledger rows")
 
     # a replied request answered before these rows were checked still waits: nothing of them may go
     waiting = _request(tmp_path, work_dir, "waiting.txt")
     force_state(work_dir, waiting, REPLIED, checked_at=isoformat(utcnow() - timedelta(days=1)))
-    held = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0", "--dry-run")
-    assert "left-cohort" not in held.stdout, held.stdout
+    assert purge_leftovers(work_dir, 0, dry_run=True) == []
     force_state(work_dir, waiting, FAILED)
 
     done = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0")
@@ -168,3 +166,19 @@ def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, f
     assert report["changes"]["new_patients"] == 10
     assert ledger_numbers() == set(numbers)
     assert all(len(found) == 1 for found in statuses(fhir_server, numbers).values())  # no duplicate Consent
+
+
+def test_a_damaged_ledger_leaves_its_rows_but_never_stops_the_other_purges(tmp_path, work_dir) -> None:
+    rid = _request(tmp_path, work_dir)
+    force_state(work_dir, rid, ACKNOWLEDGED, checked_at=isoformat(utcnow() - timedelta(days=2)))
+    current = work_dir.root / "ledger" / "current"
+    current.mkdir(parents=True)
+    (current / "part-00000.parquet").write_bytes(b"not parquet " + NUMBERS[0].encode())
+    for meta in (None, {"fhir_base_url": "http://127.0.0.1:9/fhir", "checked_at": isoformat(utcnow())}):
+        if meta is not None:
+            (current / ledger_dirs.META).write_text(json.dumps(meta))
+        (work_dir.requests / ".building-X26ABC1-010126-0009-1").mkdir()
+        done = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0")
+        assert done.returncode == 0 and "removed" in done.stdout, done.stdout + done.stderr
+        assert "left-cohort" not in done.stdout and "not purged" in done.stderr
+        assert not list(work_dir.requests.glob(".building-*")) and (current / "part-00000.parquet").exists()

@@ -52,6 +52,10 @@ def test_config_refuses_userinfo_however_it_is_built() -> None:
         assert PASSWORD not in str(refused.value) and "http://127.0.0.1:8080/fhir" in str(refused.value)
         with pytest.raises(InputError):
             FhirClientConfig.from_env(env={"FHIR_URL": url})
+    with pytest.raises(InputError, match="FHIR_TOKEN_URL: the token endpoint URL https://login.example.org/t") as t:
+        FhirClientConfig("https://h/fhir", auth="client-credentials", client_id="c",
+                         token_url=_with_userinfo("https://login.example.org/t"))
+    assert PASSWORD not in str(t.value)
 
 
 def test_urls_compare_and_print_without_userinfo() -> None:
@@ -166,3 +170,34 @@ def test_ndop_run_cohort_fhir_with_a_foreign_next_link_fails_in_one_line(tmp_pat
     assert origin(elsewhere.url) in errors[0] and "next-page link" in errors[0]
     assert elsewhere.requests == [] and TOKEN not in result.stdout + result.stderr
     assert not any(work_dir.all())  # no request built from a cohort read only in part
+
+
+def test_a_redirect_to_another_origin_carries_no_token(monkeypatch) -> None:
+    """The other way a request leaves the origin: requests drops Authorization on a cross-origin redirect (checked
+    here for our token session, whose token is a session header; this held before issue 21 too)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.setenv("FHIR_TOKEN", TOKEN)
+    with HeaderRecorder() as elsewhere:
+        class Redirect(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                self.send_response(302)
+                self.send_header("Location", f"{elsewhere.url}/fhir/Patient?page=2")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            base = f"http://127.0.0.1:{server.server_port}/fhir"
+            with open_session(FhirClientConfig(base, auth="token")) as session:
+                list(iter_search(session, base, "Patient"))
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert [path for _m, path, _h in elsewhere.requests] == ["/fhir/Patient?page=2"]
+    assert not any("Authorization" in headers or TOKEN in str(headers) for _m, _p, headers in elsewhere.requests)
