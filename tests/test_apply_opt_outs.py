@@ -171,3 +171,91 @@ def _flat(fn):
     import apache_beam as beam
 
     return beam.FlatMap(fn)
+
+
+# -- unbounded: the ledger as a side input refreshed on a schedule ----------------------------------------
+
+T0 = 1_790_000_000  # the schedule's first tick (epoch seconds)
+EVERY = 10
+PEOPLE = _numbers(3, seed=2306)
+
+
+class TickSource(apply.Source):
+    """A source whose version changes with the tick that resolves it: at T0 nobody has opted out; from the second
+    tick on, PEOPLE[0] has. (A real LedgerSource re-reads ledger.json instead.)"""
+
+    def version(self, tick: float | None = None) -> apply.SourceVersion:
+        return apply.SourceVersion(token=f"v{int(tick or T0) - T0}")
+
+    def load(self, version: apply.SourceVersion) -> OptOutIndex:
+        now = datetime.now(timezone.utc)
+        opted = version.token != "v0"
+        return OptOutIndex.from_table(ledger_table([(PEOPLE[0], opted, now, now), (PEOPLE[1], False, now, now)]))
+
+
+def _stream(ticks: bool):
+    """The main input (tag ``main``) and, for the local runner, the schedule (tag ``ticks``) as one TestStream."""
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    def at(value, offset):
+        return TimestampedValue(value, T0 + offset)
+
+    stream = TestStream()
+    if ticks:
+        stream = stream.add_elements([at(T0 + i * EVERY, i * EVERY) for i in range(3)], tag="ticks")
+    stream = (stream
+              .add_elements([at({"id": 1, "nhs": PEOPLE[0]}, 1), at({"id": 2, "nhs": PEOPLE[1]}, 2),
+                             at({"id": 3, "nhs": PEOPLE[2]}, 3)], tag="main")
+              .advance_watermark_to(T0 + 11, tag="main")
+              .add_elements([at({"id": 4, "nhs": PEOPLE[0]}, 12), at({"id": 5, "nhs": PEOPLE[1]}, 13)], tag="main")
+              .advance_watermark_to_infinity(tag="main"))
+    return stream.advance_watermark_to_infinity(tag="ticks") if ticks else stream
+
+
+def _streaming_apply(pipeline, main, ticks) -> dict:
+    import apache_beam as beam
+
+    result = main | ApplyOptOuts(_nhs, source=TickSource(), max_age_days=None, refresh_seconds=EVERY, ticks=ticks)
+    assert_that(result[ApplyOptOuts.KEPT] | "Ids" >> beam.Map(_id), equal_to([1, 2, 5]))
+    counts = result[ApplyOptOuts.COUNTS] | "WithWindow" >> beam.ParDo(_with_window_start())
+    assert_that(counts, equal_to([(0, "kept", 2), (0, "unknown", 1), (10, "kept", 1), (10, "opted_out", 1)]),
+                label="CountsPerWindow")
+    return result
+
+
+def _with_window_start():
+    import apache_beam as beam
+
+    class WithWindowStart(beam.DoFn):
+        def process(self, element, w=beam.DoFn.WindowParam):
+            yield int(w.start) - T0, element[0], element[1]
+
+    return WithWindowStart()
+
+
+def test_streaming_side_input_refreshes_on_the_local_runner() -> None:
+    """Beam's Python direct runner in streaming mode (it cannot run PeriodicImpulse: the schedule is ticks)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    options = PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"])
+    with TestPipeline(options=options) as pipeline:
+        streams = pipeline | _stream(ticks=True)
+        _streaming_apply(pipeline, streams["main"], streams["ticks"])
+
+
+@pytest.mark.prism
+def test_streaming_side_input_refreshes_on_prism() -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.transforms.periodicsequence import PeriodicImpulse
+
+    from dev.prism import prism_args
+
+    options = PipelineOptions([*prism_args(), "--streaming"])
+    with TestPipeline(options=options) as pipeline:
+        main = pipeline | "Main" >> _stream(ticks=False)
+        ticks = pipeline | "Ticks" >> PeriodicImpulse(start_timestamp=T0, stop_timestamp=T0 + 3 * EVERY,
+                                                      fire_interval=EVERY)
+        _streaming_apply(pipeline, main["main"], ticks)

@@ -55,6 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.utils.timestamp import Timestamp
 
 from pipeline import nhs
 from transforms.vocabulary import IDENTIFIER_SYSTEM, METRICS_NAMESPACE
@@ -256,7 +257,8 @@ class SourceVersion:
 class Source:
     """Where the index comes from. Subclasses are picklable descriptions; they open nothing until asked."""
 
-    def version(self) -> SourceVersion:
+    def version(self, tick: float | None = None) -> SourceVersion:
+        """The version in force now (``tick``: the schedule's timestamp in streaming, else None)."""
         raise NotImplementedError
 
     def load(self, version: SourceVersion) -> OptOutIndex:
@@ -281,7 +283,7 @@ class LedgerSource(Source):
 
         return os.path.realpath(self.folder)
 
-    def version(self) -> SourceVersion:
+    def version(self, tick: float | None = None) -> SourceVersion:
         folder = self._resolved()
         meta = read_json(FileSystems.join(folder, "ledger.json"))
         token = json.dumps({"folder": folder, "request_id": meta.get("request_id"),
@@ -335,7 +337,7 @@ class FhirSource(Source):
         self.auth = auth
         self.page_size = page_size
 
-    def version(self) -> SourceVersion:
+    def version(self, tick: float | None = None) -> SourceVersion:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return SourceVersion(token=f"fhir {self.fhir_url} {now}", fhir_base_url=self.fhir_url, checked_at=None,
                              details={"read_at": now})
@@ -518,8 +520,9 @@ class ResolveVersion(beam.DoFn):
         self._max_age_days = max_age_days
         self._as_of = as_of
 
-    def process(self, _: Any) -> Iterator[SourceVersion]:
-        yield check_version(self._source.version(), fhir_base_url=self._fhir_base_url,
+    def process(self, tick: Any) -> Iterator[SourceVersion]:
+        at = float(tick) if isinstance(tick, (int, float, Timestamp)) else None
+        yield check_version(self._source.version(at), fhir_base_url=self._fhir_base_url,
                             max_age_days=self._max_age_days, as_of=self._as_of)
 
 
@@ -533,7 +536,11 @@ class ApplyOptOuts(beam.PTransform):
     ``fhir_base_url``: when given, a ledger describing another store stops the job.
     ``exempt``: the purpose may keep opted-out patients (from the purposes file; see :mod:`pipeline.purposes`).
     ``as_of``: evaluate the status held at this moment (epoch seconds).
-    ``refresh_seconds``: for an unbounded input, re-resolve the source this often (slowly-changing side input).
+    ``refresh_seconds``: for an unbounded input, re-resolve the source this often (Beam's slowly-changing side
+    input pattern: a ``PeriodicImpulse`` in fixed windows of that length; the input is windowed the same way,
+    so each element sees the version of its window's tick, and the outputs are in those fixed windows).
+    ``ticks``: the schedule as a PCollection of timestamps instead of ``PeriodicImpulse`` (Beam's Python
+    direct runner cannot run ``PeriodicImpulse`` in streaming; tests give a ``TestStream`` there).
     ``batch_size``: elements looked up together (``BatchElements``), per-element API only.
     """
 
@@ -544,7 +551,8 @@ class ApplyOptOuts(beam.PTransform):
     def __init__(self, nhs_number_fn: Callable[[Any], Any] | None = None, *, source: Source | str,
                  unknown: str = "drop", invalid: str = "remove", max_age_days: float | None = DEFAULT_MAX_AGE_DAYS,
                  fhir_base_url: str | None = None, exempt: bool = False, as_of: int | None = None,
-                 refresh_seconds: float | None = None, batch_size: int = 1000, column: str | None = None) -> None:
+                 refresh_seconds: float | None = None, ticks: pvalue.PCollection | None = None,
+                 batch_size: int = 1000, column: str | None = None) -> None:
         super().__init__()
         if (nhs_number_fn is None) == (column is None):
             raise ValueError("give nhs_number_fn (per element) or column (per Arrow batch), not both")
@@ -557,21 +565,20 @@ class ApplyOptOuts(beam.PTransform):
         self._invalid = invalid
         self._fhir_base_url = fhir_base_url
         self._refresh = refresh_seconds
+        self._ticks = ticks
+        if ticks is not None and refresh_seconds is None:
+            raise ValueError("ticks need refresh_seconds (the window each tick's version serves)")
         self._batch_size = batch_size
 
     def _versions(self, pipeline: beam.Pipeline) -> pvalue.PCollection:
         resolve = ResolveVersion(self._source, self._fhir_base_url, self._rule.max_age_days, self._rule.as_of)
         if self._refresh is None:
             return pipeline | "Once" >> beam.Create([None]) | "ResolveSource" >> beam.ParDo(resolve)
-        return (
-            pipeline
-            | "Every" >> PeriodicImpulse(fire_interval=self._refresh, apply_windowing=False)
-            | "ResolveSourceAgain" >> beam.ParDo(resolve)
-            | "LatestVersion" >> beam.WindowInto(
-                window.GlobalWindows(),
-                trigger=beam.trigger.Repeatedly(beam.trigger.AfterCount(1)),
-                accumulation_mode=beam.trigger.AccumulationMode.DISCARDING)
-        )
+        if self._ticks is not None:  # the schedule given (a TestStream in tests): timestamps, one a window
+            ticks = self._ticks | "TickWindows" >> beam.WindowInto(window.FixedWindows(self._refresh))
+        else:
+            ticks = pipeline | "Every" >> PeriodicImpulse(fire_interval=self._refresh, apply_windowing=True)
+        return ticks | "ResolveSourceAgain" >> beam.ParDo(resolve)
 
     def expand(self, pcoll: pvalue.PCollection) -> dict[str, pvalue.PCollection]:
         version = pvalue.AsSingleton(self._versions(pcoll.pipeline))
@@ -585,6 +592,8 @@ class ApplyOptOuts(beam.PTransform):
                 batches = pcoll | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
             else:  # unbounded: a batch never waits for more elements
                 batches = pcoll | "One" >> beam.Map(_alone)
+        if self._refresh is not None:  # each window sees the version resolved by its own tick
+            batches = batches | "RefreshWindows" >> beam.WindowInto(window.FixedWindows(self._refresh))
         outputs = batches | "Apply" >> beam.ParDo(fn, version).with_outputs(self.COUNTS, self.INVALID,
                                                                              main=self.KEPT)
         counts = outputs[self.COUNTS] | "SumPerReason" >> beam.CombinePerKey(sum)
