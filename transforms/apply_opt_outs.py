@@ -467,24 +467,30 @@ def _why(fn: Callable[[Any], Any], element: Any) -> str:
 
 
 class ApplyToBatchesFn(_ApplyFn):
-    """Per Arrow ``RecordBatch`` (or ``Table``): the rule column-wise, the kept rows as one batch."""
+    """Per Arrow ``RecordBatch`` (or ``Table``, or ``(key, batch)``: the key is kept): the rule column-wise, the
+    kept rows as one batch (none when no row is kept)."""
 
     def __init__(self, source: Source, rule: Rule, column: str, invalid: str) -> None:
         super().__init__(source, rule)
         self._column = column
         self._invalid = invalid
 
-    def process(self, batch: pa.RecordBatch | pa.Table, version: SourceVersion) -> Iterator[Any]:
+    def process(self, element: Any, version: SourceVersion) -> Iterator[Any]:
+        key, batch = element if isinstance(element, tuple) else (None, element)
+
+        def keyed(value: Any) -> Any:
+            return value if key is None else (key, value)
+
         index = self._index(version)
         numbers = numbers_of_column(batch.column(self._column))
         reasons = decide(index, numbers, self._rule)
         keep = np.isin(reasons, (REASONS.index(KEPT), REASONS.index(KEPT_EXEMPT)))
         if keep.all():
-            yield batch
+            yield keyed(batch)
         elif keep.any():
-            yield batch.filter(pa.array(keep))
+            yield keyed(batch.filter(pa.array(keep)))
         if self._invalid == "dead_letter" and (numbers < 0).any():
-            yield pvalue.TaggedOutput(ApplyOptOuts.INVALID, {"element": batch.filter(pa.array(numbers < 0)),
+            yield pvalue.TaggedOutput(ApplyOptOuts.INVALID, {"element": keyed(batch.filter(pa.array(numbers < 0))),
                                                               "reason": "missing or invalid NHS number"})
         yield from self._count(reasons)
 
