@@ -197,12 +197,11 @@ def join_parts(parts: str, output: str, fmt: str, schema: pa.Schema) -> int:
 
 
 def _input_schema(path: str, fmt: str) -> pa.Schema:
-    for batch in iter_batches(path, fmt):
-        return batch.schema
-    if fmt == "parquet":
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    """The file's columns as the output will have them (Parquet: its own schema; CSV: every column as text)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        if fmt == "parquet":
             return pq.ParquetFile(handle).schema_arrow
-    return pa.schema([])
+        return pa.schema([(name, pa.string()) for name in _csv_names(handle)])
 
 
 def oldest_checked_at(folder: str) -> str | None:
