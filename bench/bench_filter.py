@@ -137,10 +137,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--stream", type=int, default=0, help="records for the streaming rate (0: skip)")
     parser.add_argument("--dir", default="/tmp/bench-filter", help="where the generated files are kept")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = Path(args.dir) / f"{args.patients}-{args.rows}"
     folder.mkdir(parents=True, exist_ok=True)
-    generate(folder, args.patients, args.rows, args.opted_out)
+    if args.generate_only:
+        generate(folder, args.patients, args.rows, args.opted_out)
+        return 0
+    # Generated in a child: Linux keeps a process's peak RSS across fork and exec, so a parent that held the
+    # generated tables would lend every measured child its own peak.
+    subprocess.run([sys.executable, __file__, "--generate-only", "--rows", str(args.rows), "--patients",
+                    str(args.patients), "--opted-out", str(args.opted_out), "--dir", args.dir], check=True)
     ours, theirs = [], []
     work = folder / "work"
     for run in range(args.runs):

@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import audit
 from pipeline.errors import InputError
 from pipeline.files import PRIVATE, atomic_writer, private_dir
+from pipeline.nhs import redact
 from pipeline.state import WorkDir, isoformat, utcnow
 from transforms import apply_opt_outs as apply
 from transforms.apply_opt_outs import ApplyOptOuts, LedgerRefused, LedgerSource
@@ -100,8 +101,11 @@ class ReadBatchesFn(beam.DoFn):
         self._fmt = fmt
 
     def process(self, path: str) -> Iterator[tuple[int, pa.RecordBatch]]:
-        for seq, batch in enumerate(iter_batches(path, self._fmt)):
-            yield seq, batch
+        try:
+            for seq, batch in enumerate(iter_batches(path, self._fmt)):
+                yield seq, batch
+        except pa.ArrowInvalid as err:  # a malformed row far into the file: one line, never the row's values
+            raise InputError(f"{path}: cannot be read as {self._fmt}: {redact(str(err).splitlines()[0])}") from None
 
 
 class WritePartFn(beam.DoFn):

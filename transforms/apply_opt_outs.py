@@ -590,23 +590,17 @@ class ApplyOptOuts(beam.PTransform):
 
     def expand(self, pcoll: pvalue.PCollection) -> dict[str, pvalue.PCollection]:
         version = pvalue.AsSingleton(self._versions(pcoll.pipeline))
+        if self._refresh is not None:  # each window sees the version resolved by its own tick
+            pcoll = pcoll | "RefreshWindows" >> beam.WindowInto(window.FixedWindows(self._refresh))
         if self._column is not None:
             fn: beam.DoFn = ApplyToBatchesFn(self._source, self._rule, self._column, self._invalid)
             batches = pcoll
         else:
             assert self._fn is not None
             fn = ApplyToElementsFn(self._source, self._rule, self._fn, self._invalid)
-            if self._refresh is None:
-                batches = pcoll | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-            else:  # unbounded: a batch never waits for more elements
-                batches = pcoll | "One" >> beam.Map(_alone)
-        if self._refresh is not None:  # each window sees the version resolved by its own tick
-            batches = batches | "RefreshWindows" >> beam.WindowInto(window.FixedWindows(self._refresh))
+            # Batches form within a bundle and window (also on an unbounded input): an element never waits.
+            batches = pcoll | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
         outputs = batches | "Apply" >> beam.ParDo(fn, version).with_outputs(self.COUNTS, self.INVALID,
                                                                              main=self.KEPT)
         counts = outputs[self.COUNTS] | "SumPerReason" >> beam.CombinePerKey(sum)
         return {self.KEPT: outputs[self.KEPT], self.COUNTS: counts, self.INVALID: outputs[self.INVALID]}
-
-
-def _alone(element: Any) -> list[Any]:
-    return [element]
