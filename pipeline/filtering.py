@@ -268,7 +268,7 @@ def run_filter(work_dir: WorkDir, settings: FilterSettings, *, ledger: str | Non
         apply.check_version(version, fhir_base_url=settings.fhir_base_url, max_age_days=settings.max_age_days,
                             as_of=int(settings.as_of.timestamp()) if settings.as_of else None)
     except LedgerRefused as err:
-        raise InputError(f"{folder}: {err}; give --max-age DAYS or --fhir-url to accept it") from None
+        raise InputError(f"{folder}: {err}; {err.hint}") from None
     ledgers.check_ledger(folder, version.fhir_base_url or "")  # every part is the one ledger.json lists
     schema = _input_schema(settings.input, fmt)
     parts = _parts_folder(settings.output)

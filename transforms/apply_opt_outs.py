@@ -502,7 +502,8 @@ def check_version(version: SourceVersion, *, fhir_base_url: str | None, max_age_
     """Fail closed: a ledger of another FHIR store, or older than the limit, stops the job (one line)."""
     if fhir_base_url and version.fhir_base_url and \
             version.fhir_base_url.rstrip("/") != fhir_base_url.rstrip("/"):
-        raise LedgerRefused(f"the ledger describes FHIR server {version.fhir_base_url}, not {fhir_base_url}")
+        raise LedgerRefused(f"the ledger describes FHIR server {version.fhir_base_url}, not {fhir_base_url}",
+                            hint="--fhir-url must name the store the ledger describes")
     if max_age_days is not None and version.checked_at:
         made = datetime.fromisoformat(version.checked_at.replace("Z", "+00:00")).timestamp()
         moment = as_of if as_of is not None else (now if now is not None else time.time())
@@ -510,12 +511,16 @@ def check_version(version: SourceVersion, *, fhir_base_url: str | None, max_age_
         if age > max_age_days:
             raise LedgerRefused(f"the ledger was last checked by NDOP {age:.1f} days before "
                                 f"{'--as-of' if as_of is not None else 'now'} ({version.checked_at}), more than "
-                                f"the limit of {max_age_days:g} days")
+                                f"the limit of {max_age_days:g} days", hint="give --max-age DAYS to accept it")
     return version
 
 
 class LedgerRefused(ValueError):
-    """The source cannot vouch for the opt-outs (another store, too old): the job stops."""
+    """The source cannot vouch for the opt-outs (another store, too old): the job stops. ``hint``: the override."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class ResolveVersion(beam.DoFn):
