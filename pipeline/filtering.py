@@ -94,6 +94,24 @@ def iter_batches(path: str, fmt: str) -> Iterator[pa.RecordBatch]:
         yield from reader
 
 
+class PlanRowGroupsFn(beam.DoFn):
+    """A Parquet path -> ``(row group, path)``: small elements, spread before any row is read."""
+
+    def process(self, path: str) -> Iterator[tuple[int, str]]:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for group in range(pq.ParquetFile(handle).num_row_groups):
+                yield group, path
+
+
+class ReadRowGroupFn(beam.DoFn):
+    """``(row group, path)`` -> ``(row group, Table)``, read where it is processed."""
+
+    def process(self, element: tuple[int, str]) -> Iterator[tuple[int, pa.Table]]:
+        group, path = element
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            yield group, pq.ParquetFile(handle).read_row_group(group)
+
+
 class ReadBatchesFn(beam.DoFn):
     """A file path -> ``(sequence, RecordBatch)``, numbered so the output keeps the input's order."""
 
@@ -114,12 +132,12 @@ class WritePartFn(beam.DoFn):
     def __init__(self, parts: str) -> None:
         self._parts = parts
 
-    def process(self, element: tuple[int, pa.RecordBatch]) -> Iterator[str]:
+    def process(self, element: tuple[int, pa.RecordBatch | pa.Table]) -> Iterator[str]:
         seq, batch = element
         path = FileSystems.join(self._parts, f"part-{seq:08d}.arrow")
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             with ipc.new_file(handle, batch.schema) as writer:
-                writer.write_batch(batch)
+                writer.write(batch)
         yield path
 
 
@@ -151,11 +169,18 @@ def build_pipeline(pipeline: beam.Pipeline, settings: FilterSettings, source: ap
     """The filter as a Beam graph: read batches, apply the opt-outs, write the kept parts and the counts."""
     fmt = file_format(settings.input, settings.fmt)
     as_of = int(settings.as_of.timestamp()) if settings.as_of else None
+    path = pipeline | "InputPath" >> beam.Create([settings.input])
+    if fmt == "parquet":  # each worker reads the row groups it processes
+        batches = (path
+                   | "PlanRowGroups" >> beam.ParDo(PlanRowGroupsFn())
+                   | "SpreadRowGroups" >> beam.Reshuffle()
+                   | "ReadRowGroups" >> beam.ParDo(ReadRowGroupFn()))
+    else:  # a CSV is read in order by one worker, its blocks spread
+        batches = (path
+                   | "ReadBatches" >> beam.ParDo(ReadBatchesFn(fmt))
+                   | "SpreadBatches" >> beam.Reshuffle())
     result = (
-        pipeline
-        | "InputPath" >> beam.Create([settings.input])
-        | "ReadBatches" >> beam.ParDo(ReadBatchesFn(fmt))
-        | "SpreadBatches" >> beam.Reshuffle()
+        batches
         | "ApplyOptOuts" >> ApplyOptOuts(column=settings.column, source=source, unknown=settings.unknown,
                                          max_age_days=settings.max_age_days, fhir_base_url=settings.fhir_base_url,
                                          exempt=settings.exempt, as_of=as_of)

@@ -259,3 +259,10 @@ def test_streaming_side_input_refreshes_on_prism() -> None:
         ticks = pipeline | "Ticks" >> PeriodicImpulse(start_timestamp=T0, stop_timestamp=T0 + 3 * EVERY,
                                                       fire_interval=EVERY)
         _streaming_apply(pipeline, main["main"], ticks)
+
+
+def test_sort_order_is_argsort() -> None:
+    rng = np.random.default_rng(2307)
+    for numbers in (rng.integers(0, 9_999_999_999, 5000), np.array([5, 5, 1, 0, 5]), np.zeros(0, np.int64),
+                    np.array([7])):
+        assert np.array_equal(apply.sort_order(numbers), np.argsort(numbers, kind="stable"))

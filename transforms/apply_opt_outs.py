@@ -101,9 +101,8 @@ class OptOutIndex:
         """From ledger rows (``nhs_number``, ``status``, ``status_since``, ``checked_at``; any order)."""
         from transforms.ledger import _status_codes
 
-        table = table.combine_chunks() if table.num_rows else table
         numbers = table.column("nhs_number").to_numpy() if table.num_rows else np.zeros(0, np.int64)
-        order = np.argsort(numbers, kind="stable")
+        order = sort_order(numbers)
         numbers = numbers[order].astype(np.int64, copy=False)
         if len(numbers) > 1 and bool((numbers[1:] == numbers[:-1]).any()):
             raise ValueError("the ledger holds a patient more than once")
@@ -123,6 +122,20 @@ class OptOutIndex:
 
     def oldest_check(self) -> int | None:
         return int(self.checked_at.min()) if len(self.checked_at) else None
+
+
+def sort_order(numbers: np.ndarray) -> np.ndarray:
+    """``np.argsort(numbers)`` for non-negative int64 NHS numbers (below 2**34), about twice as fast: each number
+    and its position packed into one uint64 and sorted in place (numpy sorts plain integers much faster than it
+    argsorts them). Equal numbers keep their order."""
+    count = len(numbers)
+    bits = max(1, (count - 1).bit_length())
+    if count < 2 or bits > 29 or int(numbers.max()) >= 1 << (64 - bits) or int(numbers.min()) < 0:
+        return np.argsort(numbers, kind="stable")
+    packed = numbers.astype(np.uint64) << np.uint64(bits)
+    packed |= np.arange(count, dtype=np.uint64)
+    packed.sort()
+    return (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _epoch(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -147,7 +160,7 @@ def _lookup(index: OptOutIndex, numbers: np.ndarray) -> tuple[np.ndarray, np.nda
     """``(found, row)`` for each number: whether the index holds it, and where."""
     if not len(index.numbers):
         return np.zeros(len(numbers), bool), np.zeros(len(numbers), np.int64)
-    order = np.argsort(numbers, kind="stable")  # sorted queries walk the index in order: cache-friendly
+    order = sort_order(np.maximum(numbers, 0))  # sorted queries walk the index in order: cache-friendly
     pos = np.empty(len(numbers), np.int64)
     pos[order] = np.searchsorted(index.numbers, numbers[order])
     row = np.minimum(pos, len(index.numbers) - 1)
@@ -232,7 +245,12 @@ def numbers_of_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
     if pa.types.is_integer(column.type):
         column = pc.utf8_lpad(column.cast(pa.string()), 10, "0")  # a leading zero lost to an integer column
-    normalised, reason = nhs.validate_array(column.cast(pa.string()))
+    column = column.cast(pa.string())
+    if column.null_count == 0 and len(column):  # the common case, without regular expressions: 10 ASCII digits
+        shaped = pc.and_(pc.equal(pc.binary_length(column), nhs.LENGTH), pc.ascii_is_decimal(column))
+        if pc.all(shaped).as_py():
+            return np.where(nhs.check_digits_ok(column), nhs.to_int64(column), -1)
+    normalised, reason = nhs.validate_array(column)
     ok = pc.is_null(reason).to_numpy(zero_copy_only=False)
     out = np.full(len(column), -1, np.int64)
     if ok.any():
