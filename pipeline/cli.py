@@ -489,11 +489,14 @@ def _run_filter(args: argparse.Namespace) -> int:
     if not args.input:
         raise InputError("give --input (or --removed-since)")
     purpose = purposes.choose(args.purpose, args.purposes, datetime.now(timezone.utc).date())
+    as_of = filtering.parse_moment(args.as_of, "--as-of", end_of_day=True) if args.as_of else None
+    if as_of and as_of.date() > datetime.now(timezone.utc).date():
+        raise InputError(f"--as-of {args.as_of} is in the future: the ledger knows only what NDOP has said")
     settings = filtering.FilterSettings(
         input=args.input, output=args.output, column=args.column, fmt=args.format, unknown=args.unknown,
         max_age_days=stale_days(args.max_age), fhir_base_url=args.fhir_url,
         exempt=bool(purpose and purpose.keep_opted_out),
-        as_of=filtering.parse_moment(args.as_of, "--as-of", end_of_day=True) if args.as_of else None)
+        as_of=as_of)
     m = filtering.run_filter(work_dir, settings, ledger=args.ledger, beam_args=args.extra_args,
                              purpose=purpose.record() if purpose else None)
     print(f"ndop filter: {m['rows_in']} rows in, {m['kept']} kept, {m['removed_opted_out']} removed as opted out, "

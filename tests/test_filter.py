@@ -221,3 +221,30 @@ def test_filter_on_prism(tmp_path) -> None:
     assert pq.read_table(tmp_path / "out.parquet").column("row").to_pylist() == expected  # in input order
     manifest = json.loads((tmp_path / "out.parquet.manifest.json").read_text())
     assert (manifest["kept"], manifest["removed_opted_out"], manifest["removed_unknown"]) == (len(expected), 63, 50)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    """In this process (pipeline.cli.main): nothing here needs the pipeline to start."""
+    from pipeline.cli import main
+
+    from tests.test_apply_opt_outs import ledger_table, write_ledger
+
+    now = datetime.now(timezone.utc)
+    people = nhs.synthetic_numbers(3, seed=2313).to_pylist()
+    ledger = write_ledger(tmp_path / "ledger", ledger_table([(n, False, now, now) for n in people]), now)
+    source = tmp_path / "in.csv"
+    source.write_text("nhs_number,v\n" + "".join(f"{n},1\n" for n in people))
+    work_dir = WorkDir(tmp_path / "work")
+    out = str(tmp_path / "out.csv")
+    cases = [
+        ((), "no Consent ledger yet"),
+        (("--ledger", str(ledger), "--column", "nhs"), "no column 'nhs'"),
+        (("--ledger", str(ledger), "--as-of", "2026-13-01"), "is not a date"),
+        (("--ledger", str(ledger), "--as-of", str(TODAY + timedelta(days=2))), "is in the future"),
+        (("--ledger", str(ledger), "--format", "parquet"), "cannot be read as parquet"),
+    ]
+    for extra, why in cases:
+        code = main(["filter", "--work-dir", str(work_dir.root), "--input", str(source), "--output", out, *extra])
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert code == 2 and len(lines) == 1 and why in lines[0], (extra, lines)
+    assert not Path(out).exists()
