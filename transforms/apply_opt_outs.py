@@ -412,17 +412,19 @@ class _IndexCache:
     """One index per source version per worker process (shared by the DoFn instances of all threads)."""
 
     _lock = threading.Lock()
-    _held: dict[str, OptOutIndex] = {}
+    _held: dict[str, tuple[str, OptOutIndex]] = {}  # source -> (version token, index)
 
     @classmethod
     def get(cls, source: Source, version: SourceVersion) -> OptOutIndex:
+        key = f"{type(source).__name__} {vars(source)}"
         with cls._lock:
-            index = cls._held.get(version.token)
-            if index is None:
-                started = time.monotonic()
-                index = source.load(version)
-                cls._held = {version.token: index}  # only the version in force: the old one is dropped
-                _LOGGER.info("opt-out index loaded: %d patients in %.1f s", len(index), time.monotonic() - started)
+            held = cls._held.get(key)
+            if held is not None and held[0] == version.token:
+                return held[1]
+            started = time.monotonic()
+            index = source.load(version)
+            cls._held[key] = (version.token, index)  # only the version in force: the old one is dropped
+            _LOGGER.info("opt-out index loaded: %d patients in %.1f s", len(index), time.monotonic() - started)
             return index
 
 
