@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, NdopError, OneLineNdopErrors, printable
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
 from pipeline.files import check_folder
 from pipeline.plausibility import SWING
 from pipeline.settings import DAYS, POLL_INTERVAL, SAMPLE, WAIT, WHOLE_DAYS, number_option
@@ -502,8 +502,67 @@ def _run_rekey(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _filter(sub: argparse._SubParsersAction) -> None:
+    """``ndop filter`` (issue 23): apply the opt-outs to a CSV/Parquet file (pipeline/filtering.py)."""
+    p = sub.add_parser(
+        "filter", parents=[common_options()],
+        help="write a CSV/Parquet file without the patients who opted out (or list who opted out since a date)",
+        description="Applies the Consent ledger to a file for a disclosure beyond individual care: writes the kept "
+                    "rows, a manifest (OUTPUT.manifest.json) and one audit line. Options this command does not "
+                    "know (e.g. --runner) go to the Beam pipeline.")
+    p.add_argument("--input", help="CSV or Parquet file (any FileSystems path)")
+    p.add_argument("--output", required=True, help="the filtered file (with --removed-since: the numbers, 0600)")
+    p.add_argument("--column", default="nhs_number", help="the column holding NHS numbers (default %(default)s)")
+    p.add_argument("--format", choices=("auto", "csv", "parquet"), default="auto", help="default: by extension")
+    p.add_argument("--purpose", default=None, metavar="NAME",
+                   help="the purpose in the purposes file (default: none, opt-outs apply)")
+    p.add_argument("--purposes", default=None, metavar="FILE", help="the purposes file (env NDOP_PURPOSES_FILE)")
+    p.add_argument("--as-of", default=None, metavar="DATE", help="apply the statuses held at this date (UTC)")
+    p.add_argument("--removed-since", default=None, metavar="DATE",
+                   help="instead: list the patients who opted out since DATE (a past disclosure)")
+    p.add_argument("--unknown", choices=("drop", "keep"), default="drop",
+                   help="a number the ledger never checked, or checked too long ago (default: drop)")
+    p.add_argument("--max-age", type=number_option("--max-age", DAYS), default=None, metavar="DAYS",
+                   help="refuse a ledger (and drop a status) last checked by NDOP longer ago (default: "
+                        "NDOP_STALE_DAYS, 21)")
+    p.add_argument("--ledger", default=None, metavar="DIR", help="a ledger folder (default: the work dir's)")
+    p.add_argument("--fhir-url", default=os.environ.get("FHIR_URL"),
+                   help="refuse a ledger of another FHIR store (default: env FHIR_URL)")
+    p.set_defaults(handler=_run_filter, beam_args=True)
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from pipeline import filtering, purposes
+    from pipeline.staleness import stale_days
+
+    work_dir = WorkDir(args.work_dir)
+    if args.removed_since:
+        since = filtering.parse_moment(args.removed_since, "--removed-since", end_of_day=False)
+        found = filtering.removed_since(work_dir, since, args.output, ledger=args.ledger)
+        print(f"ndop filter: {found} patients opted out since {args.removed_since}: {args.output}")
+        return EXIT_OK
+    if not args.input:
+        raise InputError("give --input (or --removed-since)")
+    purpose = purposes.choose(args.purpose, args.purposes, datetime.now(timezone.utc).date())
+    as_of = filtering.parse_moment(args.as_of, "--as-of", end_of_day=True) if args.as_of else None
+    if as_of and as_of.date() > datetime.now(timezone.utc).date():
+        raise InputError(f"--as-of {args.as_of} is in the future: the ledger knows only what NDOP has said")
+    settings = filtering.FilterSettings(
+        input=args.input, output=args.output, column=args.column, fmt=args.format, unknown=args.unknown,
+        max_age_days=stale_days(args.max_age), fhir_base_url=args.fhir_url,
+        exempt=bool(purpose and purpose.keep_opted_out),
+        as_of=as_of)
+    m = filtering.run_filter(work_dir, settings, ledger=args.ledger, beam_args=args.extra_args,
+                             purpose=purpose.record() if purpose else None)
+    print(f"ndop filter: {m['rows_in']} rows in, {m['kept']} kept, {m['removed_opted_out']} removed as opted out, "
+          f"{m['removed_unknown']} as unknown or stale, {m['removed_invalid']} as invalid: {args.output}")
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify, _keygen, _rekey,
+    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify, _filter, _keygen, _rekey,
 ]
 
 

@@ -70,13 +70,14 @@ def check_same_store(meta: dict[str, Any], fhir_base_url: str, where: str, then:
                          f"not {without_userinfo(fhir_base_url)}; {then}")
 
 
-def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
+def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str | None,
                  full_refresh: bool = False) -> str | None:
     """The ledger folder a run may read, or ``None`` (a first load, or ``--full-refresh`` over a bad one).
 
     Raises :class:`InputError` (one line, exit 2) before anything is written when the ledger cannot be
     read or describes another FHIR base URL, unless ``full_refresh``; and, even then, when its Consents
     were written under another Consent id key (a second Consent per patient would follow: ``ndop rekey``).
+    ``key_fingerprint`` None: the caller uses no Consent id (``ndop filter``), the key is not checked.
     """
     if not folder:
         return None
@@ -86,7 +87,8 @@ def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
         return None
     meta = read_meta(folder)
     check_same_store(meta, fhir_base_url, folder, "give --full-refresh to rewrite this store and start a new ledger")
-    check_fingerprint(folder, meta.get(KEY_FINGERPRINT), key_fingerprint)
+    if key_fingerprint is not None:
+        check_fingerprint(folder, meta.get(KEY_FINGERPRINT), key_fingerprint)
     found = ledger_files(folder)
     _check_files(folder, meta, found)
     for path in found:
@@ -104,7 +106,9 @@ def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str,
 _REBUILD = "give --full-refresh to rewrite the store and start a new ledger"
 
 
-def _check_key(folder: str, key_fingerprint: str) -> None:
+def _check_key(folder: str, key_fingerprint: str | None) -> None:
+    if key_fingerprint is None:
+        return
     try:
         meta = read_meta(folder)
     except InputError:

@@ -14,6 +14,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import ledger as ledger_dirs
+from pipeline import ledger_history
 from pipeline.errors import InputError, NdopError
 from pipeline.fhir_client import ENV_URL
 from pipeline.keys import key_source_spec
@@ -172,7 +173,8 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
         work_dir.update(request_id, expect=REPLIED, **fields)
         raise NdopError(f"request {request_id}: {failure_message(summary)}")
     # Every Consent stored (or, with a retry set, all but those the store refused): the new ledger in force.
-    ledger_dirs.promote(work_dir, request_id, stage_dir)
+    promoted = ledger_dirs.promote(work_dir, request_id, stage_dir)
+    ledger_history.record(work_dir, promoted, request_id, summary.get("checked_at"))  # for ndop filter --as-of
     record = work_dir.update(request_id, state=PROCESSED, expect=REPLIED, processed_at=isoformat(utcnow()), **fields)
     record = hand_off_acknowledgement(work_dir, record, acknowledge)
     if summary.get("retry"):  # NDOP checks go on; the refused Consents are written again by the next run

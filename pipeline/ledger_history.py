@@ -1,0 +1,66 @@
+"""The ledger's history: an append-only change log beside the ledger, so ``ndop filter --as-of`` can say what
+status was held at a past moment.
+
+The ledger keeps one row per patient (its current status and ``status_since``); the schema stays as it is. Each
+time a new ledger is promoted, the rows whose status started with that run (new patients, changed statuses:
+``status_since`` equal to the run's ``checked_at``) are appended as one Parquet file
+``WORK/ledger/history/<request id>.parquet`` (``nhs_number``, ``status``, ``status_since``; 0600 in a 0700 folder).
+The first time, when there is no history yet, the whole ledger in force is written as the base. A patient's status
+at a moment is the last history row for that number with ``status_since`` at or before it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.files import atomic_writer, private_dir
+from pipeline.state import WorkDir
+
+_LOGGER = logging.getLogger(__name__)
+
+HISTORY = "history"
+COLUMNS = ["nhs_number", "status", "status_since"]
+
+
+def history_folder(work_dir: WorkDir) -> Path:
+    return work_dir.root / "ledger" / HISTORY
+
+
+def _read_ledger(folder: Path) -> pa.Table:
+    from transforms.ledger import SCHEMA, ledger_files
+
+    schema = pa.schema([SCHEMA.field(name) for name in COLUMNS])
+    tables = [pq.read_table(path, columns=COLUMNS) for path in ledger_files(str(folder))]
+    tables = [t.cast(schema) if not t.schema.equals(schema) else t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def record(work_dir: WorkDir, ledger: Path, request_id: str, checked_at: str | None) -> Path | None:
+    """Append the changes the ledger ``ledger`` (just promoted for ``request_id``) brought; returns the file."""
+    folder = history_folder(work_dir)
+    base = not folder.is_dir() or not any(folder.glob("*.parquet"))
+    table = _read_ledger(ledger)
+    if not base:
+        if not checked_at:
+            return None
+        since = pc.cast(table.column("status_since"), pa.int64())
+        moment = pa.scalar(checked_at.replace("Z", "+00:00")).cast(pa.timestamp("s", tz="UTC")).cast(pa.int64())
+        table = table.filter(pc.greater_equal(since, moment))
+    private_dir(folder)
+    path = folder / f"{request_id}.parquet"
+    with atomic_writer(path) as handle:
+        pq.write_table(table, handle, compression="zstd")
+    _LOGGER.info("ledger history: %d %s rows for %s", table.num_rows, "base" if base else "changed", request_id)
+    return path
+
+
+def read_history(folder: str) -> pa.Table | None:
+    """Every change-log row (any order), or None when there is none."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    tables = [pq.read_table(path, columns=COLUMNS) for path in files]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
