@@ -104,7 +104,8 @@ def _ingest(manifest: str, base_url: str, batch_size: int) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import requests
 
-    from pipeline.fhir_client import FhirClientConfig, open_session
+    from pipeline.fhir.config import FhirClientConfig
+    from pipeline.fhir.sessions import open_session
     from transforms.build_consent import build_consent
 
     numbers = pq.read_table(manifest).column("nhs_number").to_pylist()

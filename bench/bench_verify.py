@@ -25,7 +25,9 @@ import pyarrow as pa  # noqa: E402
 from dev.fhir_server import FhirServer  # noqa: E402
 from pipeline import ledger as ledger_dirs  # noqa: E402
 from pipeline import nhs  # noqa: E402
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session, post_bundle  # noqa: E402
+from pipeline.fhir.config import FhirClientConfig  # noqa: E402
+from pipeline.fhir.search import iter_search, post_bundle  # noqa: E402
+from pipeline.fhir.sessions import open_session  # noqa: E402
 from pipeline.state import WorkDir  # noqa: E402
 from pipeline.verify import verify  # noqa: E402
 from transforms import ledger, shards  # noqa: E402

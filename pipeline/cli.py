@@ -325,7 +325,7 @@ def _check_run_settings(args: argparse.Namespace) -> None:
 
 def _check_key(args: argparse.Namespace) -> None:
     """The Consent id key (pipeline/keys.py), before a request is sent or a Consent written."""
-    from pipeline.fhir_client import ENV_URL
+    from pipeline.fhir.config import ENV_URL
     from pipeline.keys import check_key_available
 
     check_key_available(args.fhir_url or os.environ.get(ENV_URL))
@@ -442,7 +442,7 @@ def _verify(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.fhir.config import FhirClientConfig
     from pipeline.verify import verify
 
     result = verify(WorkDir(args.work_dir), FhirClientConfig.from_env(base_url=args.fhir_url), sample=args.sample,
@@ -488,7 +488,7 @@ def _rekey(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_rekey(args: argparse.Namespace) -> int:
-    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.fhir.config import FhirClientConfig
     from pipeline.keys import key_source_spec, open_key
     from pipeline.rekey import rekey
 
@@ -600,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_folder(args.work_dir, "work dir")  # e.g. under /proc or through a file: one line, before any step
         if hasattr(args, "fhir_url"):  # no user:password@ in a FHIR URL (issue 21), before anything runs
-            from pipeline.fhir_client import check_cli_url
+            from pipeline.fhir.config import check_cli_url
 
             check_cli_url(args.fhir_url)
         if getattr(args, "precheck", None):

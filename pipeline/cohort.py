@@ -26,7 +26,7 @@ from pipeline.errors import InputError, at, printable
 from pipeline.nhs import redact
 
 if TYPE_CHECKING:
-    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.fhir.config import FhirClientConfig
 
 FORMATS = ("auto", "text", "csv", "parquet")
 DEFAULT_COLUMN = "nhs_number"
@@ -179,7 +179,8 @@ def read_fhir_cohort(config: "FhirClientConfig", page_size: int = 1000) -> Cohor
     the search results, which is what a reject can point back to. Each Patient's id is kept beside its
     number: the Consent will reference ``Patient/<id>``.
     """
-    from pipeline.fhir_client import iter_search, open_session
+    from pipeline.fhir.search import iter_search
+    from pipeline.fhir.sessions import open_session
     from pipeline.nhs import NHS_NUMBER_SYSTEM
 
     values: list[str] = []

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
 from pipeline.keys import check_fingerprint
-from pipeline.fhir_client import same_base_url, without_userinfo
+from pipeline.fhir.config import same_base_url, without_userinfo
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.settings import days_setting
 from pipeline.state import WorkDir, isoformat, utcnow

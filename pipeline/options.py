@@ -1,13 +1,13 @@
 """The process pipeline's options, the same on the ``ndop process`` command line and on Dataflow.
 
 Secrets never appear here: the FHIR token and client secret are read from files (or the
-environment) by :class:`pipeline.fhir_client.FhirClientConfig`; only their paths are options.
+environment) by :class:`pipeline.fhir.config.FhirClientConfig`; only their paths are options.
 """
 from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.fhir_client import AUTH_MODES
+from pipeline.fhir.config import AUTH_MODES
 from pipeline.settings import BATCH, SAMPLE, SHARDS, WHOLE_DAYS, number_option
 
 DEFAULT_SHARDS = 32

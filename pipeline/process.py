@@ -66,7 +66,7 @@ def join_path(folder: str, name: str) -> str:
 
 def fhir_config(opts: NdopOptions) -> Any:
     """The writer's client settings: options where given, the environment otherwise."""
-    from pipeline.fhir_client import FhirClientConfig
+    from pipeline.fhir.config import FhirClientConfig
 
     overrides = {
         "base_url": opts.fhir_url,
@@ -325,7 +325,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     options = pipeline_options(argv)
     opts = options.view_as(NdopOptions)
     check_inputs(opts)
-    from pipeline.fhir_client import check_server
+    from pipeline.fhir.search import check_server
 
     check_server(fhir_config(opts))
     key, source = id_key(opts)

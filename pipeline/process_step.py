@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import ledger as ledger_dirs
 from pipeline import ledger_history
 from pipeline.errors import InputError, NdopError
-from pipeline.fhir_client import ENV_URL
+from pipeline.fhir.config import ENV_URL
 from pipeline.keys import key_source_spec
 from pipeline.files import atomic_writer, private_dir, write_json
 from pipeline.process import SUMMARY, _is_local, failure_message, join_path, run

@@ -25,7 +25,9 @@ import pyarrow as pa
 
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError, NdopError
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session, post_bundle
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search, post_bundle
+from pipeline.fhir.sessions import open_session
 from pipeline.state import WorkDir, utcnow
 from pipeline.verify import READ_BATCH, _when, ledger_rows, read_consents
 from transforms.build_consent import build_consent

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from pipeline.cohort import FHIR_COHORT, read_fhir_cohort
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError
 from pipeline.faults import fault_point
-from pipeline.fhir_client import FhirClientConfig
+from pipeline.fhir.config import FhirClientConfig
 from pipeline.mesh_config import MeshConfig
 from pipeline.mesh.driver import MeshDriver
 from pipeline.plausibility import DEFAULT_MAX_SWING

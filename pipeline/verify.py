@@ -26,7 +26,10 @@ import pyarrow.parquet as pq
 from pipeline import ledger as ledger_dirs
 from pipeline import nhs
 from pipeline.errors import InputError, NdopError
-from pipeline.fhir_client import FhirClientConfig, open_session, post_bundle, status_code
+from pipeline.fhir.answers import status_code
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import post_bundle
+from pipeline.fhir.sessions import open_session
 from pipeline.state import WorkDir, isoformat, utcnow
 from transforms.build_consent import build_consent
 from transforms.ledger import _status_codes, ledger_files

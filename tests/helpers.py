@@ -9,7 +9,9 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.faults import FAULT_ENV
 from pipeline.nhs import NHS_NUMBER_SYSTEM
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search
+from pipeline.fhir.sessions import open_session
 from pipeline.state import RequestRecord, WorkDir, isoformat, utcnow
 from transforms.consent_ids import KeySource, parse_key
 from transforms.vocabulary import IDENTIFIER_SYSTEM

@@ -9,7 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline import audit, nhs
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search
+from pipeline.fhir.sessions import open_session
 from pipeline.state import ACKNOWLEDGED, WorkDir
 from tests.helpers import cli
 from tests.test_run import ndop_run

@@ -1,4 +1,4 @@
-"""pipeline.fhir_client: configuration, auth modes, refresh on 401, retries, paged search.
+"""pipeline/fhir/: configuration, auth modes, refresh on 401, retries, paged search.
 
 FHIR calls go to the real sekmet server (open, or demanding a bearer token); only the OAuth2 token
 endpoint for expiry/refresh counting and the fault cases use small local stubs.
@@ -15,16 +15,10 @@ import requests
 
 from pipeline import nhs
 from pipeline.errors import InputError
-from pipeline.fhir_client import (
-    FhirAuthError,
-    FhirClientConfig,
-    FhirError,
-    iter_search,
-    open_session,
-    outcome_text,
-    search_total,
-    status_code,
-)
+from pipeline.fhir.answers import FhirAuthError, FhirError, outcome_text, status_code
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search, search_total
+from pipeline.fhir.sessions import open_session
 from tests.fixtures.fhir import ACCEPTED_TOKENS, SMART_CLIENT_ID, SMART_CLIENT_SECRET
 from tests.fixtures.http_stub import Reply, StubServer, TokenEndpoint
 
@@ -240,7 +234,7 @@ def test_429_retry_after_is_honoured(caplog: pytest.LogCaptureFixture) -> None:
     with StubServer(script) as stub:
         with open_session(FhirClientConfig(stub.url, backoff=0.01)) as session:
             started = time.monotonic()
-            with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"):
+            with caplog.at_level(logging.WARNING, logger="pipeline.fhir"):
                 assert list(iter_search(session, stub.url, "Consent", {"identifier": "x|9990000018"})) == []
             elapsed = time.monotonic() - started
     assert len(stub.seen) == 2
@@ -276,13 +270,13 @@ def test_retry_warnings_count_up_to_the_configured_retries(caplog: pytest.LogCap
 
     base = f"http://127.0.0.1:{free_port()}/fhir"
     with open_session(FhirClientConfig(base, max_retries=3, connect_retries=3, backoff=0)) as session:
-        with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"), pytest.raises(FhirError):
+        with caplog.at_level(logging.WARNING, logger="pipeline.fhir"), pytest.raises(FhirError):
             search_total(session, base, "Consent", {})
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 3", "retry 2 of 3", "retry 3 of 3"]
     caplog.clear()
     with open_session(FhirClientConfig(base, max_retries=5, backoff=0)) as session:  # connect_retries: 2
-        with caplog.at_level(logging.WARNING, logger="pipeline.fhir_client"), pytest.raises(FhirError):
+        with caplog.at_level(logging.WARNING, logger="pipeline.fhir"), pytest.raises(FhirError):
             search_total(session, base, "Consent", {})
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert [m.split("; ")[1].split(",")[0] for m in retries] == ["retry 1 of 2", "retry 2 of 2"]

@@ -1,6 +1,6 @@
 """Issue 9 item 3 and issue 10's "one backoff rule": a FHIR store that stops answering fails the run in
 seconds (connection refused, consecutive timeouts), a 429 or a single 5xx keeps its retries, and every
-FHIR retry waits by ``fhir_client.backoff_seconds``."""
+FHIR retry waits by ``pipeline.fhir.retry.backoff_seconds``."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +13,11 @@ from urllib3.exceptions import ConnectTimeoutError
 
 from dev.fhir_server import FhirServer
 from dev.service import free_port
-from pipeline import fhir_client, nhs
-from pipeline.fhir_client import FhirClientConfig, FhirUnreachableError, backoff_seconds, make_retry
+from pipeline import nhs
+from pipeline.fhir import retry as fhir_retry
+from pipeline.fhir.answers import FhirUnreachableError
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.retry import backoff_seconds, make_retry
 from pipeline.state import REPLIED
 from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import REPO_ROOT, cli_command, cli_env
@@ -24,15 +27,15 @@ from tests.test_write_consents import _all_ok, make_consent, numbers, run, summa
 # --- the one backoff rule -------------------------------------------------------------------------------
 
 def test_backoff_doubles_is_capped_and_jittered_between_half_and_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fhir_client, "_jitter", lambda: 1.0)
+    monkeypatch.setattr(fhir_retry, "_jitter", lambda: 1.0)
     assert [backoff_seconds(n, 0.5) for n in range(0, 6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
-    assert backoff_seconds(20, 0.5) == fhir_client.BACKOFF_MAX and backoff_seconds(3, 0) == 0.0
-    monkeypatch.setattr(fhir_client, "_jitter", lambda: 0.0)
+    assert backoff_seconds(20, 0.5) == fhir_retry.BACKOFF_MAX and backoff_seconds(3, 0) == 0.0
+    monkeypatch.setattr(fhir_retry, "_jitter", lambda: 0.0)
     assert [backoff_seconds(n, 0.5) for n in range(1, 4)] == [0.25, 0.5, 1.0]
 
 
 def test_urllib3_retries_wait_by_the_same_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fhir_client, "_jitter", lambda: 0.5)
+    monkeypatch.setattr(fhir_retry, "_jitter", lambda: 0.5)
     retry = make_retry(FhirClientConfig("http://127.0.0.1:1/fhir", backoff=0.4, connect_retries=3))
     for n in range(1, 4):
         retry = retry.increment(method="POST", url="/fhir", error=ConnectTimeoutError("x"))
@@ -41,7 +44,7 @@ def test_urllib3_retries_wait_by_the_same_rule(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_per_entry_retries_wait_by_the_same_rule(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    monkeypatch.setattr(fhir_client, "_jitter", lambda: 0.0)
+    monkeypatch.setattr(fhir_retry, "_jitter", lambda: 0.0)
     nums = numbers(2, 201)
 
     def script(index: int, seen) -> Reply:

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from pipeline import datfile, nhs
-from pipeline.fhir_client import FhirClientConfig
+from pipeline.fhir.config import FhirClientConfig
 from pipeline.process import run as run_process
 from tests.test_write_consents import make_consent, run as run_write
 from tests.helpers import consent_id

@@ -19,7 +19,9 @@ import requests
 
 from pipeline import datfile, nhs
 from pipeline import ledger as ledger_dirs
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session, post_bundle
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search, post_bundle
+from pipeline.fhir.sessions import open_session
 from pipeline.state import REPLIED, WorkDir
 from tests.helpers import TEST_KEY, cli
 from transforms import ledger, shards

@@ -24,7 +24,9 @@ from pipeline import datfile, nhs
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import InputError
 from pipeline.faults import EXIT_CODE, FAULT_ENV
-from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search
+from pipeline.fhir.sessions import open_session
 from pipeline.process import run
 from pipeline.state import PROCESSED, REPLIED, WorkDir
 from transforms import ledger, shards

@@ -202,10 +202,10 @@ def test_dataflow_dry_run_stages_only_the_package(monkeypatch, tmp_path, secrets
         assert SENTINEL.encode() not in Path(path).read_bytes()
     with tarfile.open(staged["workflow.tar.gz"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    assert {"setup.py", "pipeline/process.py", "pipeline/options.py", "pipeline/fhir_client.py",
+    assert {"setup.py", "pipeline/process.py", "pipeline/options.py", "pipeline/fhir/search.py",
             "transforms/__init__.py"} <= names
-    assert {f"{package}/{f.name}" for package in ("pipeline", "transforms")
-            for f in (REPO_ROOT / package).glob("*.py")} <= names
+    assert {str(f.relative_to(REPO_ROOT)) for package in ("pipeline", "transforms")
+            for f in (REPO_ROOT / package).rglob("*.py")} <= names  # every subpackage too
     assert not [n for n in names if n.split("/")[0] in {"tests", "dev", "bench", ".git"} or ".venv" in n]
 
 

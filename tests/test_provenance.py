@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.fhir_client import FhirClientConfig
+from pipeline.fhir.config import FhirClientConfig
 from tests.test_write_consents import make_consent, numbers, run, summarise
 from transforms.provenance import (
     MESH_MESSAGE_SYSTEM, REQUEST_SYSTEM, ProvenanceSettings, build_provenance, consent_reference, provenance_id,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import nhs
-from pipeline.fhir_client import FhirClientConfig
+from pipeline.fhir.config import FhirClientConfig
 from pipeline.state import ACKNOWLEDGED, REPLIED
 from tests.fixtures.fhir_proxy import FaultProxy
 from tests.helpers import cli, summarise

@@ -10,8 +10,10 @@ import requests
 from pipeline import ledger as ledger_dirs
 from pipeline import nhs
 from pipeline.errors import InputError
-from pipeline.fhir_client import (FhirClientConfig, FhirError, iter_search, open_session, origin, same_base_url,
-                                  without_userinfo)
+from pipeline.fhir.answers import FhirError
+from pipeline.fhir.config import FhirClientConfig, origin, same_base_url, without_userinfo
+from pipeline.fhir.search import iter_search
+from pipeline.fhir.sessions import open_session
 from tests.fixtures.fhir import ACCEPTED_TOKENS
 from tests.fixtures.fhir_proxy import FaultProxy, HeaderRecorder
 from tests.helpers import TEST_KEY, cli

@@ -16,7 +16,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from fhir.resources.R4B.consent import Consent
 
 from pipeline import nhs
-from pipeline.fhir_client import FhirClientConfig, open_session, search_total
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import search_total
+from pipeline.fhir.sessions import open_session
 from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import summarise
 from tests.helpers import consent_id

@@ -363,7 +363,9 @@ class FhirSource(Source):
                              details={"read_at": now})
 
     def load(self, version: SourceVersion) -> OptOutIndex:
-        from pipeline.fhir_client import FhirClientConfig, iter_search, open_session
+        from pipeline.fhir.config import FhirClientConfig
+        from pipeline.fhir.search import iter_search
+        from pipeline.fhir.sessions import open_session
 
         numbers: list[int] = []
         status: list[str] = []

@@ -122,7 +122,7 @@ def put_provenance(session: Any, base_url: str, provenance: Mapping[str, Any]) -
     """``PUT Provenance/<id>`` (idempotent: a re-run replaces it); (HTTP status, reason). Retries: the session's."""
     import requests
 
-    from pipeline.fhir_client import FHIR_JSON, encode, response_reason
+    from pipeline.fhir.answers import FHIR_JSON, encode, response_reason
 
     url = f"{base_url.rstrip('/')}/Provenance/{provenance['id']}"
     try:

@@ -8,9 +8,9 @@ What fails becomes data: every entry that is still refused after the retries is 
 ``dead_letter`` output (NHS number, Consent id, HTTP status, the OperationOutcome text, time), which the
 pipeline writes to a 0600 file. Logs only ever show masked numbers.
 
-Retries: the session (``pipeline.fhir_client``) retries whole requests on 429 (honouring Retry-After),
+Retries: the session (``pipeline.fhir``) retries whole requests on 429 (honouring Retry-After),
 5xx and timeouts. Inside a ``batch`` response, entries that failed with one of those statuses are posted
-again (only them), spaced by the same rule (``fhir_client.backoff_seconds``). A ``transaction`` refused as
+again (only them), spaced by the same rule (``pipeline.fhir.retry.backoff_seconds``). A ``transaction`` refused as
 a whole with a 4xx (one bad entry rolls the lot back, or the server refuses large transactions) is posted
 once more as a ``batch`` of the same entries, so the good Consents land and only the bad ones are
 dead-lettered; a transaction that still fails with 5xx/429 after the retries dead-letters all its entries
@@ -18,7 +18,7 @@ with the server's reason.
 
 Unreachable: a bundle that gets no answer because the connection is refused or reset (after the session's
 few ``connect_retries``), or the second bundle in a row that times out, raises
-:class:`~pipeline.fhir_client.FhirUnreachableError`: the run fails in seconds (so nothing is acknowledged)
+:class:`~pipeline.fhir.answers.FhirUnreachableError`: the run fails in seconds (so nothing is acknowledged)
 rather than every remaining bundle spending its retries. A 429 or a 5xx keeps the retries above.
 
 Believe no peer: an entry counts as written only when the store's answer says so for that entry
@@ -41,18 +41,11 @@ from apache_beam.metrics import Metrics
 
 from pipeline.faults import fault_point
 from pipeline import nhs, progress
-from pipeline.fhir_client import (
-    RETRY_STATUSES,
-    FhirClientConfig,
-    FhirUnreachableError,
-    backoff_seconds,
-    is_timeout,
-    open_session,
-    outcome_text,
-    post_bundle,
-    response_reason,
-    status_code,
-)
+from pipeline.fhir.answers import FhirUnreachableError, outcome_text, response_reason, status_code
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.retry import RETRY_STATUSES, backoff_seconds, is_timeout
+from pipeline.fhir.search import post_bundle
+from pipeline.fhir.sessions import open_session
 from pipeline.state import isoformat, utcnow
 from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
 from transforms.vocabulary import METRICS_NAMESPACE, Counter
