@@ -74,6 +74,17 @@ def _run_request(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fhir_url_option(p: argparse.ArgumentParser, what: str = "FHIR R4 base URL") -> None:
+    """``--fhir-url``, the same on every command that talks to (or checks against) the FHIR store."""
+    p.add_argument("--fhir-url", default=None, help=f"{what} (default: env FHIR_URL)")
+
+
+def _stage_dir_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--stage-dir`` (env NDOP_STAGE_DIR): where a remote runner's copies of a request live."""
+    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
+                   help=f"{what} (env NDOP_STAGE_DIR)")
+
+
 def _mesh_options() -> argparse.ArgumentParser:
     """MESH connection options shared by send and poll (secrets only from env or the config file)."""
     mesh = argparse.ArgumentParser(add_help=False)
@@ -243,10 +254,9 @@ def _process(sub: argparse._SubParsersAction) -> None:
                     "does not know (e.g. --runner, --shards, --batch_size, --upsert) go to the pipeline.",
     )
     p.add_argument("--request-id", required=True, help="the request to process")
-    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: the FHIR client's environment)")
-    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
-                   help="copy the request's inputs to URL/<request id>/ and run there (e.g. gs://bucket/ndop, "
-                        "for --runner DataflowRunner); env NDOP_STAGE_DIR")
+    _fhir_url_option(p)
+    _stage_dir_option(p, "copy the request's inputs to URL/<request id>/ and run there (e.g. gs://bucket/ndop, "
+                         "for --runner DataflowRunner)")
     p.add_argument("--no-ack", action="store_true",
                    help="write the Consents but leave the MESH reply unacknowledged (no MESH settings needed); "
                         "a later `ndop process` or `ndop poll` acknowledges it")
@@ -298,9 +308,8 @@ def _run(sub: argparse._SubParsersAction) -> None:
     _poll_timing(p, "how long to wait for NDOP's reply in this run (default 0: check once; exit 3 if none)")
     p.add_argument("--new-request", action="store_true",
                    help="build and send a new request even if an earlier one is unfinished")
-    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
-    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
-                   help="run the process step on inputs copied here (e.g. gs://bucket/ndop for Dataflow)")
+    _fhir_url_option(p)
+    _stage_dir_option(p, "run the process step on inputs copied here (e.g. gs://bucket/ndop for Dataflow)")
     p.add_argument("--verify-sample", type=number_option("--verify-sample", SAMPLE), default=VERIFY_SAMPLE,
                    metavar="N", help="after the run, read N Consents picked at random back from the store and "
                                      "compare them with the ledger (default %(default)s; 0: none; ndop verify "
@@ -404,8 +413,7 @@ def _purge(sub: argparse._SubParsersAction) -> None:
                    help="purge requests finished, and patients who left the cohort, more than DAYS ago "
                         "(env NDOP_RETENTION_DAYS, default 30; 0: every finished request)")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-    p.add_argument("--stage-dir", default=os.environ.get("NDOP_STAGE_DIR"), metavar="URL",
-                   help="also delete the requests' staged copies under URL/<request id>/ (env NDOP_STAGE_DIR)")
+    _stage_dir_option(p, "also delete the requests' staged copies under URL/<request id>/")
     p.set_defaults(handler=_run_purge, precheck=_check_purge_settings)
 
 
@@ -437,7 +445,7 @@ def _verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", type=number_option("--sample", SAMPLE), default=None, metavar="N",
                    help="check N patients picked at random (default: every one)")
     p.add_argument("--repair", action="store_true", help="write the mismatched Consents again now")
-    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    _fhir_url_option(p)
     p.set_defaults(handler=_run_verify)
 
 
@@ -483,7 +491,7 @@ def _rekey(sub: argparse._SubParsersAction) -> None:
                                    "(NDOP_ID_KEY_FILE) and deletes its old id, rewrites Provenance targets, then "
                                    "records the key's fingerprint in the ledger. Safe to run again after a failure "
                                    "(pipeline/rekey.py).")
-    p.add_argument("--fhir-url", default=None, help="FHIR R4 base URL (default: env FHIR_URL)")
+    _fhir_url_option(p)
     p.set_defaults(handler=_run_rekey, precheck=_check_key)
 
 
@@ -526,8 +534,7 @@ def _filter(sub: argparse._SubParsersAction) -> None:
                    help="refuse a ledger (and drop a status) last checked by NDOP longer ago (default: "
                         "NDOP_STALE_DAYS, 21)")
     p.add_argument("--ledger", default=None, metavar="DIR", help="a ledger folder (default: the work dir's)")
-    p.add_argument("--fhir-url", default=os.environ.get("FHIR_URL"),
-                   help="refuse a ledger of another FHIR store (default: env FHIR_URL)")
+    _fhir_url_option(p, "refuse a ledger of another FHIR store than this")
     p.set_defaults(handler=_run_filter, beam_args=True)
 
 
@@ -551,7 +558,7 @@ def _run_filter(args: argparse.Namespace) -> int:
         raise InputError(f"--as-of {args.as_of} is in the future: the ledger knows only what NDOP has said")
     settings = filtering.FilterSettings(
         input=args.input, output=args.output, column=args.column, fmt=args.format, unknown=args.unknown,
-        max_age_days=stale_days(args.max_age), fhir_base_url=args.fhir_url,
+        max_age_days=stale_days(args.max_age), fhir_base_url=args.fhir_url or os.environ.get("FHIR_URL"),
         exempt=bool(purpose and purpose.keep_opted_out),
         as_of=as_of)
     m = filtering.run_filter(work_dir, settings, ledger=args.ledger, beam_args=args.extra_args,
