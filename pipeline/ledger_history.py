@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.files import atomic_writer, private_dir
-from pipeline.state import WorkDir
+from pipeline.state import WorkDir, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,3 +65,38 @@ def read_history(folder: str) -> pa.Table | None:
     tables = [pq.read_table(path, columns=COLUMNS) for path in files]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def compact(work_dir: WorkDir, cutoff: int, in_ledger: pa.Array, dry_run: bool = False) -> tuple[int, list[str]]:
+    """The retention period applied to the history (``ndop purge``): rows that started before ``cutoff`` (epoch
+    seconds) are dropped except each patient's last one, the status held at ``cutoff``, and that only while the
+    patient is in the ledger (``in_ledger``: its numbers). Every ``--as-of`` at or after ``cutoff`` still answers
+    as before. Returns the rows dropped and the files replaced; the new file is written before the old go, so a
+    crash between leaves rows twice (harmless: the same statuses), never none."""
+    folder = history_folder(work_dir)
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    history = read_history(str(folder)) if files else None
+    if history is None:
+        return 0, []
+    since = history.column("status_since").cast(pa.timestamp("s", tz="UTC")).cast(pa.int64()).to_numpy()
+    recent = history.filter(pa.array(since >= cutoff))
+    old = history.filter(pa.array(since < cutoff))
+    order = pc.sort_indices(old, [("nhs_number", "ascending"), ("status_since", "ascending")])
+    old = old.take(order)
+    numbers = old.column("nhs_number").to_numpy()
+    last = np.ones(len(numbers), bool)
+    last[:-1] = numbers[1:] != numbers[:-1]
+    held = old.filter(pa.array(last & pc.is_in(old.column("nhs_number"), value_set=in_ledger).to_numpy(
+        zero_copy_only=False)))
+    kept = pa.concat_tables([recent, held.cast(recent.schema)]) if held.num_rows else recent
+    dropped = history.num_rows - kept.num_rows
+    if not dropped or dry_run:
+        return dropped, [p.name for p in files]
+    path = folder / f"compacted-{utcnow():%Y%m%dT%H%M%S}.parquet"
+    with atomic_writer(path) as handle:
+        pq.write_table(kept, handle, compression="zstd")
+    for old_file in files:
+        if old_file != path:
+            old_file.unlink()
+    _LOGGER.info("ledger history: %d rows older than the retention period dropped", dropped)
+    return dropped, [p.name for p in files]

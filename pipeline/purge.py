@@ -159,7 +159,7 @@ def purge(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,
 class Leftover:
     """Something a purge removes that is not a finished request's files (see the module docstring)."""
 
-    kind: str  # building | pending | unfinished | left-cohort
+    kind: str  # building | pending | unfinished | left-cohort | history
     name: str  # the folder, relative to the work dir, or the request id
     rule: str  # the age rule that applies, for the listing
     files: list[dict[str, Any]] = field(default_factory=list)
@@ -300,6 +300,30 @@ def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: d
     return [item]
 
 
+def _history(work_dir: WorkDir, cutoff: datetime, dry_run: bool) -> list[Leftover]:
+    """The ledger history's rows older than the retention period (pipeline/ledger_history.py: ``compact``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import ledger as ledger_dirs
+    from pipeline.ledger_history import compact, history_folder
+    from transforms.ledger import ledger_files
+
+    found = ledger_dirs.current(work_dir)
+    tables = [pq.read_table(p, columns=["nhs_number"]) for p in ledger_files(str(found.resolve()))] if found else []
+    numbers = pa.concat_tables(tables).column("nhs_number").combine_chunks() if tables else pa.array([], pa.int64())
+    dropped, files = compact(work_dir, int(cutoff.timestamp()), numbers, dry_run=dry_run)
+    if not dropped:
+        return []
+    item = Leftover("history", str(history_folder(work_dir).relative_to(work_dir.root)),
+                    f"statuses that started before {isoformat(cutoff)} and were no longer held then "
+                    "(the retention period)", [{"name": name, "bytes": 0, "rows": None} for name in files],
+                    rows=dropped)
+    if not dry_run:
+        _audit_leftover(work_dir, item)
+    return [item]
+
+
 def purge_leftovers(work_dir: WorkDir, older_than_days: float, *, dry_run: bool = False,
                     now: datetime | None = None, grace: float | None = None) -> list[Leftover]:
     """Remove what no finished request accounts for (see the module docstring), under the work dir's lock."""
@@ -309,6 +333,7 @@ def purge_leftovers(work_dir: WorkDir, older_than_days: float, *, dry_run: bool 
         items = _buildings(work_dir, dry_run) + _pendings(work_dir, records, dry_run)
         items += _unfinished(work_dir, records, now, grace_days(grace), dry_run)
         items += _left_cohort(work_dir, records, now - timedelta(days=older_than_days), dry_run)
+        items += _history(work_dir, now - timedelta(days=older_than_days), dry_run)
     return items
 
 
@@ -330,7 +355,8 @@ def format_purge(items: list[PurgedRequest], dry_run: bool, leftovers: Sequence[
         return ["nothing to purge"]
     lines = []
     for left in leftovers:
-        what = (f"{left.rows} ledger rows" if left.kind == "left-cohort"
+        what = (f"{left.rows} {'history' if left.kind == 'history' else 'ledger'} rows"
+                if left.kind in ("left-cohort", "history")
                 else ", ".join(f["name"] for f in left.files) or "an empty folder")
         lines.append(f"{left.kind} {left.name} ({left.rule}): {verb} {what}")
     for item in items:

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import audit, nhs
@@ -182,3 +183,34 @@ def test_a_damaged_ledger_leaves_its_rows_but_never_stops_the_other_purges(tmp_p
         assert done.returncode == 0 and "removed" in done.stdout, done.stdout + done.stderr
         assert "left-cohort" not in done.stdout and "not purged" in done.stderr
         assert not list(work_dir.requests.glob(".building-*")) and (current / "part-00000.parquet").exists()
+
+
+def test_the_ledger_history_keeps_only_what_the_retention_period_allows(work_dir) -> None:
+    """ndop filter's change log (pipeline/ledger_history.py) holds NHS numbers: purge drops the statuses that started
+    before the retention period and were no longer held then, and every patient who left the ledger."""
+    from pipeline import ledger_history
+
+    a, b, c = (int(n) for n in nhs.synthetic_numbers(3, seed=2111).to_pylist())
+    day = 86_400
+    t0 = int(utcnow().timestamp()) - 40 * day
+    rows = [(a, "active", t0), (a, "inactive", t0 + day), (a, "active", t0 + 35 * day),  # a: three statuses
+            (b, "inactive", t0), (c, "active", t0)]  # b: one, still held; c: has left the ledger
+    folder = ledger_history.history_folder(work_dir.ensure())
+    folder.mkdir(parents=True, mode=0o700)
+    table = pa.table({"nhs_number": pa.array([r[0] for r in rows], pa.int64()),
+                      "status": pa.array([r[1] for r in rows]),
+                      "status_since": pa.array([r[2] for r in rows], pa.int64()).cast(pa.timestamp("s", tz="UTC"))})
+    pq.write_table(table.slice(0, 2), folder / "R1.parquet")
+    pq.write_table(table.slice(2), folder / "R2.parquet")
+    cutoff = t0 + 30 * day
+    in_ledger = pa.array([a, b], pa.int64())
+    assert ledger_history.compact(work_dir, cutoff, in_ledger, dry_run=True)[0] == 2
+    assert len(list(folder.glob("*.parquet"))) == 2  # a dry run removes nothing
+    dropped, files = ledger_history.compact(work_dir, cutoff, in_ledger)
+    assert dropped == 2 and sorted(files) == ["R1.parquet", "R2.parquet"]
+    left = ledger_history.read_history(str(folder))
+    kept = sorted(zip(left.column("nhs_number").to_pylist(), left.column("status").to_pylist(),
+                      left.column("status_since").cast(pa.timestamp("s", tz="UTC")).cast(pa.int64()).to_pylist()))
+    assert kept == sorted([(a, "inactive", t0 + day), (a, "active", t0 + 35 * day), (b, "inactive", t0)])
+    assert [p.name for p in folder.glob("*.parquet")] != ["R1.parquet", "R2.parquet"]
+    assert ledger_history.compact(work_dir, cutoff, in_ledger)[0] == 0  # nothing more to drop
