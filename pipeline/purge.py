@@ -310,7 +310,11 @@ def _history(work_dir: WorkDir, cutoff: datetime, dry_run: bool) -> list[Leftove
     from transforms.ledger import ledger_files
 
     found = ledger_dirs.current(work_dir)
-    tables = [pq.read_table(p, columns=["nhs_number"]) for p in ledger_files(str(found.resolve()))] if found else []
+    try:
+        tables = [pq.read_table(p, columns=["nhs_number"]) for p in ledger_files(str(found.resolve()))] if found else []
+    except (OSError, ValueError, KeyError) as err:  # a damaged part: the next run refuses the ledger in one line
+        _LOGGER.warning("ledger history not purged: the ledger cannot be read (%s)", type(err).__name__)
+        return []
     numbers = pa.concat_tables(tables).column("nhs_number").combine_chunks() if tables else pa.array([], pa.int64())
     dropped, files = compact(work_dir, int(cutoff.timestamp()), numbers, dry_run=dry_run)
     if not dropped:
