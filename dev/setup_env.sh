@@ -2,7 +2,7 @@
 # Creates (or refreshes) the two virtual environments this project needs; safe to run again.
 #   .venv       the project with its test extras (apache-beam, mesh-client, mesh-sandbox, ...)
 #   .venv-fhir  the local FHIR R4 test server, sekmet-fhir: it pins a FastAPI that mesh-sandbox
-#               cannot share, so it lives apart (see ../shared/FHIR_SERVER.md).
+#               cannot share, so it lives apart (docs/fhir-stores.md).
 #   .cache/hapi the HAPI FHIR test server (dev/hapi, Java 17 + Maven), built only when missing or when
 #               dev/hapi changed; its Maven build runs in the background while pip fills the venvs.
 # Sourced by run_tests.sh and run_local.sh; needs only python3 (3.11+) on PATH.

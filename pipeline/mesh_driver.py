@@ -1,8 +1,8 @@
 """The MESH driver: send a request to NDOP, poll the inbox for what comes back, acknowledge safely.
 
-MESH rules this module keeps (NDOP.md): never retry the first ``POST .../outbox`` blindly (it can
-duplicate the message); page the inbox past 500 ids; acknowledge a message only once what it
-carried is durably stored. What to do with each inbox message is decided by
+MESH rules this module keeps (docs/ndop-and-mesh.md, docs/mesh-conformance.md): never retry the first
+``POST .../outbox`` blindly (it can duplicate the message); page the inbox past 500 ids; acknowledge a message
+only once what it carried is durably stored. What to do with each inbox message is decided by
 :func:`pipeline.inbox.classify_inbox_message`; the crash and idempotency contract (the ``sending``,
 ``ctl_sending`` and ``acknowledging`` markers, ``send-unknown``) is stated once, in pipeline/state.py.
 """
