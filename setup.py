@@ -35,7 +35,6 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
             "mypy>=1.10,<2",
-            "mkdocs>=1.6,<2",  # docs/ (mkdocs.yml); run_tests.sh builds it with --strict
         ],
     },
     entry_points={"console_scripts": ["ndop=pipeline.cli:main"]},
