@@ -174,7 +174,7 @@ def test_metrics_keep_the_last_success_from_the_previous_file_and_skip_absent_fi
 
 def test_json_logs_one_object_a_line_with_tracebacks_redacted() -> None:
     stream = io.StringIO()
-    logs.configure("json", stream=stream)
+    logs.configure("json", verbose=True, stream=stream)  # INFO lines show under -v (quiet by default)
     try:
         log = logging.getLogger("ndop.test")
         log.info("request %s: %d sent", "2026-12-01-001", 40)
@@ -357,3 +357,27 @@ def test_pages_read_on_a_phone_and_a_laptop_with_the_numbers_of_the_run(tmp_path
         assert "Changes (counted by the Consent ledger)" in dom and shown["unchanged (not written)"] == "10,000"
     finally:
         browser.close()
+
+
+def test_a_run_says_each_thing_once_and_everything_under_v(tmp_path, work_dir, mesh, fhir_server) -> None:
+    """Issue 22 item 7: every message was printed twice (an INFO log line and a ``[stage]`` line), and Beam warned
+    about ``yield`` and ``return`` in ``WriteLedgerShardFn``. Quiet by default; every log line under ``-v``."""
+    numbers = nhs.synthetic_numbers(30, seed=9702).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    mesh.plugin(opted_out_file=str(tmp_path / "none.txt"))
+    (tmp_path / "none.txt").write_text("")
+    env = {**mesh.env(), "FHIR_URL": fhir_server, "NDOP_PROGRESS_SECONDS": "0"}
+
+    quiet = ndop_run(work_dir, env, "--cohort", str(cohort))
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.strip().splitlines()
+    assert lines and all(line.startswith("[") for line in lines), quiet.stderr  # progress lines only
+    said = [re.sub(r"\d+/s, ETA \S+", "", line) for line in lines]  # a rate changes; the message does not
+    assert len(said) == len(set(said)), quiet.stderr
+    assert "[write] 30/30 Consents written (100%)" in quiet.stderr and "yield and return" not in quiet.stderr
+
+    loud = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert re.search(r" INFO pipeline\.mesh_driver: request \S+ sent to X26HC065", loud.stderr)
+    assert " DEBUG " in loud.stderr and "yield and return" not in loud.stderr
