@@ -41,7 +41,7 @@ if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$ROOT/.venv/.ndop-stamp" 2>/de
     # a link to another checkout's venv (a git worktree sharing one): that checkout sets it up, never this one
     echo "warning: $ROOT/.venv links to $(readlink -f "$ROOT/.venv"), set up for other requirements; left as it is" >&2
   else
-    echo "setting up $ROOT/.venv from requirements/test.txt (first time: about a minute)" >&2
+    echo "setting up $ROOT/.venv from requirements/test.txt (first time: under a minute with a warm download cache, 2-3 minutes without)" >&2
     "$PYTHON" -m venv "$ROOT/.venv"
     _pip "$ROOT/.venv/bin/python" --require-hashes --no-deps -r "$ROOT/requirements/uv.txt"
     _install "$ROOT/.venv/bin/python" --require-hashes -r "$ROOT/requirements/test.txt"
