@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need (venvs, the local FHIR servers, Prism, Flink), checks the code (ruff, mypy:
-# config in pyproject.toml), and runs the tests.
+# config in pyproject.toml) and the docs/ pages (mkdocs build --strict: no dead link), and runs the tests.
 #   ./run_tests.sh [pytest arguments]        stage 1: every test but the second stage's, two workers (xdist)
 #   ./run_tests.sh --all [pytest arguments]  stage 1, then stage 2: the HAPI FHIR, Prism and Flink tests (what CI runs)
 set -euo pipefail
@@ -11,6 +11,11 @@ if [ "${1:-}" = "--all" ]; then ALL=1; shift; fi
 bash dev/setup_env.sh
 .venv/bin/python -m ruff check --quiet pipeline transforms
 .venv/bin/python -m mypy --no-error-summary pipeline transforms
+# The docs/ pages (mkdocs.yml): --strict fails on a dead link or anchor; its log is shown only when it fails.
+DOCS_SITE="$(mktemp -d)"
+.venv/bin/python -m mkdocs build --strict --site-dir "$DOCS_SITE" > "$DOCS_SITE.log" 2>&1 \
+  || { cat "$DOCS_SITE.log" >&2; echo "docs: mkdocs build --strict failed (above)" >&2; exit 1; }
+rm -rf "$DOCS_SITE" "$DOCS_SITE.log"
 if [ "$#" -gt 0 ] && [ "$ALL" = 0 ]; then  # arguments given: exactly what they select, in one process
   exec .venv/bin/python -m pytest "$@"
 fi

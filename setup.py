@@ -35,6 +35,8 @@ setup(
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
             "mypy>=1.10,<2",
+            "mkdocs>=1.6,<2",  # docs/ (mkdocs.yml): run_tests.sh builds them with --strict
+            "uv>=0.9,<1",  # dev/setup_env.sh installs the locks in requirements/ with it; dev/lock.sh makes them
         ],
     },
     entry_points={"console_scripts": ["ndop=pipeline.cli:main"]},

@@ -3,7 +3,7 @@
 Starts mesh-sandbox (with the NDOP plugin answering as the live NDOP mailbox X26HC065) and the local
 FHIR R4 server on free loopback ports, makes a synthetic cohort (999-range numbers only), runs
 ``ndop run`` against them on Beam's local runner, prints the report and how to query the Consents,
-and stops what it started, also on Ctrl-C or failure. State lives in ``.local-run/`` so a second
+and stops what it started, also on Ctrl-C, SIGTERM, SIGHUP or failure. State lives in ``.local-run/`` so a second
 run carries on from the first (and its report shows the changes).
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import requests
 
 from dev.fhir_server import FhirServer
 from dev.mesh_sandbox import NDOP_MAILBOX, MeshSandbox
+from dev.service import HOST, exit_on_termination, free_port, stop_child
 from pipeline import nhs
 from pipeline.errors import InputError
 from pipeline.files import private_dir, write_bytes
@@ -43,10 +45,6 @@ def _count(base_url: str, **params: str) -> int:
 def _fhir_port(state: Path) -> int:
     """The same FHIR port on every run of a state dir (when still free): the Consent ledger records the
     FHIR base URL it describes, and refuses another one."""
-    import socket
-
-    from dev.service import HOST, free_port
-
     saved = state / "fhir-port"
     if saved.exists():
         port = int(saved.read_text())
@@ -108,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "pipeline.cli", "run", "--work-dir", str(state / "work"),
                    "--cohort", str(cohort), "--wait", "120", "--interval", "1", "--runner=FnApiRunner"]
         print(f"[local] ndop run --cohort {cohort.name} --wait 120 --interval 1 --runner=FnApiRunner", flush=True)
-        code = subprocess.call(command, cwd=ROOT, env=env)
+        run = subprocess.Popen(command, cwd=ROOT, env=env)
+        try:
+            code = run.wait()
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: the run stops first (a killed run is resumed by the next)
+            stop_child(run)
+            raise
         if code in (0, 1, 3):
             total, active = _count(fhir.base_url), _count(fhir.base_url, status="active")
             print(f"[local] the FHIR store holds {total:,} Consents: {active:,} active (opted out), "
@@ -131,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: the servers' context managers stop them
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("[local] interrupted; servers stopped", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as stop:
+        if stop.code not in (128 + signal.SIGTERM, 128 + signal.SIGHUP):
+            raise
+        print(f"[local] stopped by {signal.Signals(int(stop.code) - 128).name}; servers stopped", file=sys.stderr)
+        raise

@@ -21,15 +21,35 @@ STOP_TIMEOUT = 10.0
 _LOGGER = logging.getLogger(__name__)
 
 
-def serve_until_stopped(server: Any, name: str) -> int:
-    """``python -m dev.<server>``: print the base URL, then keep the server up until Ctrl-C or SIGTERM/SIGHUP
-    (0), or until it stops by itself (1, naming its log)."""
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt: ``with`` blocks and ``finally`` run, so the servers a process started (each in its own
+    session, out of reach of a signal to our process group) are stopped rather than orphaned."""
 
     def _terminate(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
+
+
+def stop_child(process: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> None:
+    """Stop a child that shares our process group: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def serve_until_stopped(server: Any, name: str) -> int:
+    """``python -m dev.<server>``: print the base URL, then keep the server up until Ctrl-C or SIGTERM/SIGHUP
+    (0), or until it stops by itself (1, naming its log)."""
+    exit_on_termination()
     with server:
         print(server.base_url, flush=True)  # run_local.sh and people read the base URL from this line
         try:

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the two virtual environments this project needs; safe to run again.
-#   .venv       the project with its test extras (apache-beam, mesh-client, mesh-sandbox, ...)
-#   .venv-fhir  the local FHIR R4 test server, sekmet-fhir: it pins a FastAPI that mesh-sandbox
-#               cannot share, so it lives apart (see ../shared/FHIR_SERVER.md).
+#   .venv       the project with its test extras (apache-beam, mesh-client, mesh-sandbox, ...), exactly as
+#               locked in requirements/test.txt (hashes checked); refreshed when that lock or setup.py changes
+#   .venv-fhir  the local FHIR R4 test server, sekmet-fhir (requirements/fhir-server.txt): it pins a FastAPI
+#               that mesh-sandbox cannot share, so it lives apart (docs/fhir-stores.md).
 #   .cache/hapi the HAPI FHIR test server (dev/hapi, Java 17 + Maven), built only when missing or when
 #               dev/hapi changed; its Maven build runs in the background while pip fills the venvs.
 # Sourced by run_tests.sh and run_local.sh; needs only python3 (3.11+) on PATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-SEKMET_VERSION="0.1.1"
 
-_stamp() { sha256sum "$ROOT/setup.py" | cut -c1-16; }
+_stamp() { cat "$ROOT/setup.py" "$ROOT/requirements/test.txt" | sha256sum | cut -c1-16; }
+_fhir_stamp() { sha256sum "$ROOT/requirements/fhir-server.txt" | cut -c1-16; }
 _hapi_stamp() { (cd "$ROOT/dev/hapi" && find . -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16); }
 
 HAPI_CACHE="$ROOT/.cache/hapi"
@@ -27,21 +28,40 @@ if [ "${NDOP_WITH_HAPI:-1}" != "0" ] && { [ "$(cat "$HAPI_CACHE/.ndop-stamp" 2>/
   HAPI_PID=$!
 fi
 
+# Python packages come from the locks in requirements/ (exact versions, SHA-256 hashes; `dev/lock.sh` regenerates
+# them after a change to setup.py), installed by uv (itself installed first by pip, checked by its hash).
+UV="$ROOT/.venv/bin/uv"
+_pip() { "$1" -m pip install -q --disable-pip-version-check "${@:2}" 2>&1 | grep -v "^WARNING: Location" >&2 || true; }
+_install() {  # _install VENV_PYTHON ARGS...: uv when .venv has it, else pip (same arguments)
+  if [ -x "$UV" ]; then "$UV" pip install -q --python "$1" "${@:2}" >&2; else _pip "$@"; fi
+}
+
 if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$ROOT/.venv/.ndop-stamp" 2>/dev/null)" != "$(_stamp)" ]; then
-  echo "setting up $ROOT/.venv (first time: about two minutes)" >&2
-  "$PYTHON" -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$ROOT/.venv/bin/python" -c "import apache_beam, mesh_client, mesh_sandbox, nhs_number, fhir.resources, hypothesis, pipeline" \
-    || { echo "setup failed: $ROOT/.venv is incomplete" >&2; exit 1; }
-  _stamp > "$ROOT/.venv/.ndop-stamp"
+  if [ -L "$ROOT/.venv" ] && [ -x "$ROOT/.venv/bin/python" ]; then
+    # a link to another checkout's venv (a git worktree sharing one): that checkout sets it up, never this one
+    echo "warning: $ROOT/.venv links to $(readlink -f "$ROOT/.venv"), set up for other requirements; left as it is" >&2
+  else
+    echo "setting up $ROOT/.venv from requirements/test.txt (first time: under a minute with a warm download cache, 2-3 minutes without)" >&2
+    "$PYTHON" -m venv "$ROOT/.venv"
+    _pip "$ROOT/.venv/bin/python" --require-hashes --no-deps -r "$ROOT/requirements/uv.txt"
+    _install "$ROOT/.venv/bin/python" --require-hashes -r "$ROOT/requirements/test.txt"
+    _install "$ROOT/.venv/bin/python" --no-deps -e "$ROOT"  # the project itself (its requirements are locked above)
+    "$ROOT/.venv/bin/python" -c "import apache_beam, mesh_client, mesh_sandbox, nhs_number, fhir.resources, hypothesis, mkdocs, pipeline" \
+      || { echo "setup failed: $ROOT/.venv is incomplete" >&2; exit 1; }
+    _stamp > "$ROOT/.venv/.ndop-stamp"
+  fi
 fi
 
-if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ]; then
-  echo "setting up $ROOT/.venv-fhir (the local FHIR server, sekmet-fhir==$SEKMET_VERSION)" >&2
-  "$PYTHON" -m venv "$ROOT/.venv-fhir"
-  "$ROOT/.venv-fhir/bin/python" -m pip install -q --disable-pip-version-check "sekmet-fhir==$SEKMET_VERSION" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  [ -x "$ROOT/.venv-fhir/bin/sekmet" ] || { echo "setup failed: no sekmet in $ROOT/.venv-fhir" >&2; exit 1; }
+if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ] || [ "$(cat "$ROOT/.venv-fhir/.ndop-stamp" 2>/dev/null)" != "$(_fhir_stamp)" ]; then
+  if [ -L "$ROOT/.venv-fhir" ] && [ -x "$ROOT/.venv-fhir/bin/sekmet" ]; then
+    echo "warning: $ROOT/.venv-fhir links to $(readlink -f "$ROOT/.venv-fhir"); left as it is" >&2
+  else
+    echo "setting up $ROOT/.venv-fhir (the local FHIR server, from requirements/fhir-server.txt)" >&2
+    "$PYTHON" -m venv "$ROOT/.venv-fhir"
+    _install "$ROOT/.venv-fhir/bin/python" --require-hashes -r "$ROOT/requirements/fhir-server.txt"
+    [ -x "$ROOT/.venv-fhir/bin/sekmet" ] || { echo "setup failed: no sekmet in $ROOT/.venv-fhir" >&2; exit 1; }
+    _fhir_stamp > "$ROOT/.venv-fhir/.ndop-stamp"
+  fi
 fi
 
 # Headless Chromium for the report-page test (tests/test_report_html.py); Debian's package, only when missing.

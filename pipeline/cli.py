@@ -29,7 +29,8 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--work-dir", default=os.environ.get("NDOP_WORK_DIR", DEFAULT_WORK_DIR),
                         help="where requests and their state live (env NDOP_WORK_DIR, default %(default)s)")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="every log line, down to debug (default: progress, warnings and errors)")
     common.add_argument("--wait-lock", action="store_true",
                         help="if another ndop command is working in the work dir, wait for it "
                              "(default: exit 4 at once)")

@@ -68,7 +68,7 @@ def match_request(message: InboxMessage, by_local: Mapping[str, str], by_message
 
 
 def is_invalid_numbers_reply(head: bytes) -> bool:
-    """NDOP's short text reply saying the request held an invalid number (NDOP.md)."""
+    """NDOP's short text reply saying the request held an invalid number (docs/ndop-and-mesh.md)."""
     return len(head) < HEAD_BYTES and datfile.INVALID_NUMBERS_REPLY.lower() in head.decode("utf-8", "replace").lower()
 
 

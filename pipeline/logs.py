@@ -19,6 +19,7 @@ from pipeline.state import isoformat
 FORMATS = ("text", "json")
 ENV = "NDOP_LOG_FORMAT"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PROGRESS_LOGGER = "ndop.progress"
 
 
 def default_format() -> str:
@@ -62,7 +63,7 @@ def json_active() -> bool:
 def progress_line(line: str, stream: TextIO | None = None) -> None:
     """A progress line on stderr: plain text, or a JSON log object (logger ``ndop.progress``) in json mode."""
     if _JSON and stream in (None, sys.stderr):
-        logging.getLogger("ndop.progress").info("%s", line)
+        logging.getLogger(PROGRESS_LOGGER).info("%s", line)
     else:
         print(line, file=stream if stream is not None else sys.stderr, flush=True)
 
@@ -90,6 +91,11 @@ def configure(log_format: str = "text", verbose: bool = False, stream: TextIO | 
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Quiet by default: each step already says what it did once, as a progress line ([send] ...) or on stdout,
+    # so INFO log lines would only repeat it; warnings and errors always show. -v shows every log line.
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # progress lines themselves, in json mode
     if not verbose:  # Beam's INFO lines drown the progress a person wants to follow
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        # and it logs starting and stopping a job server (Prism, Flink's) as warnings ("Really destroying service")
+        logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)

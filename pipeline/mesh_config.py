@@ -28,7 +28,7 @@ from pipeline.settings import DAYS, HOURS, MESH_TIMEOUT, is_loopback_url, parse_
 
 _LOGGER = logging.getLogger(__name__)
 
-REPLY_WORKFLOW_IDS = (WORKFLOW_ID, f"{WORKFLOW_ID}_RESPONSE")  # NDOP.md: accept both
+REPLY_WORKFLOW_IDS = (WORKFLOW_ID, f"{WORKFLOW_ID}_RESPONSE")  # docs/ndop-and-mesh.md: accept both
 DEFAULT_RESEND_AFTER = timedelta(hours=24)
 DEFAULT_OVERDUE_AFTER = timedelta(days=5)  # the MESH inbox expiry
 ENDPOINT_NAMES = ("int", "live", "dep")

@@ -136,6 +136,7 @@ class WriteTracker:
         self.total = total
         self.reporter = reporter
         self.done = 0
+        self.shown: int | None = None  # the count on the last line shown (the closing line never repeats it)
         self._lock = threading.Lock()
 
     def line(self) -> str:
@@ -150,12 +151,14 @@ class WriteTracker:
     def set(self, done: int, force: bool = False) -> None:
         with self._lock:
             self.done = done
-            self.reporter.update(done, self.line(), force=force)
+            if self.reporter.update(done, self.line(), force=force):
+                self.shown = done
 
     def advance(self, count: int) -> None:
         with self._lock:
             self.done += count
-            self.reporter.update(self.done, self.line())
+            if self.reporter.update(self.done, self.line()):
+                self.shown = self.done
 
     def expect(self, count: int) -> None:
         """``count`` more Consents are to be written (the ledger join decides the total as it goes)."""
@@ -194,7 +197,7 @@ def tracking_writes(total: int | None, enabled: bool = True,
     _TRACKER = tracker
     try:
         yield tracker
-        if tracker.done:
+        if tracker.done and tracker.done != tracker.shown:  # the final count, once
             tracker.set(tracker.done, force=True)
     finally:
         _TRACKER = None

@@ -78,6 +78,13 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
     return report
 
 
+CHANGE_LABELS = {  # the Consent ledger join's counts (report["changes"]), in the order every page shows them
+    "to_write": "to write", "new_patients": "new patients", "newly_opted_out": "newly opted out",
+    "opt_out_withdrawn": "opt-out withdrawn", "refreshed": "refreshed", "unchanged": "unchanged (not written)",
+    "left_cohort": "left the cohort", "superseded": "superseded (a newer answer kept)",
+}
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cohort, results = report.get("cohort", {}), report.get("results", {})
     lines = [
@@ -109,12 +116,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if change:
         lines += [
             "", "## Changes (counted by the Consent ledger join)", "",
-            "| to write | new patients | newly opted out | opt-out withdrawn | refreshed | unchanged (not written) "
-            "| left the cohort | superseded (a newer answer kept) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            "| " + " | ".join(str(change.get(key, "-")) for key in (
-                "to_write", "new_patients", "newly_opted_out", "opt_out_withdrawn", "refreshed", "unchanged",
-                "left_cohort", "superseded")) + " |",
+            "| " + " | ".join(CHANGE_LABELS.values()) + " |",
+            "|" + "---:|" * len(CHANGE_LABELS),
+            "| " + " | ".join(str(change.get(key, "-")) for key in CHANGE_LABELS) + " |",
         ]
     from pipeline.staleness import format_summary
 

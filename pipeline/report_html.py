@@ -3,7 +3,9 @@
 Charts are drawn with matplotlib (Agg backend) to SVG and embedded inline, so each page is one file
 that asks nothing of the network (a Content-Security-Policy of ``default-src 'none'`` says so to the
 browser too). The figures come from ``report.json`` and ``runs.jsonl``: counts and times only, never an
-NHS number. A viewport meta tag and a narrow single column keep them readable on a phone.
+NHS number. A viewport meta tag, a single column and charts drawn at about a phone's width (text at 9 pt
+or more, so at least 9 CSS px on a 390 px screen; no wider than 40rem on a laptop) keep them readable anywhere;
+tests/test_ops.py measures both in Chromium.
 """
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import re
 from typing import Any, Iterable, Sequence
 
 from pipeline.files import write_bytes
-from pipeline.report import outcome_counts
+from pipeline.report import CHANGE_LABELS, outcome_counts
 from pipeline.runlog import read_runs
 from pipeline.state import WorkDir
 
 REPORT_HTML = "report.html"
 INDEX_HTML = "index.html"
-COLOURS = {"opted_out": "#d4351c", "not_opted_out": "#00703c", "written": "#1d70b8", "unchanged": "#b1b4b6",
-           "failed": "#d4351c", "newly": "#f47738", "withdrawn": "#4c2c92", "rate": "#0b0c0c"}
-MAX_TICKS = 12
+# Red is for failures only: opting out is a patient's choice, not an error (GOV.UK palette).
+COLOURS = {"opted_out": "#28a197", "not_opted_out": "#00703c", "written": "#1d70b8", "unchanged": "#b1b4b6",
+           "failed": "#d4351c", "newly": "#28a197", "withdrawn": "#4c2c92", "rate": "#0b0c0c"}
+FIGURE_WIDTH = 4.8  # inches (346 pt): about a phone's width, so 9 pt text is 9 CSS px or more at 390 px
+FONT, SMALL = 10, 9  # pt: labels and titles; ticks and legends (nothing smaller)
+MAX_TICKS = 6  # run labels on the x axis: as many as fit a phone's width
 CHART_RUNS = 90  # charts show the latest runs; the table below them lists every run
 STAGE_COLOURS = ("#1d70b8", "#5694ca", "#f47738", "#00703c", "#4c2c92", "#b1b4b6")
 
@@ -29,9 +34,10 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;padding:1rem;color:#0b0c0c;
 max-width:60rem;margin:auto;line-height:1.4}
 h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:1.6rem}
-.chart svg{width:100%;height:auto;display:block}
-table{border-collapse:collapse;width:100%;font-size:.9rem;display:block;overflow-x:auto}
-th,td{border-bottom:1px solid #b1b4b6;padding:.3rem .5rem;text-align:right;white-space:nowrap}
+.chart{max-width:40rem}.chart svg{width:100%;height:auto;display:block}
+table{border-collapse:collapse;font-size:.85rem;display:block;overflow-x:auto;max-width:100%}
+th,td{border-bottom:1px solid #b1b4b6;padding:.3rem .4rem;text-align:right;white-space:nowrap}
+th{white-space:normal;vertical-align:bottom}
 th:first-child,td:first-child{text-align:left}
 .failed{color:#d4351c;font-weight:bold}.waiting{color:#f47738}.done{color:#00703c}
 .muted{color:#505a5f;font-size:.85rem}
@@ -47,7 +53,9 @@ def _pyplot() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "ndop", "font.size": 10,
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "ndop", "font.size": FONT,
+                         "axes.titlesize": FONT + 1, "axes.labelsize": FONT, "xtick.labelsize": SMALL,
+                         "ytick.labelsize": SMALL, "legend.fontsize": SMALL, "legend.frameon": False,
                          "axes.spines.top": False, "axes.spines.right": False})
     return plt
 
@@ -65,31 +73,74 @@ def svg(fig: Any) -> str:
 
 def _figure(title: str, height: float = 3.0) -> tuple[Any, Any]:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, height), layout="constrained")
-    ax.set_title(title, loc="left", fontsize=11)
+    fig, ax = plt.subplots(figsize=(FIGURE_WIDTH, height), layout="constrained")
+    ax.set_title(title, loc="left")
     return fig, ax
 
 
 def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
-    return [(r.get("ended_at") or "")[:16].replace("T", " ") for r in runs]
+    """One x label per run, from its end time: day and minute (``4 Dec 05:12``); with the seconds where two runs
+    ended in the same minute, a counter where even those match, and the year where the runs span more than one."""
+    ended = [r.get("ended_at") or "" for r in runs]
+    years = {e[:4] for e in ended if e}
+
+    def label(stamp: str, seconds: bool) -> str:
+        if len(stamp) < 16 or not stamp[5:7].isdigit() or not 1 <= int(stamp[5:7]) <= 12:
+            return stamp or "?"
+        month = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()[int(stamp[5:7]) - 1]
+        text = f"{int(stamp[8:10])} {month} {stamp[11:19] if seconds and len(stamp) >= 19 else stamp[11:16]}"
+        return f"{stamp[:4]} {text}" if len(years) > 1 else text
+
+    minutes = [label(e, False) for e in ended]
+    labels = [label(e, True) if minutes.count(m) > 1 else m for e, m in zip(ended, minutes)]
+    seen: dict[str, int] = {}
+    for i, text in enumerate(labels):
+        seen[text] = seen.get(text, 0) + 1
+        if seen[text] > 1:
+            labels[i] = f"{text} ({seen[text]})"
+    return labels
 
 
 def _ticks(ax: Any, labels: list[str]) -> None:
-    """Run labels on the x axis, thinned to about a dozen so a year of runs stays legible."""
+    """Run labels on the x axis, thinned to what a phone's width holds (always the newest run's)."""
     step = max(1, -(-len(labels) // MAX_TICKS))
-    positions = list(range(0, len(labels), step))
-    ax.set_xticks(positions, [labels[i] for i in positions], rotation=30, ha="right", fontsize=8)
+    positions = list(range(len(labels) - 1, -1, -step))[::-1]
+    ax.set_xticks(positions, [labels[i] for i in positions], rotation=30, ha="right")
 
 
-def _stacked(ax: Any, labels: list[str], series: dict[str, tuple[list[float], str]]) -> None:
+def _legend_below(fig: Any, ax: Any, *more: Any) -> None:
+    """The legend under the chart (never over the bars), in as many columns as fit."""
+    handles: list[Any] = []
+    for axis in (ax, *more):
+        handles += axis.get_legend_handles_labels()[0]
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="outside lower left", ncols=min(len(handles), 3))
+
+
+def _thousands() -> Any:
+    from matplotlib.ticker import FuncFormatter  # deferred, as in _pyplot: matplotlib loads slowly
+
+    return FuncFormatter(lambda value, _pos: f"{value:,.0f}")
+
+
+def _counts_axis(ax: Any, label: str, top: float = 0) -> None:
+    """A y axis of counts: whole numbers, from 0 (a count is never negative), thousands separated."""
+    from matplotlib.ticker import MaxNLocator  # deferred, as in _pyplot
+
+    ax.set_ylabel(label)
+    ax.set_ylim(bottom=0, top=max(top, ax.get_ylim()[1], 1))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.yaxis.set_major_formatter(_thousands())
+
+
+def _stacked(fig: Any, ax: Any, labels: list[str], series: dict[str, tuple[list[float], str]]) -> None:
     bottom = [0.0] * len(labels)
     x = list(range(len(labels)))
     for name, (values, colour) in series.items():
         ax.bar(x, values, bottom=bottom, label=name, color=colour)
         bottom = [b + v for b, v in zip(bottom, values)]
     _ticks(ax, labels)
-    if series:
-        ax.legend(fontsize=8, frameon=False, ncols=min(len(series), 4), loc="upper left", bbox_to_anchor=(0, -0.35))
+    _legend_below(fig, ax)
 
 
 def chart_cohort(runs: Sequence[dict[str, Any]]) -> str:
@@ -99,14 +150,13 @@ def chart_cohort(runs: Sequence[dict[str, Any]]) -> str:
     rates = [100 * r["results"].get("opted_out", 0) / s if s else 0 for r, s in zip(runs, sizes)]
     x = list(range(len(runs)))
     ax.bar(x, sizes, color=COLOURS["written"], label="cohort (patients sent)")
-    ax.set_ylabel("patients")
+    _counts_axis(ax, "patients")
     _ticks(ax, labels)
     rate_ax = ax.twinx()
     rate_ax.plot(x, rates, color=COLOURS["rate"], marker="o", label="opted out (%)")
     rate_ax.set_ylabel("opted out (%)")
     rate_ax.set_ylim(0, max(rates + [1]) * 1.25)
-    handles = ax.get_legend_handles_labels()[0] + rate_ax.get_legend_handles_labels()[0]
-    rate_ax.legend(handles, [h.get_label() for h in handles], fontsize=8, frameon=False, loc="lower right")
+    _legend_below(fig, ax, rate_ax)
     return svg(fig)
 
 
@@ -120,20 +170,20 @@ def chart_changes(runs: Sequence[dict[str, Any]]) -> str:
     ax.bar([i + width / 2 for i in x], [r.get("changes", {}).get("opt_out_withdrawn", 0) for r in runs], width,
            color=COLOURS["withdrawn"], label="opt-out withdrawn")
     _ticks(ax, labels)
-    ax.set_ylabel("patients")
-    ax.legend(fontsize=8, frameon=False)
+    _counts_axis(ax, "patients")
+    _legend_below(fig, ax)
     return svg(fig)
 
 
 def chart_writes(runs: Sequence[dict[str, Any]]) -> str:
     fig, ax = _figure("Consents written vs unchanged")
-    _stacked(ax, _labels(runs), {
+    _stacked(fig, ax, _labels(runs), {
         "written": ([r["results"].get("written", 0) for r in runs], COLOURS["written"]),
         "unchanged": ([r["results"].get("unchanged", 0) for r in runs], COLOURS["unchanged"]),
         "failed or refused": ([r["results"].get("failed", 0) + r["results"].get("refused", 0) for r in runs],
                               COLOURS["failed"]),
     })
-    ax.set_ylabel("Consents")
+    _counts_axis(ax, "Consents")
     return svg(fig)
 
 
@@ -142,7 +192,7 @@ def chart_stages(runs: Sequence[dict[str, Any]], title: str = "Time per stage") 
     stages: list[str] = []
     for r in runs:
         stages += [s for s in (r.get("stage_seconds") or {}) if s not in stages]
-    _stacked(ax, _labels(runs), {
+    _stacked(fig, ax, _labels(runs), {
         stage: ([float((r.get("stage_seconds") or {}).get(stage, 0)) for r in runs],
                 STAGE_COLOURS[i % len(STAGE_COLOURS)])
         for i, stage in enumerate(stages)
@@ -160,9 +210,8 @@ def chart_failures(runs: Sequence[dict[str, Any]]) -> str:
     ax.scatter(failed, [0] * len(failed), marker="x", s=60, color=COLOURS["rate"], label="run failed", zorder=3,
                clip_on=False)
     _ticks(ax, labels)
-    ax.set_ylabel("patients")
-    ax.set_ylim(bottom=0, top=max([r.get("dead_letters", 0) for r in runs] + [1]) * 1.2)
-    ax.legend(fontsize=8, frameon=False)
+    _counts_axis(ax, "patients", top=max([r.get("dead_letters", 0) for r in runs] + [1]) * 1.2)
+    _legend_below(fig, ax)
     return svg(fig)
 
 
@@ -173,7 +222,7 @@ def chart_stage_bars(stages: dict[str, float]) -> str:
     ax.barh(names, [float(stages[n]) for n in names], color=STAGE_COLOURS[0])
     for i, name in enumerate(names):
         ax.annotate(f"{float(stages[name]):g}", (float(stages[name]), i), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+                    va="center", fontsize=SMALL)
     ax.set_xlabel("seconds")
     return svg(fig)
 
@@ -189,14 +238,18 @@ def chart_outcome(report: dict[str, Any]) -> str:
             ("failed or refused", results.get("failed", 0) + results.get("refused", 0), COLOURS["failed"])]
     ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color=[r[2] for r in rows][::-1])
     for i, row in enumerate(rows[::-1]):
-        ax.annotate(str(row[1]), (row[1], i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(f"{row[1]:,}", (row[1], i), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=SMALL)
     ax.set_xlabel("patients")
+    ax.xaxis.set_major_formatter(_thousands())
     return svg(fig)
 
 
 # -- pages ----------------------------------------------------------------------------------------------
 
 def _e(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"  # 10,000: counts read at a glance
     return html.escape("-" if value is None else str(value))
 
 
@@ -223,7 +276,8 @@ def _runs_table(runs: Sequence[dict[str, Any]], link: bool = False) -> str:
     for r in runs:
         res = r.get("results") or {}
         rid = r.get("request_id")
-        rows.append([r.get("ended_at"), rid, r.get("outcome"), r.get("exit_status"), r.get("state"),
+        ended = (r.get("ended_at") or "").replace("T", " ").removesuffix("Z")
+        rows.append([ended, rid, r.get("outcome"), r.get("exit_status"), r.get("state"),
                      (r.get("cohort") or {}).get("sent"), res.get("opted_out"), res.get("written"),
                      r.get("dead_letters"), r.get("seconds")])
         classes.append(r.get("outcome", "").replace(" ", "-"))
@@ -271,10 +325,11 @@ def render_request(report: dict[str, Any], runs: Sequence[dict[str, Any]]) -> st
     if results:
         body += ['<h2>Results</h2><div class="chart">', chart_outcome(report), "</div>",
                  _table(["figure", "patients"], [[k.replace("_", " "), v] for k, v in results.items()])]
-    keys = [k for k in change if k != "previous_request_id"]
+    keys = [k for k in CHANGE_LABELS if k in change] + [k for k in change
+                                                         if k not in CHANGE_LABELS and k != "previous_request_id"]
     if keys:
         body += ["<h2>Changes (counted by the Consent ledger)</h2>",
-                 _table(["change", "patients"], [[k.replace("_", " "), change[k]] for k in keys])]
+                 _table(["change", "patients"], [[CHANGE_LABELS.get(k, k.replace("_", " ")), change[k]] for k in keys])]
     if report.get("problems"):
         body += ["<h2>Problems</h2><ul>", *(f'<li class="failed">{_e(p)}</li>' for p in report["problems"]), "</ul>"]
     if report.get("stage_seconds"):

@@ -32,7 +32,7 @@ from pipeline.state import WorkDir, initial_state, isoformat, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 
-NDOP_MAILBOX = "X26HC065"  # POS on live MESH (NDOP.md); X26OT154 on INT
+NDOP_MAILBOX = "X26HC065"  # POS on live MESH (docs/ndop-and-mesh.md); X26OT154 on INT
 WORKFLOW_ID = "SPINE_NTT_UPHOLDING"
 MANIFEST = "manifest.parquet"
 MANIFEST_NUMBER = "nhs_number"
@@ -53,7 +53,7 @@ class RequestSettings:
 
 
 def control_file(*, from_dts: str, to_dts: str, subject: str, local_id: str, workflow_id: str) -> bytes:
-    """The MESH client's ``DTSControl`` XML for a data message (fields as in NDOP.md)."""
+    """The MESH client's ``DTSControl`` XML for a data message (fields in docs/ndop-and-mesh.md)."""
     root = ET.Element("DTSControl")
     for tag, text in (
         ("Version", "1.0"),

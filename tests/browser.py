@@ -7,6 +7,9 @@ services at start (time, component updates, accounts) despite the flags; those h
 """
 from __future__ import annotations
 
+import html
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -87,5 +90,63 @@ class Browser:
         assert done.returncode == 0 and target.exists(), done.stderr[-2000:]
         return target
 
+    def measure(self, page: Path, width: int, height: int = 2400) -> dict:
+        """Layout figures of ``page`` as Chromium lays it out ``width`` CSS px wide: for every table its
+        ``scrollWidth`` and ``clientWidth`` (clipped when the first is larger), for every chart text its font
+        size in CSS px as drawn (SVG units times the chart's scale on screen), and each chart's texts.
+
+        Headless Chromium will not make a window narrower than 500 px, so the page is loaded in an iframe of
+        exactly ``width`` px (a viewport of its own, as a phone's). The page forbids scripts (its
+        Content-Security-Policy), so what the iframe loads is a copy beside it without that policy and with a
+        measuring script appended, which posts its figures to the wrapper; the page itself is not touched."""
+        copy = page.with_name(f".measure-{width}-{page.name}")
+        wrapper = page.with_name(f".measure-{width}-wrapper.html")
+        text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text())
+        copy.write_text(text.replace("</body>", f"<script>{_MEASURE_JS}</script></body>"))
+        wrapper.write_text(
+            f'<!DOCTYPE html><html><body style="margin:0"><iframe src="{copy.name}" width="{width}" '
+            f'height="{height}" style="border:0"></iframe><script>{_RECEIVE_JS}</script></body></html>')
+        try:
+            done = self._run(f"--window-size={max(width, 500) + 40},{height}", "--virtual-time-budget=5000",
+                             "--allow-file-access-from-files", "--dump-dom", wrapper.resolve().as_uri())
+        finally:
+            copy.unlink()
+            wrapper.unlink()
+        assert done.returncode == 0, done.stderr[-2000:]
+        found = re.search(r'<pre id="ndop-measure">(.*?)</pre>', done.stdout, re.S)
+        assert found, done.stdout[-2000:]
+        return json.loads(html.unescape(found.group(1)))
+
     def close(self) -> None:
         self._server.close()
+
+
+_MEASURE_JS = """
+const out = {viewport: window.innerWidth, tables: [], chart_font_px: [], ticks: []};
+for (const t of document.querySelectorAll('table')) {
+  out.tables.push({scroll: t.scrollWidth, client: t.clientWidth});
+}
+for (const chart of document.querySelectorAll('.chart svg')) {
+  const texts = [];
+  for (const t of chart.querySelectorAll('text')) {
+    const m = t.getScreenCTM();
+    const size = parseFloat(getComputedStyle(t).fontSize) * Math.hypot(m.a, m.b);
+    out.chart_font_px.push(Math.round(size * 100) / 100);
+    texts.push(t.textContent);
+  }
+  out.ticks.push(texts);
+}
+const pre = document.createElement('pre');
+pre.id = 'ndop-measure';
+pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+parent.postMessage(pre.textContent, '*');
+"""
+_RECEIVE_JS = """
+window.addEventListener('message', (event) => {
+  const pre = document.createElement('pre');
+  pre.id = 'ndop-measure';
+  pre.textContent = event.data;
+  document.body.appendChild(pre);
+});
+"""

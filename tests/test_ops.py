@@ -174,7 +174,7 @@ def test_metrics_keep_the_last_success_from_the_previous_file_and_skip_absent_fi
 
 def test_json_logs_one_object_a_line_with_tracebacks_redacted() -> None:
     stream = io.StringIO()
-    logs.configure("json", stream=stream)
+    logs.configure("json", verbose=True, stream=stream)  # INFO lines show under -v (quiet by default)
     try:
         log = logging.getLogger("ndop.test")
         log.info("request %s: %d sent", "2026-12-01-001", 40)
@@ -310,3 +310,74 @@ def test_index_of_no_runs_and_of_a_bad_input_run_quoting_a_number() -> None:
                       "2026-12-01T06:00:01Z", 1.0)
     page = render_index([entry])
     assert "bad input" in page and "******1234" in page and "9990001234" not in page and "<svg" in page
+
+
+def _processed_run(ended_at: str, request_id: str, written: int, unchanged: int) -> dict:
+    report = {"request_id": request_id, "state": "acknowledged", "cohort": {"read": 10_000, "sent": 10_000},
+              "results": {"requested": 10_000, "replied": 9_500, "opted_out": 500, "not_opted_out": 9_500,
+                          "written": written, "failed": 0, "refused": 0},
+              "changes": {"to_write": written, "new_patients": written, "newly_opted_out": 0, "opt_out_withdrawn": 0,
+                          "refreshed": 0, "unchanged": unchanged, "left_cohort": 0, "superseded": 0},
+              "stage_seconds": {"request": 0.2, "send": 0.5, "wait_for_ndop": 2.0, "poll": 1.2, "process": 49.3}}
+    return run_entry(0, request_id, f"request {request_id} done", report, ended_at, ended_at, 55.0) | {
+        "report": report}
+
+
+def test_pages_read_on_a_phone_and_a_laptop_with_the_numbers_of_the_run(tmp_path) -> None:
+    """Issue 22 item 7: charts unreadable at phone width (390 px), the runs table clipped at 1280 px, two runs in
+    one minute sharing an x label, and the request page's figures: read from the page as Chromium lays it out."""
+    from pipeline.report_html import render_index, render_request
+
+    runs = [_processed_run(f"2026-11-{day:02d}T06:00:00Z", f"X26ABC1-{day:02d}1126-0001", 0, 10_000)
+            for day in range(1, 29)]
+    runs += [_processed_run("2026-12-04T05:12:40Z", "X26ABC1-041226-0001", 10_000, 0),
+             _processed_run("2026-12-04T05:12:56Z", "X26ABC1-041226-0002", 0, 10_000)]
+    index = tmp_path / "index.html"
+    index.write_text(render_index([{k: v for k, v in r.items() if k != "report"} for r in runs]))
+    same_minute = tmp_path / "two.html"
+    same_minute.write_text(render_index([{k: v for k, v in r.items() if k != "report"} for r in runs[-2:]]))
+    request = tmp_path / "report.html"
+    request.write_text(render_request(runs[-1]["report"], []))
+
+    browser = Browser(tmp_path / "chromium")
+    try:
+        for page in (index, request):
+            phone = browser.measure(page, 390)
+            assert phone["viewport"] == 390
+            assert min(phone["chart_font_px"]) >= 9, f"{page.name}: chart text {min(phone['chart_font_px'])} px at 390"
+            laptop = browser.measure(page, 1280)
+            assert all(t["scroll"] <= t["client"] for t in laptop["tables"]), f"{page.name}: {laptop['tables']}"
+        ticks = browser.measure(same_minute, 390)["ticks"]
+        times = {t for chart in ticks for t in chart if re.search(r"\d\d:\d\d", t)}
+        assert len(times) == 2, times  # one label per run, though both ended in the same minute
+
+        dom = browser.dom(request)  # the figures as the browser shows them
+        shown = dict(re.findall(r"<tr[^>]*><td>([a-z ()-]+)</td><td>([\d,]+)</td></tr>", dom))
+        assert shown["written"] == "0" and shown["unchanged"] == "10,000" and shown["opted out"] == "500", shown
+        assert "Changes (counted by the Consent ledger)" in dom and shown["unchanged (not written)"] == "10,000"
+    finally:
+        browser.close()
+
+
+def test_a_run_says_each_thing_once_and_everything_under_v(tmp_path, work_dir, mesh, fhir_server) -> None:
+    """Issue 22 item 7: every message was printed twice (an INFO log line and a ``[stage]`` line), and Beam warned
+    about ``yield`` and ``return`` in ``WriteLedgerShardFn``. Quiet by default; every log line under ``-v``."""
+    numbers = nhs.synthetic_numbers(30, seed=9702).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    mesh.plugin(opted_out_file=str(tmp_path / "none.txt"))
+    (tmp_path / "none.txt").write_text("")
+    env = {**mesh.env(), "FHIR_URL": fhir_server, "NDOP_PROGRESS_SECONDS": "0"}
+
+    quiet = ndop_run(work_dir, env, "--cohort", str(cohort))
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.strip().splitlines()
+    assert lines and all(line.startswith("[") for line in lines), quiet.stderr  # progress lines only
+    said = [re.sub(r"\d+/s, ETA \S+", "", line) for line in lines]  # a rate changes; the message does not
+    assert len(said) == len(set(said)), quiet.stderr
+    assert "[write] 30/30 Consents written (100%)" in quiet.stderr and "yield and return" not in quiet.stderr
+
+    loud = ndop_run(work_dir, env, "--cohort", str(cohort), "--new-request", "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert re.search(r" INFO pipeline\.mesh_driver: request \S+ sent to X26HC065", loud.stderr)
+    assert " DEBUG " in loud.stderr and "yield and return" not in loud.stderr

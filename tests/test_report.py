@@ -45,5 +45,5 @@ def test_the_request_page_shows_the_ledgers_unchanged_count_and_its_changes() ->
               "changes": {"to_write": 0, "new_patients": 0, "newly_opted_out": 0, "opt_out_withdrawn": 0,
                           "refreshed": 0, "unchanged": 10_000, "left_cohort": 0, "superseded": 0}}
     text = render_request(report, [])
-    assert "<td>unchanged</td><td>10000</td>" in text and "<td>written</td><td>0</td>" in text
+    assert "<td>unchanged</td><td>10,000</td>" in text and "<td>written</td><td>0</td>" in text
     assert "<h2>Changes (counted by the Consent ledger)</h2>" in text and "<td>new patients</td><td>0</td>" in text

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import cli_env
 
@@ -52,3 +56,39 @@ def test_run_local_needs_no_java_maven_or_go(tmp_path) -> None:
                           timeout=600)
     assert done.returncode == 0 and "--size" in done.stdout, done.stderr
     assert "was called" not in done.stderr
+
+
+@pytest.mark.parametrize("when", ["during the run", "while kept running"])
+def test_sigterm_to_run_local_stops_the_servers_it_started(tmp_path, when: str) -> None:
+    """Issue 22 item 5: SIGTERM to ``run_local.sh`` orphaned the MESH and FHIR servers (each runs in its own
+    session, so only an orderly stop reaches them)."""
+    state = tmp_path / "state"
+    args = ["--size", "300", "--state-dir", str(state)] + (["--keep-running"] if when == "while kept running" else [])
+    wait_for = "[local] ndop run" if when == "during the run" else "[local] servers stay up"
+    local = subprocess.Popen(["./run_local.sh", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 240
+        assert local.stdout is not None
+        while wait_for not in seen and time.monotonic() < deadline and local.poll() is None:
+            seen += local.stdout.readline()
+        assert wait_for in seen, seen
+        servers = _processes_under(tmp_path)
+        assert len(servers) >= 2, servers  # mesh-sandbox and the FHIR server are up (and maybe ndop run)
+        local.send_signal(signal.SIGTERM)  # to run_local.sh alone, as `kill PID` or a supervisor does
+        out, err = local.communicate(timeout=60)
+        assert _processes_under(tmp_path) == [], err  # nothing it started outlives it
+        assert local.returncode == 128 + signal.SIGTERM, seen + out + err
+        assert "stopped by SIGTERM; servers stopped" in err
+    finally:
+        if local.poll() is None:
+            os.killpg(local.pid, signal.SIGKILL)
+        for pid in _processes_under(tmp_path):  # a failed test leaves no server behind either
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Processes whose command line names ``folder`` (the servers take their data dirs under it)."""
+    found = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from apache_beam.runners.portability.prism_runner import PrismRunner
 
 from dev.prism import prism_args
 from pipeline.options import NdopOptions
@@ -31,11 +33,22 @@ _INPUT_COUNTS = ("requested", "replied", "opted_out", "not_opted_out", "manifest
 
 
 @pytest.fixture(scope="module")
-def prism() -> list[str]:
+def prism() -> Iterator[list[str]]:
     try:
-        return prism_args()
+        args = prism_args()
     except FileNotFoundError as err:  # a missing build is a failure, not a skip
         pytest.fail(str(err))
+    yield args
+    stop_prism_job_server()
+
+
+def stop_prism_job_server() -> None:
+    """Stop the Prism job server Beam keeps for the whole process (``PrismRunner.shared_handle``) now, while
+    pytest still captures its log; otherwise Beam stops it at exit and its "Really destroying service" warning
+    lands after pytest's summary."""
+    server = PrismRunner.shared_handle.acquire(lambda: None)  # the running one; None (nothing started) else
+    if server is not None:
+        server.stop()
 
 
 def _process(folder: Path, fhir_url: str, runner: list[str], checked_at: str) -> dict:

@@ -76,7 +76,7 @@ def _count(base_url: str, number: str) -> int:
 
 
 def _read(base_url: str, number: str) -> list[dict]:
-    # by the Consent's own identifier: HAPI refuses the patient:identifier modifier (README, FHIR servers)
+    # by the Consent's own identifier: HAPI refuses the patient:identifier modifier (docs/fhir-stores.md)
     with open_session(FhirClientConfig(base_url)) as session:
         bundle = session.get(f"{base_url}/Consent", params={"identifier": f"{IDENTIFIER_SYSTEM}|{consent_id(number)}"}).json()
     return [e["resource"] for e in bundle.get("entry", [])]

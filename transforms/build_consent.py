@@ -1,4 +1,4 @@
-"""One FHIR R4 ``Consent`` per patient, in the shape of NDOP.md ("Consent in FHIR R4").
+"""One FHIR R4 ``Consent`` per patient, in the shape of docs/ndop-and-mesh.md ("The Consent ndop-sync writes").
 
 Validating every Consent with pydantic (``fhir.resources.R4B``) would cost far more than building
 it, so the shape is validated once, on a template, when the pipeline is built, and again on a sample
@@ -32,7 +32,7 @@ _LOGGER = logging.getLogger(__name__)
 NDOP_POLICY_URI = "https://digital.nhs.uk/services/national-data-opt-out"
 
 def _shared_parts() -> dict[str, Any]:
-    """The parts every Consent shares (NDOP.md), as fresh objects (literals: 5x cheaper than deepcopy)."""
+    """The parts every Consent shares (docs/ndop-and-mesh.md), as fresh objects (literals: 5x cheaper than deepcopy)."""
     return {
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
                               "code": "patient-privacy", "display": "Privacy Consent"}]},

@@ -425,15 +425,15 @@ class WriteLedgerShardFn(beam.DoFn):
         self._folder = folder
 
     def process(self, element: tuple[int, bytes], integrity_errors: int = 0) -> Iterator[str]:
-        if integrity_errors:
-            return  # nothing was written to the store: no ledger either
-        shard, block = element
-        table = from_bytes([block])
-        path = FileSystems.join(self._folder, f"part-{shard:05d}.parquet")
-        with FileSystems.create(path, mime_type="application/octet-stream",
-                                compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            pq.write_table(table, handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
-        yield path
+        # With integrity errors nothing was written to the store: no ledger either. (No early ``return`` in a
+        # generator: Beam warns about ``yield`` beside ``return``, apache/beam#22969.)
+        if not integrity_errors:
+            shard, block = element
+            path = FileSystems.join(self._folder, f"part-{shard:05d}.parquet")
+            with FileSystems.create(path, mime_type="application/octet-stream",
+                                    compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                pq.write_table(from_bytes([block]), handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            yield path
 
 
 class WriteLedgerShards(beam.PTransform):

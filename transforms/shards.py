@@ -1,6 +1,6 @@
 """NHS numbers as int64 arrays, hashed into join shards.
 
-Per-element CoGroupByKey costs about 50 us an element on the local runners (PLATFORM.md); the join
+Per-element CoGroupByKey costs about 50 us an element on the local runners (docs/benchmarks.md); the join
 instead moves one ``(shard, bytes)`` element per shard per input block, where the bytes are a
 little-endian int64 array of numbers. A 10-digit NHS number always fits an int64 and compares,
 sorts and hashes as fast as numpy can, and ``bytes`` takes Beam's cheapest coder on every runner.

@@ -220,7 +220,7 @@ class Poller:
                 "message_id": facts.message_id, "code": code, "description": description, "linked_message_id": linked,
                 "at": isoformat(utcnow())})
             report.failed.append((rid, reason))
-            _LOGGER.error("request %s failed: %s", rid, reason)
+            _LOGGER.info("request %s failed: %s", rid, reason)  # the command's own error line says it (once)
         else:
             _LOGGER.info("request %s (%s): MESH report %s %s about message %s; acknowledged and ignored",
                          rid, record["state"], code, description, linked)
@@ -251,7 +251,7 @@ class Poller:
         self.work_dir.update(rid, state=REJECTED, expect=OPEN, rejection={
             "message_id": facts.message_id, "reason": reason, "at": isoformat(utcnow())})
         report.rejected.append((rid, reason))
-        _LOGGER.error("request %s rejected by NDOP: %s", rid, reason)
+        _LOGGER.info("request %s rejected by NDOP: %s", rid, reason)  # the command's own error line says it (once)
         self.transport.acknowledge(facts.message_id)
 
     def _on_reply(self, message: Any, facts: InboxMessage, record: RequestRecord, report: PollReport) -> None:
