@@ -73,15 +73,3 @@ def keygen(out: str) -> IdKey:
         return write_key_file(path)
     except OSError as err:
         raise InputError(f"{path}: cannot write the key ({err.strerror})") from None
-
-
-def check_fingerprint(ledger: str, recorded: str | None, fingerprint: str) -> None:
-    """A ledger's Consents were written under the key it records; another key would write a second Consent per
-    patient beside each one. ``recorded`` None: a ledger from before keyed ids (UUIDv5 ids)."""
-    if recorded == fingerprint:
-        return
-    if recorded is None:
-        raise InputError(f"{ledger}: the store's Consent ids are the old unkeyed ones; move them once with "
-                         f"`ndop rekey` (docs/privacy.md)")
-    raise InputError(f"{ledger}: the store's Consents were written under Consent id key {recorded}, this key is "
-                     f"{fingerprint}: use that key, or move the store to this one with `ndop rekey`")

@@ -28,7 +28,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import InputError
-from pipeline.keys import check_fingerprint
 from pipeline.fhir.config import same_base_url, without_userinfo
 from pipeline.files import atomic_writer, fsync_dir, private_dir, write_json
 from pipeline.settings import days_setting
@@ -104,6 +103,18 @@ def check_ledger(folder: str | None, fhir_base_url: str, key_fingerprint: str | 
 
 
 _REBUILD = "give --full-refresh to rewrite the store and start a new ledger"
+
+
+def check_fingerprint(ledger: str, recorded: str | None, fingerprint: str) -> None:
+    """A ledger's Consents were written under the key it records; another key would write a second Consent per
+    patient beside each one. ``recorded`` None: a ledger from before keyed ids (UUIDv5 ids)."""
+    if recorded == fingerprint:
+        return
+    if recorded is None:
+        raise InputError(f"{ledger}: the store's Consent ids are the old unkeyed ones; move them once with "
+                         f"`ndop rekey` (docs/privacy.md)")
+    raise InputError(f"{ledger}: the store's Consents were written under Consent id key {recorded}, this key is "
+                     f"{fingerprint}: use that key, or move the store to this one with `ndop rekey`")
 
 
 def _check_key(folder: str, key_fingerprint: str | None) -> None:
