@@ -96,7 +96,8 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     lopts = ledger_opts or opts.view_as(LedgerOptions)
     previous = p | "ReadLedger" >> ledger.ReadLedger(lopts.ledger_in, opts.shards)
     joined = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous} | "JoinWithLedger" >> (
-        ledger.JoinWithLedger(opts.checked_at, opts.request_id, lopts.refresh_days, lopts.full_refresh))
+        ledger.JoinWithLedger(opts.checked_at, opts.request_id, lopts.refresh_days, lopts.full_refresh,
+                              chunk_size=opts.batch_size))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
         joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
@@ -114,7 +115,9 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     if until == "join":
         return outputs
     patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
-    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
+    # Bundle-sized chunks, redistributed: the Consents are built and written by every worker, not one per shard.
+    spread = joined.to_write | "SpreadWrites" >> beam.Reshuffle()
+    consents = spread | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
@@ -127,6 +130,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         upsert=opts.upsert,
         integrity_errors=error_count,
         provenance=provenance_settings(opts),
+        max_writers=opts.max_writers,
     )
     dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))

@@ -354,14 +354,18 @@ def _path_of(metadata: Any) -> str:
 class DecideShardFn(ClassifyShardFn):
     """A ``(shard, {manifest, reply, ledger})`` group: classified (join.py's rule), then decided.
 
-    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes);
+    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes), each at
+    most ``chunk_size`` long (one FHIR bundle's worth), so a runner can spread one shard's writes over many
+    workers after a ``Reshuffle`` (pipeline/process.py) and a retried work item rewrites one chunk, not a shard;
     :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes; :attr:`INTEGRITY_ERRORS` as join.py's.
     """
 
     LEDGER = LEDGER
 
-    def __init__(self, checked_at: str, request_id: str, refresh_days: int, full_refresh: bool) -> None:
+    def __init__(self, checked_at: str, request_id: str, refresh_days: int, full_refresh: bool,
+                 chunk_size: int | None = None) -> None:
         super().__init__()
+        self._chunk_size = chunk_size
         self._checked_at = checked_at
         self._request_id = request_id
         self._refresh_days = refresh_days
@@ -378,10 +382,9 @@ class DecideShardFn(ClassifyShardFn):
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
         progress.expect_writes(len(decision.write_opted_out) + len(decision.write_not_opted_out))
-        if len(decision.write_opted_out):
-            yield OPTED_OUT, decision.write_opted_out
-        if len(decision.write_not_opted_out):
-            yield NOT_OPTED_OUT, decision.write_not_opted_out
+        for status, numbers in ((OPTED_OUT, decision.write_opted_out), (NOT_OPTED_OUT, decision.write_not_opted_out)):
+            for chunk in shardlib.chunks(numbers, self._chunk_size):
+                yield status, chunk
         if decision.ledger.num_rows:
             yield pvalue.TaggedOutput(self.LEDGER, (shard, to_bytes(decision.ledger)))
 
@@ -396,12 +399,15 @@ class JoinWithLedger(beam.PTransform):
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
     def __init__(self, checked_at: str, request_id: str, refresh_days: int = DEFAULT_REFRESH_DAYS,
-                 full_refresh: bool = False) -> None:
+                 full_refresh: bool = False, chunk_size: int | None = None) -> None:
+        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard)."""
         super().__init__()
         if refresh_days < 0:
             raise ValueError("refresh_days must be 0 or more")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, refresh_days, full_refresh)
+        self._fn = DecideShardFn(checked_at, request_id, refresh_days, full_refresh, chunk_size)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
         assert set(inputs) == {MANIFEST, REPLY, LEDGER}, sorted(inputs)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -324,6 +325,11 @@ class _PostBundlesFn(beam.DoFn):
         )
 
 
+def writer_slot(consent: Mapping[str, Any], writers: int) -> tuple[int, Mapping[str, Any]]:
+    """``(slot, consent)``: a stable slot in ``[0, writers)`` from the Consent's id (the same on every worker)."""
+    return zlib.crc32(str(consent["id"]).encode()) % writers, consent
+
+
 class WriteConsents(beam.PTransform):
     """Upsert Consent dicts into the FHIR store; outputs per-bundle counts and dead letters.
 
@@ -340,6 +346,23 @@ class WriteConsents(beam.PTransform):
 
     DEAD_LETTER = "dead_letter"
 
+    def _batches(self, consents: pvalue.PCollection) -> pvalue.PCollection:
+        """Consents in lists of ``batch_size``: cut per runner bundle, or with ``max_writers`` per writer slot.
+
+        With a cap, each Consent is keyed to one of ``max_writers`` slots and batched by ``GroupIntoBatches``: a
+        keyed, stateful stage, which every runner processes one key at a time, so at most ``max_writers``
+        bundles (PostBundles runs fused behind it) are in flight to the store whatever the parallelism.
+        """
+        if not self._max_writers:
+            return consents | "BatchConsents" >> beam.BatchElements(
+                min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+        return (
+            consents
+            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers)
+            | "BatchPerWriterSlot" >> beam.GroupIntoBatches(self._batch_size)
+            | "DropWriterSlot" >> beam.Values()
+        )
+
     def __init__(
         self,
         config: FhirClientConfig,
@@ -349,8 +372,12 @@ class WriteConsents(beam.PTransform):
         integrity_errors: pvalue.PCollection | None = None,
         label: str | None = None,
         provenance: ProvenanceSettings | None = None,
+        max_writers: int = 0,
     ) -> None:
         super().__init__(label)
+        if max_writers < 0:
+            raise ValueError(f"max_writers must be 0 (no cap) or more, not {max_writers}")
+        self._max_writers = max_writers
         if bundle_type not in BUNDLE_TYPES:
             raise ValueError(f"bundle_type must be one of {BUNDLE_TYPES}, not {bundle_type!r}")
         if upsert not in UPSERT_MODES:
@@ -369,9 +396,7 @@ class WriteConsents(beam.PTransform):
         if self._integrity_errors is not None:
             side_inputs["integrity_errors"] = pvalue.AsSingleton(self._integrity_errors)
         return (
-            consents
-            | "BatchConsents"
-            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+            self._batches(consents)
             | "PostBundles"
             >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert, self._provenance),
                           **side_inputs).with_outputs(
