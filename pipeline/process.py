@@ -116,12 +116,13 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         return outputs
     patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
     # Bundle-sized chunks, redistributed: the Consents are built and written by every worker, not one per shard.
-    spread = joined.to_write | "SpreadWrites" >> beam.Reshuffle()
+    from transforms.write_consents import SpreadWrites, WriteConsents
+
+    spread = joined.to_write | "SpreadWrites" >> SpreadWrites(opts.max_writers)
     consents = spread | "BuildConsent" >> BuildConsent(opts.checked_at, opts.sample_validate, patient_ids)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
-    from transforms.write_consents import WriteConsents
 
     written = consents | "WriteConsents" >> WriteConsents(
         fhir_config(opts),
@@ -130,7 +131,6 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         upsert=opts.upsert,
         integrity_errors=error_count,
         provenance=provenance_settings(opts),
-        max_writers=opts.max_writers,
     )
     dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))

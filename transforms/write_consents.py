@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlencode
 
 import apache_beam as beam
+import numpy as np
 import requests
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
@@ -55,6 +55,7 @@ from pipeline.fhir_client import (
     status_code,
 )
 from pipeline.state import isoformat, utcnow
+from transforms.shards import shard_of
 from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
 from transforms.vocabulary import METRICS_NAMESPACE, Counter
 
@@ -325,9 +326,41 @@ class _PostBundlesFn(beam.DoFn):
         )
 
 
-def writer_slot(consent: Mapping[str, Any], writers: int) -> tuple[int, Mapping[str, Any]]:
-    """``(slot, consent)``: a stable slot in ``[0, writers)`` from the Consent's id (the same on every worker)."""
-    return zlib.crc32(str(consent["id"]).encode()) % writers, consent
+class SpreadWrites(beam.PTransform):
+    """Bundle-sized ``(status, int64 array)`` chunks (``DecideShard``'s), redistributed for the writes.
+
+    No cap (``max_writers=0``): a ``Reshuffle``, so BuildConsent and PostBundles (fused behind it) run on every
+    worker the runner has, and a retried work item rewrites a chunk, not a join shard. With ``max_writers=N``:
+    each chunk is keyed to one of N writer slots (the join's hash, :func:`transforms.shards.shard_of`, on its first
+    number) and grouped by slot, so at most N work items, each posting its slot's chunks one bundle at a time,
+    are in flight to the store whatever the runner's parallelism (a FHIR store's write quota).
+    (A plain ``GroupByKey``: Prism 2.77 lost and re-posted Consents behind ``GroupIntoBatches`` here.)
+    """
+
+    def __init__(self, max_writers: int = 0) -> None:
+        super().__init__()
+        if max_writers < 0:
+            raise ValueError(f"max_writers must be 0 (no cap) or more, not {max_writers}")
+        self._max_writers = max_writers
+
+    def expand(self, chunks: pvalue.PCollection) -> pvalue.PCollection:
+        if not self._max_writers:
+            return chunks | "Redistribute" >> beam.Reshuffle()
+        return (
+            chunks
+            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers)
+            | "GroupByWriterSlot" >> beam.GroupByKey()
+            | "SlotChunks" >> beam.FlatMap(_slot_chunks)
+        )
+
+
+def writer_slot(chunk: tuple[str, np.ndarray], writers: int) -> tuple[int, tuple[str, np.ndarray]]:
+    """``(slot, chunk)``: the chunk's writer slot in ``[0, writers)``, the same on every worker and run."""
+    return int(shard_of(chunk[1][:1], writers)[0]), chunk
+
+
+def _slot_chunks(grouped: tuple[int, Iterable[tuple[str, np.ndarray]]]) -> Iterable[tuple[str, np.ndarray]]:
+    return grouped[1]
 
 
 class WriteConsents(beam.PTransform):
@@ -346,23 +379,6 @@ class WriteConsents(beam.PTransform):
 
     DEAD_LETTER = "dead_letter"
 
-    def _batches(self, consents: pvalue.PCollection) -> pvalue.PCollection:
-        """Consents in lists of ``batch_size``: cut per runner bundle, or with ``max_writers`` per writer slot.
-
-        With a cap, each Consent is keyed to one of ``max_writers`` slots and batched by ``GroupIntoBatches``: a
-        keyed, stateful stage, which every runner processes one key at a time, so at most ``max_writers``
-        bundles (PostBundles runs fused behind it) are in flight to the store whatever the parallelism.
-        """
-        if not self._max_writers:
-            return consents | "BatchConsents" >> beam.BatchElements(
-                min_batch_size=self._batch_size, max_batch_size=self._batch_size)
-        return (
-            consents
-            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers)
-            | "BatchPerWriterSlot" >> beam.GroupIntoBatches(self._batch_size)
-            | "DropWriterSlot" >> beam.Values()
-        )
-
     def __init__(
         self,
         config: FhirClientConfig,
@@ -372,12 +388,8 @@ class WriteConsents(beam.PTransform):
         integrity_errors: pvalue.PCollection | None = None,
         label: str | None = None,
         provenance: ProvenanceSettings | None = None,
-        max_writers: int = 0,
     ) -> None:
         super().__init__(label)
-        if max_writers < 0:
-            raise ValueError(f"max_writers must be 0 (no cap) or more, not {max_writers}")
-        self._max_writers = max_writers
         if bundle_type not in BUNDLE_TYPES:
             raise ValueError(f"bundle_type must be one of {BUNDLE_TYPES}, not {bundle_type!r}")
         if upsert not in UPSERT_MODES:
@@ -396,7 +408,9 @@ class WriteConsents(beam.PTransform):
         if self._integrity_errors is not None:
             side_inputs["integrity_errors"] = pvalue.AsSingleton(self._integrity_errors)
         return (
-            self._batches(consents)
+            consents
+            | "BatchConsents"
+            >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
             | "PostBundles"
             >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert, self._provenance),
                           **side_inputs).with_outputs(
