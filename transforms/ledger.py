@@ -48,11 +48,13 @@ from apache_beam.metrics import Metrics
 from pipeline import progress
 from transforms import shards as shardlib
 from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
+from transforms.read_inputs import patient_ids_for
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
 LEDGER = "ledger"
+PATIENT_IDS = "patient_ids"  # the join's optional fourth input (transforms.read_inputs.ReadPatientIds)
 DEFAULT_REFRESH_DAYS = 30
 ROW_GROUP_ROWS = 262_144
 DAY = 86_400
@@ -354,7 +356,8 @@ def _path_of(metadata: Any) -> str:
 class DecideShardFn(ClassifyShardFn):
     """A ``(shard, {manifest, reply, ledger})`` group: classified (join.py's rule), then decided.
 
-    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes), each at
+    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes; with a
+    :data:`PATIENT_IDS` input ``(status, int64 array, Patient ids)``), each at
     most ``chunk_size`` long (one FHIR bundle's worth), so a runner can spread one shard's writes over many
     workers after a ``Reshuffle`` (pipeline/process.py) and a retried work item rewrites one chunk, not a shard;
     :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes; :attr:`INTEGRITY_ERRORS` as join.py's.
@@ -382,15 +385,20 @@ class DecideShardFn(ClassifyShardFn):
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
         progress.expect_writes(len(decision.write_opted_out) + len(decision.write_not_opted_out))
+        id_blocks = list(grouped[PATIENT_IDS]) if PATIENT_IDS in grouped else None
         for status, numbers in ((OPTED_OUT, decision.write_opted_out), (NOT_OPTED_OUT, decision.write_not_opted_out)):
+            ids = patient_ids_for(numbers, id_blocks) if id_blocks is not None else None
+            start = 0
             for chunk in shardlib.chunks(numbers, self._chunk_size):
-                yield status, chunk
+                yield (status, chunk) if ids is None else (status, chunk, ids[start : start + len(chunk)])
+                start += len(chunk)
         if decision.ledger.num_rows:
             yield pvalue.TaggedOutput(self.LEDGER, (shard, to_bytes(decision.ledger)))
 
 
 class JoinWithLedger(beam.PTransform):
-    """``{manifest, reply, ledger}`` shards -> Consents to write, new ledger rows, integrity errors.
+    """``{manifest, reply, ledger}`` shards (and optionally :data:`PATIENT_IDS`) -> Consents to write, new ledger
+    rows, integrity errors.
 
     Outputs (``.with_outputs``): ``to_write`` (main), :attr:`LEDGER`, :attr:`INTEGRITY_ERRORS`.
     """
@@ -410,7 +418,7 @@ class JoinWithLedger(beam.PTransform):
         self._fn = DecideShardFn(checked_at, request_id, refresh_days, full_refresh, chunk_size)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
-        assert set(inputs) == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
+        assert set(inputs) - {PATIENT_IDS} == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
         return (
             inputs
             | "JoinManifestReplyLedger" >> beam.CoGroupByKey()
