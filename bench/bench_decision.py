@@ -87,15 +87,9 @@ def pyarrow_decision(manifest: Path, reply: Path, ledger_dir: Path, out: Path, c
     return {"to_write": int(pc.sum(write).as_py() or 0), "ledger_rows": new_ledger.num_rows}
 
 
-def _peak_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def trial(argv: list[str]) -> dict[str, Any]:
+    from bench.bench_delta import _peak_mb
+
     manifest, reply, ledger_dir, out, checked_at, request_id = argv
     start = time.perf_counter()
     found = pyarrow_decision(Path(manifest), Path(reply), Path(ledger_dir), Path(out), checked_at, request_id)
