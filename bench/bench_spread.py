@@ -24,14 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dev.fhir_server import FhirServer
-from dev.flink import FLINK_PYTHON, FlinkCluster, flink_args
+from dev.flink import FLINK_PYTHON, FOUR_SLOTS, FlinkCluster, flink_args
 from pipeline import datfile, nhs
 from tests.fixtures.fhir_proxy import FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLINK4 = {"taskmanager.memory.process.size": "2368m", "taskmanager.memory.network.min": "640m",
-          "taskmanager.memory.network.max": "640m"}
-
 
 def inputs(folder: Path, patients: int, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +66,7 @@ def main() -> None:
     runs.append(("this", 4, ["--max_writers=2"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-spread-") as tmp, \
-            FlinkCluster(Path(tmp) / "flink", slots=4, config=FLINK4) as cluster, \
+            FlinkCluster(Path(tmp) / "flink", slots=4, config=FOUR_SLOTS) as cluster, \
             FhirServer(Path(tmp) / "fhir") as server:
         for seed, (name, parallelism, extra) in enumerate(runs, start=7100):
             folder = Path(tmp) / f"{name}-{parallelism}-{len(extra)}"

@@ -52,6 +52,9 @@ _CONFIG = {
     "taskmanager.rpc.port": "0",
     "taskmanager.data.port": "0",
 }
+# 4 slots (parallelism up to 4): twice the network memory ("required 512, but only 491 available" with _CONFIG's).
+FOUR_SLOTS = {"taskmanager.memory.process.size": "2368m", "taskmanager.memory.network.min": "640m",
+              "taskmanager.memory.network.max": "640m"}
 _LOG4J = """rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = MainAppender
 appender.main.name = MainAppender

@@ -19,7 +19,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from dev.prism import prism_args
-from dev.flink import FLINK_PYTHON, FlinkCluster, flink_args
+from dev.flink import FLINK_PYTHON, FOUR_SLOTS, FlinkCluster, flink_args
 from pipeline.errors import InputError
 from pipeline.options import check_pipeline_args
 from pipeline.process import SUMMARY, run
@@ -106,15 +106,11 @@ def test_prism_spreads_one_shard_and_caps_it(tmp_path, fhir_server):
 # -- Flink at parallelism 2 and 4 (a 4-slot session cluster) ---------------------------------------------------
 
 
-# Twice dev/flink.py's network memory: 4 slots ask for more buffers ("required 512, but only 491 available").
-FLINK4 = {"taskmanager.memory.process.size": "2368m", "taskmanager.memory.network.min": "640m",
-          "taskmanager.memory.network.max": "640m"}
-
 
 @pytest.fixture(scope="module")
 def flink4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
     try:
-        cluster = FlinkCluster(tmp_path_factory.mktemp("flink4"), slots=4, config=FLINK4)
+        cluster = FlinkCluster(tmp_path_factory.mktemp("flink4"), slots=4, config=FOUR_SLOTS)
     except FileNotFoundError as err:  # selected but not built: a failure, not a skip
         pytest.fail(str(err))
     with cluster:
