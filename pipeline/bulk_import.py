@@ -61,6 +61,8 @@ def write_ndjson(resources: Iterable[Mapping[str, Any]], path: str) -> int:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".ndjson": NDJSON}  # HAPI refuses octet-stream
+
     def log_message(self, *args: Any) -> None:  # no request lines (file names only, but keep logs clean)
         pass
 
@@ -100,7 +102,7 @@ def hapi_import_parameters(files: Mapping[str, Iterable[str]]) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What the store's job said when it ended: stored counts by resource type, and any problem."""
+    """What the store's job said when it ended: stored counts by source file, and any problem."""
 
     stored: dict[str, int]
     problem: str | None
@@ -108,23 +110,36 @@ class ImportResult:
 
 
 def hapi_import_complete(report: str, expected: Mapping[str, int]) -> ImportResult:
-    """Read HAPI's finished ``$import`` answer (an OperationOutcome whose diagnostics hold the job report, a JSON
-    text with ``resourceTypeToSucceededCount`` / ``...FailedCount``); ``problem`` is None only when every
-    expected resource was stored and none failed."""
+    """Read HAPI's finished ``$import`` answer and say whether every resource was stored.
+
+    HAPI 8.8 answers an OperationOutcome whose first issue's diagnostics is ``{"reportMsg": "..."}``, a text
+    report with, per ``Source: <url>``, lines ``* <OUTCOME>: <count>`` (``SUCCESSFUL_UPDATE_AS_CREATE``,
+    ``SUCCESSFUL_UPDATE``, ... or failures). ``expected``: resources sent per source URL. ``problem`` is None only
+    when each source's successful outcomes add up to what was sent and nothing else was reported.
+    """
+    stored: dict[str, int] = {}
+    other: dict[str, int] = {}
     try:
         outcome = json.loads(report)
-        text = outcome_text(outcome) if isinstance(outcome, dict) else ""
-        start = text.find("{")
-        body = json.loads(text[start:]) if start >= 0 else {}
-    except ValueError:
+        diagnostics = str((outcome.get("issue") or [{}])[0].get("diagnostics") or "")
+        message = str(json.loads(diagnostics).get("reportMsg") or "")
+    except (ValueError, AttributeError, TypeError):
         return ImportResult({}, "the import job's answer is not the report HAPI gives", report[:500])
-    stored = {k: int(v) for k, v in (body.get("resourceTypeToSucceededCount") or {}).items()}
-    failed = {k: int(v) for k, v in (body.get("resourceTypeToFailedCount") or {}).items() if int(v)}
+    source = None
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("Source:"):
+            source = line[len("Source:"):].strip()
+            stored.setdefault(source, 0)
+        elif line.startswith("* ") and source is not None and ":" in line:
+            kind, _, count = line[2:].rpartition(":")
+            target = stored if kind.strip().startswith("SUCCESSFUL") else other
+            target[source] = target.get(source, 0) + int(count)
     problem = None
-    if failed:
-        problem = f"the store failed to import {failed}"
-    elif any(stored.get(kind, 0) != count for kind, count in expected.items()):
-        problem = f"the store reports {stored} stored of {dict(expected)} sent"
+    if other:
+        problem = f"the store reports outcomes other than stored: {other}"
+    elif stored != dict(expected):
+        problem = f"the store reports {sum(stored.values())} stored of {sum(expected.values())} sent ({stored})"
     return ImportResult(stored, problem, report[:2000])
 
 
@@ -149,7 +164,8 @@ class HapiImport:
         return location
 
     def wait(self, poll_url: str, expected: Mapping[str, int]) -> ImportResult:
-        """Poll ``poll_url`` until the job ends (202: still running); the job's own account of what it stored."""
+        """Poll ``poll_url`` until the job ends (202: still running); the job's own account of what it stored
+        (``expected``: resources per source URL)."""
         deadline = time.monotonic() + self._timeout
         while True:
             response = self._session.get(poll_url, headers={"Accept": FHIR_JSON})

@@ -39,17 +39,28 @@ def test_ndjson_local_file_is_private(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_hapi_report_must_account_for_every_resource():
-    def report(succeeded: dict, failed: dict | None = None) -> str:
-        body = {"resourceTypeToSucceededCount": succeeded, "resourceTypeToFailedCount": failed or {}}
-        issue = {"severity": "information", "code": "informational", "diagnostics": f"Job done. {json.dumps(body)}"}
-        return json.dumps({"resourceType": "OperationOutcome", "issue": [issue]})
+def _hapi_report(outcomes: dict[str, dict[str, int]]) -> str:
+    """HAPI 8.8's finished-job answer, in the shape the real server gave (tests below)."""
+    lines = ["Bulk Import Report", "-" * 42, "Storage Actions : 10 (0/sec)", "-" * 42]
+    for source, counts in outcomes.items():
+        lines += [f"Source: {source}", "  Outcomes:", *[f"    * {k}: {v}" for k, v in counts.items()]]
+    diagnostics = json.dumps({"reportMsg": "\n".join(lines) + "\n"})
+    return json.dumps({"resourceType": "OperationOutcome", "issue": [{"severity": "information",
+                                                                       "diagnostics": diagnostics}]})
 
-    assert hapi_import_complete(report({"Consent": 10}), {"Consent": 10}).problem is None
-    assert "9" in (hapi_import_complete(report({"Consent": 9}), {"Consent": 10}).problem or "")
-    assert hapi_import_complete(report({"Consent": 10}, {"Consent": 1}), {"Consent": 10}).problem
-    assert hapi_import_complete(report({}), {"Consent": 10}).problem
-    assert hapi_import_complete("<html>gateway</html>", {"Consent": 10}).problem
+
+def test_hapi_report_must_account_for_every_resource():
+    a, b = "http://127.0.0.1:1/a.ndjson", "http://127.0.0.1:1/b.ndjson"
+    sent = {a: 6, b: 4}
+    good = hapi_import_complete(_hapi_report({a: {"SUCCESSFUL_UPDATE_AS_CREATE": 5, "SUCCESSFUL_UPDATE": 1},
+                                              b: {"SUCCESSFUL_UPDATE_AS_CREATE": 4}}), sent)
+    assert good.problem is None and good.stored == sent
+    short = hapi_import_complete(_hapi_report({a: {"SUCCESSFUL_UPDATE_AS_CREATE": 6}}), sent)
+    assert "6 stored of 10" in (short.problem or "")
+    failed = _hapi_report({a: {"SUCCESSFUL_UPDATE_AS_CREATE": 5, "FAILURE": 1}, b: {"SUCCESSFUL_UPDATE": 4}})
+    assert "other than stored" in (hapi_import_complete(failed, sent).problem or "")
+    assert hapi_import_complete("<html>gateway</html>", sent).problem
+    assert hapi_import_complete(json.dumps({"resourceType": "OperationOutcome"}), sent).problem
 
 
 def test_google_import_request_and_operation():
@@ -84,11 +95,11 @@ def test_hapi_imports_every_consent_and_says_so(tmp_path, hapi_server):
     write_ndjson(consents[70:], str(folder / "Consent-1.ndjson"))
     with ServeFolder(folder) as served, requests.Session() as session:
         job = HapiImport(session, hapi_server, poll_seconds=0.5, timeout=600)
-        poll = job.start({"Consent": [served.url("Consent-0.ndjson"), served.url("Consent-1.ndjson")]})
-        result = job.wait(poll, {"Consent": 120})
+        urls = [served.url("Consent-0.ndjson"), served.url("Consent-1.ndjson")]
+        result = job.wait(job.start({"Consent": urls}), {urls[0]: 70, urls[1]: 50})
     assert result.problem is None, result.report
-    assert result.stored == {"Consent": 120}
-    assert hapi_import_complete(result.report, {"Consent": 121}).problem  # one short would not count
+    assert result.stored == {urls[0]: 70, urls[1]: 50}
+    assert hapi_import_complete(result.report, {urls[0]: 70, urls[1]: 51}).problem  # one short would not count
     for index in (0, 1, 69, 70, 119):
         stored = consents_for_patient(hapi_server, numbers[index])
         assert [(c["id"], c["status"]) for c in stored] == [(consent_id(numbers[index]), consents[index]["status"])]
