@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=20_000)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--hold", type=float, default=0.0,
+                        help="seconds the proxy holds each Bundle POST (a slower store: its latency per bundle)")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same jobs from")
     args = parser.parse_args()
     codes = {"this": REPO_ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
@@ -72,6 +74,7 @@ def main() -> None:
             folder = Path(tmp) / f"{name}-{parallelism}-{len(extra)}"
             inputs(folder, args.patients, seed)
             with FaultProxy(server.base_url) as proxy:
+                proxy.delay = args.hold
                 seconds = job(cluster, codes[name], parallelism, folder, proxy.url, args,
                               [e for e in extra if name == "this"])
                 rows.append({"code": name, "parallelism": parallelism, "extra": " ".join(extra),
@@ -79,8 +82,8 @@ def main() -> None:
                              "max_in_flight": proxy.max_in_flight,
                              "mean_in_flight": round(proxy.mean_in_flight(), 2), "bundles": proxy.bundle_posts})
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.patients} Consents, --shards {args.shards}, --batch_size {args.batch_size}, Flink 1.19 "
-          f"(4 slots, LOOPBACK), sekmet; one run each (the machine is shared: wall times are noisy)")
+    print(f"\n{args.patients} Consents, --shards {args.shards}, --batch_size {args.batch_size}, hold {args.hold}s, "
+          f"Flink 1.19 (4 slots, LOOPBACK), sekmet; one run each (the machine is shared: wall times are noisy)")
     print(f"{'code':9} {'par':>3} {'extra':16} {'s':>7} {'/s':>6} {'max in flight':>13} {'mean':>5} {'bundles':>7}")
     for r in rows:
         print(f"{r['code']:9} {r['parallelism']:>3} {r['extra']:16} {r['seconds']:>7} {r['consents_per_s']:>6} "
