@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same jobs from")
     args = parser.parse_args()
     codes = {"this": REPO_ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    runs = [(name, p, extra) for name in codes for p in (2, 4) for extra in ([],)]
+    runs = [(name, p, []) for p in (2, 4) for name in codes]  # interleaved: load drifts during a run
     runs.append(("this", 4, ["--max_writers=2"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-spread-") as tmp, \
