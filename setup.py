@@ -1,7 +1,10 @@
 """Packaging for ndop-sync.
 
 Also what Dataflow stages with ``--setup_file ./setup.py``: the workers install the
-``pipeline`` and ``transforms`` packages with these requirements.
+``pipeline`` and ``transforms`` packages with ``install_requires`` only, which is what the pipeline's
+workers import (Beam, pyarrow/numpy, the FHIR writer's requests/authlib, fhir.resources for the sampled
+validation, nhs-number). The launcher (the ``ndop`` command: MESH, reports, metrics, progress bars) needs
+the ``launcher`` extra: ``pip install ".[launcher]"``; tests/test_packaging.py checks the split.
 """
 from setuptools import find_packages, setup
 
@@ -21,13 +24,15 @@ setup(
         "authlib>=1.3,<2",
         "pyarrow>=15,<26",
         "numpy>=1.26,<3",
-        "mesh-client>=5,<6",
         "nhs-number>=2.2,<3",
-        "matplotlib>=3.8,<4",
-        "prometheus-client>=0.20,<1",
-        "tqdm>=4.66,<5",
     ],
     extras_require={
+        "launcher": [  # the ndop command only; workers never import these
+            "mesh-client>=5,<6",
+            "matplotlib>=3.8,<4",
+            "prometheus-client>=0.20,<1",
+            "tqdm>=4.66,<5",
+        ],
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.6,<4",

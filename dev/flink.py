@@ -52,6 +52,9 @@ _CONFIG = {
     "taskmanager.rpc.port": "0",
     "taskmanager.data.port": "0",
 }
+# 4 slots (parallelism up to 4): twice the network memory ("required 512, but only 491 available" with _CONFIG's).
+FOUR_SLOTS = {"taskmanager.memory.process.size": "2368m", "taskmanager.memory.network.min": "640m",
+              "taskmanager.memory.network.max": "640m"}
 _LOG4J = """rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = MainAppender
 appender.main.name = MainAppender
@@ -110,13 +113,16 @@ class _FlinkProcess(LocalService):
 class FlinkCluster:
     """A Flink session cluster on free loopback ports: ``master`` is its REST address (host:port)."""
 
-    def __init__(self, folder: str | os.PathLike[str], slots: int = PARALLELISM) -> None:
+    def __init__(self, folder: str | os.PathLike[str], slots: int = PARALLELISM,
+                 config: dict[str, str] | None = None) -> None:
+        """``config``: Flink settings over the defaults (e.g. more network memory for more slots)."""
         if missing():
             raise FileNotFoundError(
                 f"Flink is not built ({', '.join(missing())}): run dev/setup_env.sh (without NDOP_WITH_FLINK=0)")
         self.folder = Path(folder).resolve()
         self.conf_dir = self.folder / "conf"
         self.slots = slots
+        self.config = config or {}
         self.rest_port = free_port()
         self.master = f"{HOST}:{self.rest_port}"
         self.jobmanager = _FlinkProcess(self, "jobmanager",
@@ -130,7 +136,7 @@ class FlinkCluster:
             "jobmanager.rpc.address": HOST, "jobmanager.bind-host": HOST, "jobmanager.rpc.port": str(free_port()),
             "taskmanager.host": HOST, "taskmanager.bind-host": HOST,
             "rest.address": HOST, "rest.bind-address": HOST, "rest.port": str(self.rest_port),
-            **_CONFIG, "taskmanager.numberOfTaskSlots": str(self.slots),
+            **_CONFIG, "taskmanager.numberOfTaskSlots": str(self.slots), **self.config,
         }
         # flat "key: value" lines are valid YAML, which Flink 1.19 reads from config.yaml
         (self.conf_dir / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))

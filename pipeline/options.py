@@ -8,7 +8,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.fhir.config import AUTH_MODES
-from pipeline.settings import BATCH, SAMPLE, SHARDS, WHOLE_DAYS, number_option
+from pipeline.settings import BATCH, SAMPLE, SHARDS, WHOLE_DAYS, WRITERS, number_option
 
 DEFAULT_SHARDS = 32
 DEFAULT_BATCH_SIZE = 500
@@ -37,6 +37,10 @@ class NdopOptions(PipelineOptions):
         parser.add_argument("--fhir_client_secret_file", help="file holding the OAuth2 client secret")
         parser.add_argument("--batch_size", type=number_option("--batch_size", BATCH), default=DEFAULT_BATCH_SIZE,
                             help="Consents per FHIR Bundle")
+        parser.add_argument("--max_writers", "--max-writers", dest="max_writers",
+                            type=number_option("--max_writers", WRITERS), default=0,
+                            help="at most this many bundles in flight to the FHIR store at once, whatever the "
+                                 "runner's parallelism (a store's write quota); 0: no cap")
         parser.add_argument("--bundle_type", choices=("batch", "transaction"), default="batch")
         parser.add_argument("--upsert", choices=("id", "conditional"), default="id",
                             help="PUT Consent/<id>, or conditional PUT Consent?identifier=...")

@@ -108,8 +108,12 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     reply = p | "ReadReply" >> ReadReply(opts.reply, opts.shards)
     lopts = ledger_opts or opts.view_as(LedgerOptions)
     previous = p | "ReadLedger" >> ledger.ReadLedger(lopts.ledger_in, opts.shards)
-    joined = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous} | "JoinWithLedger" >> (
-        ledger.JoinWithLedger(opts.checked_at, opts.request_id, key, lopts.refresh_days, lopts.full_refresh))
+    inputs = {MANIFEST: manifest, REPLY: reply.numbers, ledger.LEDGER: previous}
+    if opts.patient_ids:  # a fourth input: each worker holds its shard's Patient ids, not the cohort's
+        inputs[ledger.PATIENT_IDS] = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest, opts.shards)
+    joined = inputs | "JoinWithLedger" >> (
+        ledger.JoinWithLedger(opts.checked_at, opts.request_id, key, lopts.refresh_days, lopts.full_refresh,
+                              chunk_size=opts.batch_size))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
         joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
@@ -126,12 +130,14 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
             lopts.ledger_out, error_count)
     if until == "join":
         return outputs
-    patient_ids = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest) if opts.patient_ids else None
-    consents = joined.to_write | "BuildConsent" >> BuildConsent(opts.checked_at, key, opts.sample_validate, patient_ids)
+    # Bundle-sized chunks, redistributed: the Consents are built and written by every worker, not one per shard.
+    from transforms.write_consents import SpreadWrites, WriteConsents
+
+    spread = joined.to_write | "SpreadWrites" >> SpreadWrites(opts.max_writers)
+    consents = spread | "BuildConsent" >> BuildConsent(opts.checked_at, key, opts.sample_validate)
     outputs["consents"] = consents
     if until == "consents":
         return outputs
-    from transforms.write_consents import WriteConsents
 
     written = consents | "WriteConsents" >> WriteConsents(
         fhir_config(opts),

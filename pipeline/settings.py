@@ -49,6 +49,7 @@ MESH_TIMEOUT = Range(1, 600, "seconds")
 BATCH = Range(1, 100_000, "entries", whole=True)
 SHARDS = Range(1, 65_536, "shards", whole=True)
 SAMPLE = Range(0, 1_000_000, "Consents", whole=True)
+WRITERS = Range(0, 10_000, "writers", whole=True)  # concurrent FHIR writers; 0: as many as the runner runs
 
 
 def parse_number(value: str | float | int, name: str, allowed: Range) -> float:

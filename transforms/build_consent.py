@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -106,7 +106,9 @@ def check_checked_at(checked_at: str | None) -> str:
 
 
 class BuildConsentFn(beam.DoFn):
-    """A classified ``(status, int64 array)`` batch into one Consent dict per patient.
+    """A classified ``(status, int64 array)`` batch into one Consent dict per patient; a third item, when there,
+    holds each patient's FHIR Patient id (None where unknown), carried through the join
+    (:data:`transforms.ledger.PATIENT_IDS`).
 
     ``checked_at`` is taken as checked: :class:`BuildConsent` validated it (and the template) once.
     """
@@ -121,14 +123,14 @@ class BuildConsentFn(beam.DoFn):
         self._to_validate = self._sample_validate
         self._key: IdKey = self._key_source.load()
 
-    def process(self, batch: tuple[str, np.ndarray],
-                patient_ids: Mapping[int, str] | None = None) -> Iterator[dict[str, Any]]:
-        status, numbers = batch
+    def process(self, batch: tuple[str, np.ndarray] | tuple[str, np.ndarray, Sequence[str | None]]
+                ) -> Iterator[dict[str, Any]]:
+        status, numbers = batch[0], batch[1]
         checked_at = self._checked_at
-        ids = patient_ids or {}
+        ids = batch[2] if len(batch) > 2 else [None] * len(numbers)  # type: ignore[misc]
         consent_id = self._key.consent_id
-        for key, number in zip(numbers.tolist(), shardlib.to_strings(numbers)):
-            consent = build_consent(number, status, checked_at, ids.get(key), consent_id=consent_id(number))
+        for number, patient_id in zip(shardlib.to_strings(numbers), ids):
+            consent = build_consent(number, status, checked_at, patient_id, consent_id=consent_id(number))
             if self._to_validate > 0:
                 self._to_validate -= 1
                 validate_consent(consent)
@@ -139,18 +141,12 @@ class BuildConsentFn(beam.DoFn):
 class BuildConsent(beam.PTransform):
     """Classified batches -> Consent dicts (per patient from here on: the FHIR leg is per patient)."""
 
-    def __init__(self, checked_at: str, key: KeySource, sample_validate: int = 1,
-                 patient_ids: pvalue.PCollection | None = None) -> None:
-        """``patient_ids``: optional ``(int64 number, Patient id)`` pairs (:class:`ReadPatientIds`), a dict
-        side input: a worker holds every known id (about 100 bytes each; fine for a FHIR store's cohort)."""
+    def __init__(self, checked_at: str, key: KeySource, sample_validate: int = 1) -> None:
         super().__init__()
         self._checked_at = check_checked_at(checked_at)
         self._key = key
         self._sample_validate = sample_validate
-        self._patient_ids = patient_ids
 
     def expand(self, batches: pvalue.PCollection) -> pvalue.PCollection:
         fn = BuildConsentFn(self._checked_at, self._key, self._sample_validate)
-        if self._patient_ids is None:
-            return batches | "BuildConsentDicts" >> beam.ParDo(fn)
-        return batches | "BuildConsentDicts" >> beam.ParDo(fn, patient_ids=pvalue.AsDict(self._patient_ids))
+        return batches | "BuildConsentDicts" >> beam.ParDo(fn)

@@ -49,11 +49,13 @@ from pipeline import progress
 from transforms import shards as shardlib
 from transforms.consent_ids import IdKey, KeySource
 from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
+from transforms.read_inputs import patient_ids_for
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
 LEDGER = "ledger"
+PATIENT_IDS = "patient_ids"  # the join's optional fourth input (transforms.read_inputs.ReadPatientIds)
 DEFAULT_REFRESH_DAYS = 30
 ROW_GROUP_ROWS = 262_144
 DAY = 86_400
@@ -355,16 +357,20 @@ def _path_of(metadata: Any) -> str:
 class DecideShardFn(ClassifyShardFn):
     """A ``(shard, {manifest, reply, ledger})`` group: classified (join.py's rule), then decided.
 
-    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes);
+    Main output: ``(status, int64 array)`` batches of the Consents to write (what BuildConsent takes; with a
+    :data:`PATIENT_IDS` input ``(status, int64 array, Patient ids)``), each at
+    most ``chunk_size`` long (one FHIR bundle's worth), so a runner can spread one shard's writes over many
+    workers after a ``Reshuffle`` (pipeline/process.py) and a retried work item rewrites one chunk, not a shard;
     :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes; :attr:`INTEGRITY_ERRORS` as join.py's.
     """
 
     LEDGER = LEDGER
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int,
-                 full_refresh: bool) -> None:
+                 full_refresh: bool, chunk_size: int | None = None) -> None:
         super().__init__()
         self._key_source = key
+        self._chunk_size = chunk_size
         self._checked_at = checked_at
         self._request_id = request_id
         self._refresh_days = refresh_days
@@ -384,16 +390,20 @@ class DecideShardFn(ClassifyShardFn):
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
         progress.expect_writes(len(decision.write_opted_out) + len(decision.write_not_opted_out))
-        if len(decision.write_opted_out):
-            yield OPTED_OUT, decision.write_opted_out
-        if len(decision.write_not_opted_out):
-            yield NOT_OPTED_OUT, decision.write_not_opted_out
+        id_blocks = list(grouped[PATIENT_IDS]) if PATIENT_IDS in grouped else None
+        for status, numbers in ((OPTED_OUT, decision.write_opted_out), (NOT_OPTED_OUT, decision.write_not_opted_out)):
+            ids = patient_ids_for(numbers, id_blocks) if id_blocks is not None else None
+            start = 0
+            for chunk in shardlib.chunks(numbers, self._chunk_size):
+                yield (status, chunk) if ids is None else (status, chunk, ids[start : start + len(chunk)])
+                start += len(chunk)
         if decision.ledger.num_rows:
             yield pvalue.TaggedOutput(self.LEDGER, (shard, to_bytes(decision.ledger)))
 
 
 class JoinWithLedger(beam.PTransform):
-    """``{manifest, reply, ledger}`` shards -> Consents to write, new ledger rows, integrity errors.
+    """``{manifest, reply, ledger}`` shards (and optionally :data:`PATIENT_IDS`) -> Consents to write, new ledger
+    rows, integrity errors.
 
     Outputs (``.with_outputs``): ``to_write`` (main), :attr:`LEDGER`, :attr:`INTEGRITY_ERRORS`.
     """
@@ -402,15 +412,18 @@ class JoinWithLedger(beam.PTransform):
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int = DEFAULT_REFRESH_DAYS,
-                 full_refresh: bool = False) -> None:
+                 full_refresh: bool = False, chunk_size: int | None = None) -> None:
+        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard)."""
         super().__init__()
         if refresh_days < 0:
             raise ValueError("refresh_days must be 0 or more")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh)
+        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
-        assert set(inputs) == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
+        assert set(inputs) - {PATIENT_IDS} == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
         return (
             inputs
             | "JoinManifestReplyLedger" >> beam.CoGroupByKey()

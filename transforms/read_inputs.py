@@ -12,7 +12,7 @@ integrity error too: no numbers means "everyone opted out", which only a truly e
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -91,28 +91,60 @@ class ReadManifest(beam.PTransform):
         )
 
 
-def patient_id_pairs(table: pa.Table) -> list[tuple[int, str]]:
-    """``(number as int64, Patient id)`` for each manifest row whose Patient id is known."""
+def known_patient_ids(table: pa.Table) -> pa.Table:
+    """``{nhs_number: int64, patient_id: string}`` for each manifest row whose Patient id is known."""
     ids = pc.fill_null(table.column(PATIENT_ID_COLUMN).combine_chunks().cast(pa.string()), "")
     known = pc.not_equal(ids, "")
     numbers = nhs.to_int64(pc.filter(table.column(MANIFEST_COLUMN).combine_chunks().cast(pa.string()), known))
-    return list(zip(numbers.tolist(), pc.filter(ids, known).to_pylist()))
+    return pa.table({MANIFEST_COLUMN: pa.array(numbers, pa.int64()), PATIENT_ID_COLUMN: pc.filter(ids, known)})
+
+
+def patient_ids_for(numbers: np.ndarray, blocks: Sequence[bytes]) -> list[str | None]:
+    """The Patient id of each of ``numbers`` (None where unknown) from a shard's :class:`ReadPatientIds` blocks;
+    a number the manifest lists twice takes the id of its first known row."""
+    tables = [pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
+    if not tables or not len(numbers):
+        return [None] * len(numbers)
+    table = pa.concat_tables(tables)
+    known = table.column(MANIFEST_COLUMN).to_numpy()
+    order = np.argsort(known, kind="stable")
+    known = known[order]
+    first = np.concatenate([[True], known[1:] != known[:-1]]) if len(known) else np.zeros(0, bool)
+    known, order = known[first], order[first]
+    pos = np.minimum(np.searchsorted(known, numbers), len(known) - 1)
+    found = known[pos] == numbers
+    ids = table.column(PATIENT_ID_COLUMN).combine_chunks().take(pa.array(order[pos])).to_pylist()
+    return [value if hit else None for value, hit in zip(ids, found.tolist())]
+
+
+class ShardPatientIdsFn(beam.DoFn):
+    """One manifest block's known Patient ids as ``(shard, Arrow IPC bytes)`` (the join's fourth input)."""
+
+    def __init__(self, shards: int) -> None:
+        self._shards = shards
+
+    def process(self, table: pa.Table) -> Iterator[tuple[int, bytes]]:
+        from transforms.ledger import split_by_shard  # the ledger's (shard, Arrow bytes) split
+
+        yield from split_by_shard(known_patient_ids(table), self._shards)
 
 
 class ReadPatientIds(beam.PTransform):
-    """The manifest's optional ``patient_id`` column as ``(int64 number, id)`` pairs, for the Consents
-    to reference ``Patient/<id>``. Used only when the manifest has the column (``--patient_ids``)."""
+    """The manifest's optional ``patient_id`` column as ``(shard, Arrow IPC bytes)`` blocks of
+    ``{nhs_number, patient_id}``, joined beside the manifest, reply and ledger (:class:`JoinWithLedger`) so each
+    worker holds only its shard's ids, never the whole cohort's. Used only with ``--patient_ids``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, shards: int) -> None:
         super().__init__()
         self._path = path
+        self._shards = shards
 
     def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
         return (
             pbegin
             | "ReadParquet" >> beam.io.ReadFromParquetBatched(
                 self._path, columns=[MANIFEST_COLUMN, PATIENT_ID_COLUMN], validate=False)
-            | "PairNumberWithPatientId" >> beam.FlatMap(patient_id_pairs)
+            | "ShardPatientIds" >> beam.ParDo(ShardPatientIdsFn(self._shards))
         )
 
 

@@ -53,6 +53,15 @@ def split_by_shard(numbers: np.ndarray, shards: int) -> Iterator[tuple[int, byte
         start += count
 
 
+def chunks(numbers: np.ndarray, size: int | None) -> Iterator[np.ndarray]:
+    """``numbers`` in consecutive slices of at most ``size`` (views, no copy); ``None``: the whole array once."""
+    if len(numbers) == 0:
+        return
+    step = len(numbers) if not size else size
+    for start in range(0, len(numbers), step):
+        yield numbers[start : start + step]
+
+
 def from_bytes(blocks: list[bytes] | tuple[bytes, ...]) -> np.ndarray:
     """Concatenate ``(shard, bytes)`` payloads back into one int64 array."""
     if not blocks:

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlencode
 
 import apache_beam as beam
+import numpy as np
 import requests
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
@@ -47,6 +48,7 @@ from pipeline.fhir.retry import RETRY_STATUSES, backoff_seconds, is_timeout
 from pipeline.fhir.search import post_bundle
 from pipeline.fhir.sessions import open_session
 from pipeline.state import isoformat, utcnow
+from transforms.shards import shard_of
 from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
 from transforms.vocabulary import METRICS_NAMESPACE, Counter
 
@@ -315,6 +317,43 @@ class _PostBundlesFn(beam.DoFn):
             f"the FHIR server {self._config.base_url} is unreachable: {why}, after "
             f"{self._config.no_answer_retries} retries each; stopped writing: the run fails, nothing is acknowledged"
         )
+
+
+class SpreadWrites(beam.PTransform):
+    """Bundle-sized ``(status, int64 array)`` chunks (``DecideShard``'s), redistributed for the writes.
+
+    No cap (``max_writers=0``): a ``Reshuffle``, so BuildConsent and PostBundles (fused behind it) run on every
+    worker the runner has, and a retried work item rewrites a chunk, not a join shard. With ``max_writers=N``:
+    each chunk is keyed to one of N writer slots (the join's hash, :func:`transforms.shards.shard_of`, on its first
+    number) and grouped by slot, so at most N work items, each posting its slot's chunks one bundle at a time,
+    are in flight to the store whatever the runner's parallelism (a FHIR store's write quota).
+    (A plain ``GroupByKey``: Prism 2.77 lost and re-posted Consents behind ``GroupIntoBatches`` here.)
+    """
+
+    def __init__(self, max_writers: int = 0) -> None:
+        super().__init__()
+        if max_writers < 0:
+            raise ValueError(f"max_writers must be 0 (no cap) or more, not {max_writers}")
+        self._max_writers = max_writers
+
+    def expand(self, chunks: pvalue.PCollection) -> pvalue.PCollection:
+        if not self._max_writers:
+            return chunks | "Redistribute" >> beam.Reshuffle()
+        return (
+            chunks
+            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers)
+            | "GroupByWriterSlot" >> beam.GroupByKey()
+            | "SlotChunks" >> beam.FlatMap(_slot_chunks)
+        )
+
+
+def writer_slot(chunk: tuple[str, np.ndarray], writers: int) -> tuple[int, tuple[str, np.ndarray]]:
+    """``(slot, chunk)``: the chunk's writer slot in ``[0, writers)``, the same on every worker and run."""
+    return int(shard_of(chunk[1][:1], writers)[0]), chunk
+
+
+def _slot_chunks(grouped: tuple[int, Iterable[tuple[str, np.ndarray]]]) -> Iterable[tuple[str, np.ndarray]]:
+    return grouped[1]
 
 
 class WriteConsents(beam.PTransform):

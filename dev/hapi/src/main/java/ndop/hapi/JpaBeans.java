@@ -4,6 +4,7 @@ import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
 import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
+import ca.uhn.fhir.batch2.jobs.imprt.BulkDataImportProvider;
 import ca.uhn.fhir.jpa.config.HibernatePropertiesProvider;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
@@ -100,11 +101,13 @@ public class JpaBeans {
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			DatabaseBackedPagingProvider pagingProvider,
-			ValidateOnWrite validateOnWrite) {
+			ValidateOnWrite validateOnWrite,
+			BulkDataImportProvider bulkImportProvider) {
 		FhirContext context = systemDao.getContext();
 		RestfulServer server = new RestfulServer(context);
 		server.registerProviders(resourceProviders.createProviders());
 		server.registerProvider(systemProvider);
+		server.registerProvider(bulkImportProvider); // $import (NDJSON over HTTP URLs): ndop-sync's bulk first load
 		server.setPagingProvider(pagingProvider);
 		server.setServerConformanceProvider(new JpaCapabilityStatementProvider(
 				server, systemDao, storageSettings, searchParamRegistry, validationSupport));
