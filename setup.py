@@ -41,7 +41,8 @@ setup(
             "ruff>=0.6,<1",
             "mypy>=1.10,<2",
             "mkdocs>=1.6,<2",  # docs/ (mkdocs.yml): run_tests.sh builds them with --strict
-            "uv>=0.9,<1",  # dev/setup_env.sh installs the locks in requirements/ with it; dev/lock.sh makes them
+            "uv>=0.9,<1",
+            "import-linter>=2.1,<3",  # .importlinter: the layers of pipeline/ and what transforms/ may import  # dev/setup_env.sh installs the locks in requirements/ with it; dev/lock.sh makes them
         ],
     },
     entry_points={"console_scripts": ["ndop=pipeline.cli:main"]},

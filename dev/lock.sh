@@ -6,8 +6,10 @@
 #   dev/lock.sh              keep every locked version that still satisfies setup.py (only what changed moves)
 #   dev/lock.sh --upgrade    move everything to the newest versions setup.py allows
 #
-#   requirements/test.txt         .venv: setup.py's install_requires + the `test` extra (what the tests ran with)
-#   requirements/runtime.txt      install_requires only: a production install (docs/deployers.md)
+#   requirements/test.txt         .venv: setup.py's install_requires + the `launcher` and `test` extras (what the
+#                                 tests ran with)
+#   requirements/runtime.txt      install_requires + the `launcher` extra: a production install of the ndop command
+#                                 (docs/deployers.md); Beam workers install setup.py's install_requires only
 #   requirements/fhir-server.txt  .venv-fhir: the local FHIR test server, sekmet-fhir (its own venv: its FastAPI
 #                                 cannot share one with mesh-sandbox)
 #   requirements/uv.txt           uv itself, which setup installs first (with pip, checked by hash) to install the rest
@@ -29,8 +31,8 @@ COMPILE=("$UV" pip compile --quiet --generate-hashes --universal --python-versio
          --custom-compile-command "dev/lock.sh" "$@")
 mkdir -p "$OUT"
 cd "$ROOT"
-"${COMPILE[@]}" setup.py --extra test -o "$OUT/test.txt"
-"${COMPILE[@]}" setup.py -c "$OUT/test.txt" -o "$OUT/runtime.txt"  # the versions the tests ran with
+"${COMPILE[@]}" setup.py --extra launcher --extra test -o "$OUT/test.txt"
+"${COMPILE[@]}" setup.py --extra launcher -c "$OUT/test.txt" -o "$OUT/runtime.txt"  # the versions the tests ran with
 printf 'sekmet-fhir==0.1.1\n' | "${COMPILE[@]}" - -o "$OUT/fhir-server.txt"
 grep -E '^uv==' "$OUT/test.txt" | sed 's/ .*//' | "${COMPILE[@]}" - -o "$OUT/uv.txt"
 echo "locked: $(cd "$OUT" && for f in test runtime fhir-server uv; do printf '%s.txt (%s packages) ' "$f" "$(grep -c '==' "$f.txt")"; done)" >&2

@@ -35,11 +35,13 @@ from apache_beam.options.pipeline_options import (PipelineOptions, PortableOptio
 from pipeline import datfile, nhs, progress
 from pipeline import ledger as ledger_dirs
 from pipeline.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
+from pipeline.faults import FAULT_ENV, fault_point
 from pipeline.files import write_json
 from pipeline.options import LedgerOptions, NdopOptions
 from pipeline.state import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.consent_ids import IdKey, KeySource, configured_source
+from transforms.hooks import NO_HOOKS, WorkerHooks
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
 from transforms import ledger
 from transforms.join import MANIFEST, REPLY
@@ -93,8 +95,18 @@ def id_key(opts: NdopOptions) -> tuple[IdKey, KeySource]:
     return open_key(spec)
 
 
+def worker_hooks(runner: str) -> WorkerHooks:
+    """Callbacks for workers in this process (a local runner): the progress line, and the crash tests' fault point
+    when ``NDOP_FAULT`` names one. Workers elsewhere get none."""
+    if runner not in _LOCAL_RUNNERS:
+        return NO_HOOKS
+    return WorkerHooks(expect_writes=progress.expect_writes, wrote=progress.advance_writes,
+                       fault=fault_point if os.environ.get(FAULT_ENV) else None)
+
+
 def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
-                   ledger_opts: LedgerOptions | None = None, key: KeySource | None = None) -> dict[str, Any]:
+                   ledger_opts: LedgerOptions | None = None, key: KeySource | None = None,
+                   hooks: WorkerHooks = NO_HOOKS) -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
     ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
@@ -113,7 +125,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         inputs[ledger.PATIENT_IDS] = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest, opts.shards)
     joined = inputs | "JoinWithLedger" >> (
         ledger.JoinWithLedger(opts.checked_at, opts.request_id, key, lopts.refresh_days, lopts.full_refresh,
-                              chunk_size=opts.batch_size))
+                              chunk_size=opts.batch_size, hooks=hooks))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
         joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
@@ -146,6 +158,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         upsert=opts.upsert,
         integrity_errors=error_count,
         provenance=provenance_settings(opts),
+        hooks=hooks,
     )
     dead_letters = (errors, written[WriteConsents.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
     dead_letters | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))
@@ -351,7 +364,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     try:
         with _private_files(local):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, opts, ledger_opts=lopts, key=source)
+            build_pipeline(p, opts, ledger_opts=lopts, key=source, hooks=worker_hooks(runner))
             # The total is what the ledger join decides to write (it reports it shard by shard), not the cohort.
             with progress.tracking_writes(None, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()

@@ -7,7 +7,7 @@ Nothing here ever sees an NHS number: only counts and times.
 * :func:`poll_sleeper` wraps the poll loop's ``sleep`` to say how long the run has waited, when it polls
   next and how long NDOP usually takes (the median of earlier requests, from ``runs.jsonl``).
 * :func:`tracking_writes` / :func:`advance_writes` count Consents written by an in-process runner (the
-  write DoFn calls :func:`advance_writes`; on a remote worker nothing is tracking and it does nothing).
+  launcher hands the write DoFn :func:`advance_writes` as a hook, transforms/hooks.py; remote workers get none).
 * :func:`follow_job` reports the same figures from a running job's metrics (Dataflow, Flink), polling
   ``wait_until_finish(duration=...)`` until the job ends.
 """

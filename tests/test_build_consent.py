@@ -18,7 +18,7 @@ from transforms.build_consent import (
     check_checked_at,
     validate_consent,
 )
-from transforms.join import NOT_OPTED_OUT, OPTED_OUT
+from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
 
 CHECKED_AT = "2024-11-26T10:15:00Z"
 

@@ -1,4 +1,5 @@
-"""The join and classification: every case of the NDOP rule, on numpy and through Beam."""
+"""The join and classification: every case of the NDOP rule, on numpy and through Beam (the production join,
+JoinWithLedger, on a first load: no ledger yet)."""
 from __future__ import annotations
 
 import apache_beam as beam
@@ -9,7 +10,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import nhs
 from tests.beam_util import local_pipeline
 from transforms import shards
-from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REASON_REPLY_ONLY, REPLY, JoinAndClassify, classify
+from tests.helpers import key_source_for_tests
+from transforms.join import MANIFEST, REASON_REPLY_ONLY, REPLY, classify
+from transforms.ledger import LEDGER, JoinWithLedger
+from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
 
 SHARDS = 5
 
@@ -45,19 +49,24 @@ def _sharded(p, label, numbers):
     return p | label >> beam.Create(blocks)
 
 
+def _join(p, manifest, reply):
+    """The production join with an empty ledger: every patient is new, so every one is written."""
+    no_ledger = p | "NoLedger" >> beam.Create([]).with_output_types(tuple[int, bytes])
+    return {MANIFEST: manifest, REPLY: reply, LEDGER: no_ledger} | JoinWithLedger(
+        "2024-11-26T10:15:00Z", "R1", key_source_for_tests(), refresh_days=0)
+
+
 def test_join_and_classify_through_beam():
     numbers = nhs.synthetic_numbers(200, seed=5).to_pylist()
     manifest, reply_only = numbers[:180], numbers[180:183]
     opted_out = manifest[::10]  # 18 of 180
     reply = [n for n in manifest if n not in opted_out]
     with local_pipeline() as p:
-        joined = {
-            MANIFEST: _sharded(p, "Manifest", manifest + manifest[:7]),  # duplicates in one block
-            REPLY: _sharded(p, "Reply", reply + reply_only) ,
-        } | JoinAndClassify()
+        joined = _join(p, _sharded(p, "Manifest", manifest + manifest[:7]),  # duplicates in one block
+                       _sharded(p, "Reply", reply + reply_only))
         expected = [(n, OPTED_OUT) for n in opted_out] + [(n, NOT_OPTED_OUT) for n in reply]
-        assert_that(joined.classified | beam.FlatMap(_flatten), equal_to(expected), label="Statuses")
-        errors = joined[JoinAndClassify.INTEGRITY_ERRORS] | beam.Map(
+        assert_that(joined.to_write | beam.FlatMap(_flatten), equal_to(expected), label="Statuses")
+        errors = joined[JoinWithLedger.INTEGRITY_ERRORS] | beam.Map(
             lambda e: (e["nhs_number"], e["consent_id"], e["status"], e["reason"])
         )
         assert_that(errors, equal_to([(n, None, None, REASON_REPLY_ONLY) for n in reply_only]),
@@ -74,7 +83,7 @@ def test_duplicates_split_over_blocks_are_counted_once():
             _sharded(p, "First", numbers),
             _sharded(p, "Second", numbers[:5]),  # same numbers again, in another block
         ) | beam.Flatten()
-        joined = {MANIFEST: manifest, REPLY: _sharded(p, "Reply", numbers)} | JoinAndClassify()
-        assert_that(joined.classified | beam.FlatMap(_flatten), equal_to([(n, NOT_OPTED_OUT) for n in numbers]))
+        joined = _join(p, manifest, _sharded(p, "Reply", numbers))
+        assert_that(joined.to_write | beam.FlatMap(_flatten), equal_to([(n, NOT_OPTED_OUT) for n in numbers]))
     counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]}
     assert counters["manifest_duplicates"] == 5

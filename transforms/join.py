@@ -20,7 +20,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from transforms import shards as shardlib
-from transforms.vocabulary import METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT, integrity_error
+from transforms.vocabulary import METRICS_NAMESPACE, integrity_error
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -92,27 +92,3 @@ class ClassifyShardFn(beam.DoFn):
                 self.INTEGRITY_ERRORS, integrity_error(REASON_REPLY_ONLY, number)
             )
 
-    def process(self, element: tuple[int, dict[str, Any]]) -> Iterator[Any]:
-        _, grouped = element
-        result = self.classify_group(grouped)
-        if len(result.opted_out):
-            yield OPTED_OUT, result.opted_out
-        if len(result.not_opted_out):
-            yield NOT_OPTED_OUT, result.not_opted_out
-        yield from self.integrity_outputs(result)
-
-
-class JoinAndClassify(beam.PTransform):
-    """``{"manifest": shards, "reply": shards}`` -> classified batches + integrity errors.
-
-    Outputs (``.with_outputs``): ``classified`` (main) and :attr:`INTEGRITY_ERRORS`.
-    """
-
-    INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
-
-    def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
-        return (
-            inputs
-            | "JoinWithReply" >> beam.CoGroupByKey()
-            | "ClassifyShard" >> beam.ParDo(ClassifyShardFn()).with_outputs(self.INTEGRITY_ERRORS, main="classified")
-        )

@@ -45,12 +45,12 @@ from apache_beam.io.fileio import EmptyMatchTreatment
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import progress
 from transforms import shards as shardlib
 from transforms.consent_ids import IdKey, KeySource
-from transforms.join import MANIFEST, NOT_OPTED_OUT, OPTED_OUT, REPLY, Classified, ClassifyShardFn
+from transforms.hooks import NO_HOOKS, WorkerHooks
+from transforms.join import MANIFEST, REPLY, Classified, ClassifyShardFn
 from transforms.read_inputs import patient_ids_for
-from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE
+from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, NOT_OPTED_OUT, OPTED_OUT
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -367,8 +367,9 @@ class DecideShardFn(ClassifyShardFn):
     LEDGER = LEDGER
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int,
-                 full_refresh: bool, chunk_size: int | None = None) -> None:
+                 full_refresh: bool, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
         super().__init__()
+        self._hooks = hooks
         self._key_source = key
         self._chunk_size = chunk_size
         self._checked_at = checked_at
@@ -389,7 +390,7 @@ class DecideShardFn(ClassifyShardFn):
         for key, value in decision.counts.items():
             self._ledger_counters[key].inc(value)
         self._ledger_counters["ledger_rows"].inc(decision.ledger.num_rows)
-        progress.expect_writes(len(decision.write_opted_out) + len(decision.write_not_opted_out))
+        self._hooks.expecting(len(decision.write_opted_out) + len(decision.write_not_opted_out))
         id_blocks = list(grouped[PATIENT_IDS]) if PATIENT_IDS in grouped else None
         for status, numbers in ((OPTED_OUT, decision.write_opted_out), (NOT_OPTED_OUT, decision.write_not_opted_out)):
             ids = patient_ids_for(numbers, id_blocks) if id_blocks is not None else None
@@ -412,7 +413,7 @@ class JoinWithLedger(beam.PTransform):
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int = DEFAULT_REFRESH_DAYS,
-                 full_refresh: bool = False, chunk_size: int | None = None) -> None:
+                 full_refresh: bool = False, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
         """``chunk_size``: the longest ``to_write`` array (None: one per status and shard)."""
         super().__init__()
         if refresh_days < 0:
@@ -420,7 +421,7 @@ class JoinWithLedger(beam.PTransform):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size)
+        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size, hooks)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
         assert set(inputs) - {PATIENT_IDS} == {MANIFEST, REPLY, LEDGER}, sorted(inputs)

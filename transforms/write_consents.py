@@ -40,8 +40,7 @@ import requests
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline.faults import fault_point
-from pipeline import nhs, progress
+from pipeline import nhs
 from pipeline.fhir.answers import FhirUnreachableError, outcome_text, response_reason, status_code
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.retry import RETRY_STATUSES, backoff_seconds, is_timeout
@@ -50,6 +49,7 @@ from pipeline.fhir.sessions import open_session
 from pipeline.state import isoformat, utcnow
 from transforms.shards import shard_of
 from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
+from transforms.hooks import NO_HOOKS, WorkerHooks
 from transforms.vocabulary import METRICS_NAMESPACE, Counter
 
 _LOGGER = logging.getLogger(__name__)
@@ -127,8 +127,9 @@ class _PostBundlesFn(beam.DoFn):
     """Posts one batch of Consents as one Bundle; one session per DoFn instance."""
 
     def __init__(self, config: FhirClientConfig, bundle_type: str, upsert: str,
-                 provenance: ProvenanceSettings | None = None) -> None:
+                 provenance: ProvenanceSettings | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
         self._config = config
+        self._hooks = hooks
         self._bundle_type = bundle_type
         self._upsert = upsert
         self._provenance = provenance
@@ -186,8 +187,8 @@ class _PostBundlesFn(beam.DoFn):
         self.updated.inc(outcome["updated"])
         if self._provenance is not None and written:
             self._record_provenance(written)
-        progress.advance_writes(len(batch))  # the local runner's progress line; a no-op on remote workers
-        fault_point("after-first-bundle")  # crash tests: killed in the middle of the FHIR writes
+        self._hooks.written(len(batch))  # the local runner's progress line (no hook on remote workers)
+        self._hooks.at("after-first-bundle")  # crash tests: killed in the middle of the FHIR writes
         if dead:
             self.failed.inc(len(dead))
             first = dead[0]
@@ -381,6 +382,7 @@ class WriteConsents(beam.PTransform):
         integrity_errors: pvalue.PCollection | None = None,
         label: str | None = None,
         provenance: ProvenanceSettings | None = None,
+        hooks: WorkerHooks = NO_HOOKS,
     ) -> None:
         super().__init__(label)
         if bundle_type not in BUNDLE_TYPES:
@@ -395,6 +397,7 @@ class WriteConsents(beam.PTransform):
         self._upsert = upsert
         self._integrity_errors = integrity_errors
         self._provenance = provenance
+        self._hooks = hooks
 
     def expand(self, consents: pvalue.PCollection) -> pvalue.DoOutputsTuple:
         side_inputs: dict[str, Any] = {}
@@ -405,7 +408,7 @@ class WriteConsents(beam.PTransform):
             | "BatchConsents"
             >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
             | "PostBundles"
-            >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert, self._provenance),
+            >> beam.ParDo(_PostBundlesFn(self._config, self._bundle_type, self._upsert, self._provenance, self._hooks),
                           **side_inputs).with_outputs(
                 self.DEAD_LETTER, main="main"
             )
