@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need (venvs, the local FHIR servers, Prism, Flink), checks the code (ruff, mypy:
-# config in pyproject.toml) and the docs/ pages (mkdocs build --strict: no dead link), and runs the tests.
+# config in pyproject.toml; import-linter: .importlinter) and the docs/ pages (mkdocs build --strict: no dead
+# link), and runs the tests.
 #   ./run_tests.sh [pytest arguments]        stage 1: every test but the second stage's, two workers (xdist)
 #   ./run_tests.sh --all [pytest arguments]  stage 1, then stage 2: the HAPI FHIR, Prism and Flink tests (what CI runs)
 set -euo pipefail
@@ -11,6 +12,8 @@ if [ "${1:-}" = "--all" ]; then ALL=1; shift; fi
 bash dev/setup_env.sh
 .venv/bin/python -m ruff check --quiet pipeline transforms
 .venv/bin/python -m mypy --no-error-summary pipeline transforms
+# .importlinter: the layers of pipeline/, what transforms/ (the workers' code) may import, no import circle
+LAYERS="$(.venv/bin/lint-imports --no-logo --no-cache 2>&1)" || { echo "$LAYERS" >&2; exit 1; }
 # The docs/ pages (mkdocs.yml): --strict fails on a dead link or anchor; its log is shown only when it fails.
 DOCS_SITE="$(mktemp -d)"
 .venv/bin/python -m mkdocs build --strict --site-dir "$DOCS_SITE" > "$DOCS_SITE.log" 2>&1 \

@@ -1,9 +1,9 @@
-"""A first load into HAPI: the batched PUT writer against HAPI's bulk ``$import`` (pipeline/bulk_import.py).
+"""A first load into HAPI: the batched PUT writer against HAPI's bulk ``$import`` (pipeline/fhir/bulk_import.py).
 
     NDOP_HAPI_CACHE=/tmp/hapi-scale PYTHONPATH=. python -m bench.bench_bulk_import [--patients 2000]
 
 One HAPI 8.8 (dev/hapi, with ``$import`` registered; ``NDOP_HAPI_CACHE`` names its build), two disjoint cohorts
-of ``--patients``: (a) ``pipeline.process`` on FnApiRunner, PUTs in batch Bundles of 500 (no Provenance, to
+of ``--patients``: (a) ``pipeline.beam.graph`` on FnApiRunner, PUTs in batch Bundles of 500 (no Provenance, to
 compare like with like); (b) the same Consents built, written as NDJSON, served from a loopback HTTP server and
 imported with ``$import``, polled until HAPI's job report accounts for every one. Wall time of each, one run.
 """
@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import requests
 
 from dev.hapi_server import HapiServer
-from pipeline import datfile, nhs
-from pipeline.bulk_import import HapiImport, ServeFolder, write_ndjson
-from pipeline.process import run
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.fhir.bulk_import import HapiImport, ServeFolder, write_ndjson
+from pipeline.beam.graph import run
 from bench.generate import bench_key
 from transforms.build_consent import build_consent
 

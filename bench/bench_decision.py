@@ -7,7 +7,7 @@ run left, day 1's reply with ``--changed`` statuses flipped. Each trial runs in 
 wall time and peak memory (VmHWM):
 
 (a) the pipeline (FnApiRunner, ``--shards 32``): read the manifest, the reply and the previous ledger, the
-    three-way join, :func:`transforms.ledger.decide` per shard, build the changed Consents, write the new
+    three-way join, :func:`transforms.ledger_join.decide` per shard, build the changed Consents, write the new
     ledger (bench_delta's ``nofhir`` trial, ``--refresh_days 0``);
 (b) the baseline written here with pyarrow alone (no Beam, no shards): read the same three inputs into
     tables, ``is_in`` for the NDOP rule, a hash join with the ledger, the to-write set and the new ledger
@@ -40,7 +40,7 @@ def pyarrow_decision(manifest: Path, reply: Path, ledger_dir: Path, out: Path, c
     import pyarrow.csv as csv
     import pyarrow.parquet as pq
 
-    from transforms.ledger import SCHEMA, epoch_seconds
+    from transforms.ledger_join import SCHEMA, epoch_seconds
     from bench.generate import bench_key
 
     consent_id = bench_key().consent_id

@@ -6,7 +6,7 @@
 With FHIR: a cohort of ``--patients``, a ledger from the previous run (day 0's answer, as that run wrote
 it) and day 1's answer with ``--changed`` statuses flipped. Measured in the same run, each in its own
 process against a fresh local FHIR server (sekmet):
-(a) ``python -m pipeline.process`` with ``--ledger_in`` (``--refresh_days 0``): writes and wall time;
+(a) ``python -m pipeline.beam.graph`` with ``--ledger_in`` (``--refresh_days 0``): writes and wall time;
 (b) the baseline, the same command with ``--full_refresh``: every Consent of the cohort rewritten
     (``--full-patients`` measures the baseline on a smaller cohort when a full 1M rewrite, ~15-20 min
     on sekmet, is too long; its rate is then quoted, not extrapolated into a ratio).
@@ -49,9 +49,10 @@ def _peak_mb() -> float:
 def prepare(patients: int, changed: int, shards: int) -> dict[str, Path]:
     """Day 0 inputs, day 1's reply (``changed`` statuses flipped) and the ledger day 0's run left."""
     from bench.generate import bench_key, generate
-    from pipeline import datfile
-    from pipeline.files import private_dir
-    from transforms import ledger, shards as shardlib
+    from pipeline.request import datfile
+    from pipeline.core.files import private_dir
+    from transforms import ledger_join as ledger
+    from transforms import shards as shardlib
     from transforms.join import classify
 
     folder = OUT / f"delta-{patients}"
@@ -94,18 +95,18 @@ def describe(ledger_dir: Path, fhir_base_url: str) -> None:
 
 
 def trial(kind: str, argv: list[str]) -> dict[str, Any]:
-    """One measurement in this (fresh) process: ``process`` (the whole pipeline.process run) or ``nofhir``."""
+    """One measurement in this (fresh) process: ``process`` (the whole pipeline.beam.graph run) or ``nofhir``."""
     start = time.perf_counter()
     if kind == "process":
-        from pipeline.process import run
+        from pipeline.beam.graph import run
 
         summary = run(argv)
         return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "ok": summary["ok"],
                 **summary["counts"]}
     import apache_beam as beam
 
-    from pipeline.options import LedgerOptions, NdopOptions
-    from pipeline.process import build_pipeline, counters, pipeline_options
+    from pipeline.beam.options import LedgerOptions, NdopOptions
+    from pipeline.beam.graph import build_pipeline, counters, pipeline_options
     options = pipeline_options(argv)
     opts = options.view_as(NdopOptions)
     p = beam.Pipeline(options=options)

@@ -34,7 +34,7 @@ from urllib3.util.retry import Retry  # noqa: E402
 
 from bench.bench_fhir_write import consent  # noqa: E402
 from dev.fhir_server import FhirServer  # noqa: E402
-from pipeline import nhs  # noqa: E402
+from pipeline.core import nhs  # noqa: E402
 from pipeline.fhir.config import FhirClientConfig  # noqa: E402
 from pipeline.fhir.retry import RETRY_STATUSES  # noqa: E402
 from transforms.write_consents import WriteConsents  # noqa: E402

@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from dev.fhir_server import FhirServer  # noqa: E402
 from dev.hapi_server import HapiServer  # noqa: E402
-from pipeline import nhs  # noqa: E402
+from pipeline.core import nhs  # noqa: E402
 from pipeline.fhir.config import FhirClientConfig  # noqa: E402
 from bench.generate import bench_key  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402

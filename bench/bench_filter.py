@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline import nhs  # noqa: E402
-from transforms.ledger import SCHEMA, STATUS_CODES  # noqa: E402
+from pipeline.core import nhs  # noqa: E402
+from transforms.ledger_join import SCHEMA, STATUS_CODES  # noqa: E402
 
 ROW_GROUP = 1_000_000
 
@@ -76,7 +76,7 @@ def generate(folder: Path, patients: int, rows: int, opted_out: float) -> None:
 BASELINE = r"""
 import sys, time
 import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
-from pipeline import nhs
+from pipeline.core import nhs
 folder, out = sys.argv[1], sys.argv[2]
 ledger = pq.read_table(f"{folder}/ledger/part-00000.parquet", columns=["nhs_number", "status"])
 allowed = pc.filter(ledger.column("nhs_number"), pc.equal(ledger.column("status").cast(pa.string()), "inactive"))

@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Callable
 
-from pipeline import nhs
+from pipeline.core import nhs
 from transforms.build_consent import build_consent
 from transforms.consent_ids import generate_key, parse_key, unkeyed_consent_id
 from transforms.vocabulary import NOT_OPTED_OUT

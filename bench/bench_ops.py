@@ -20,15 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.runlog import append_run, run_entry  # noqa: E402
-from pipeline.state import WorkDir  # noqa: E402
+from pipeline.ops.runlog import append_run, run_entry  # noqa: E402
+from pipeline.lifecycle.state import WorkDir  # noqa: E402
 
 REQUEST = "X26ABC1-010126-0001"
 OUTPUTS = f"""
 import sys
-from pipeline.outputs import RunOutcome, after_run  # noqa: E402
-from pipeline.runlog import load_report  # noqa: E402
-from pipeline.state import WorkDir
+from pipeline.ops.outputs import RunOutcome, after_run  # noqa: E402
+from pipeline.ops.runlog import load_report  # noqa: E402
+from pipeline.lifecycle.state import WorkDir
 work = WorkDir(sys.argv[1])
 after_run(work, RunOutcome(0, {REQUEST!r}, "done", load_report(work, {REQUEST!r})), "2026-01-01T06:00:00Z", 1.0,
           metrics_file=sys.argv[1] + "/ndop.prom")

@@ -82,8 +82,8 @@ def trial(kind: str, manifest: str, reply: str, shards: int, extra: list[str]) -
 
     import apache_beam as beam
 
-    from pipeline.options import NdopOptions
-    from pipeline.process import build_pipeline, counters, pipeline_options, run
+    from pipeline.beam.options import NdopOptions
+    from pipeline.beam.graph import build_pipeline, counters, pipeline_options, run
 
     start = time.perf_counter()
     if kind == "write":

@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import datfile, nhs  # noqa: E402
+from pipeline.request import datfile
+from pipeline.core import nhs  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report the
 # parent's peak (the cohort generator's) instead of its own.
@@ -46,8 +47,8 @@ _CHILD_REQUEST = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 {peak}
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import WorkDir
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.lifecycle.state import WorkDir
 t = time.perf_counter()
 record = build_request({cohort!r}, WorkDir({work!r}), RequestSettings(mailbox="X26ABC1"))
 print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": peak_mib(),

@@ -4,7 +4,7 @@
         [--baseline /work/main]
 
 A 4-slot local Flink session cluster (dev/flink.py) and a fresh local FHIR server (sekmet) behind the
-counting proxy of tests/fixtures/fhir_proxy.py; each job is ``python -m pipeline.process`` (a first load:
+counting proxy of tests/fixtures/fhir_proxy.py; each job is ``python -m pipeline.beam.graph`` (a first load:
 every Consent created) run by ``.venv-flink`` from this checkout and, with ``--baseline``, from that checkout
 (e.g. main before the change), on fresh numbers each time. Per job: wall time, Consents/s, the most Bundle POSTs
 in flight at once and their mean over the writes (the spread). With few join shards (``--shards 2``)
@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from dev.fhir_server import FhirServer
 from dev.flink import FLINK_PYTHON, FOUR_SLOTS, FlinkCluster, flink_args
-from pipeline import datfile, nhs
+from pipeline.request import datfile
+from pipeline.core import nhs
 from tests.fixtures.fhir_proxy import FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def job(cluster: FlinkCluster, code: Path, parallelism: int, folder: Path, fhir_
             f"--fhir_url={fhir_url}", "--fhir_auth=none", f"--shards={args.shards}",
             f"--batch_size={args.batch_size}", "--no_provenance", *extra]
     started = time.perf_counter()
-    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.process", *argv], cwd=code,
+    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.beam.graph", *argv], cwd=code,
                           env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - started
     if done.returncode:

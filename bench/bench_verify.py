@@ -23,14 +23,15 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa  # noqa: E402
 
 from dev.fhir_server import FhirServer  # noqa: E402
-from pipeline import ledger as ledger_dirs  # noqa: E402
-from pipeline import nhs  # noqa: E402
+from pipeline.ledger import versions as ledger_dirs  # noqa: E402
+from pipeline.core import nhs  # noqa: E402
 from pipeline.fhir.config import FhirClientConfig  # noqa: E402
 from pipeline.fhir.search import iter_search, post_bundle  # noqa: E402
 from pipeline.fhir.sessions import open_session  # noqa: E402
-from pipeline.state import WorkDir  # noqa: E402
-from pipeline.verify import verify  # noqa: E402
-from transforms import ledger, shards  # noqa: E402
+from pipeline.lifecycle.state import WorkDir  # noqa: E402
+from pipeline.ledger.verify import verify  # noqa: E402
+from transforms import ledger_join as ledger
+from transforms import shards  # noqa: E402
 from bench.generate import bench_key  # noqa: E402
 from transforms.build_consent import build_consent  # noqa: E402
 from transforms.join import classify  # noqa: E402

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import datfile, nhs
-from pipeline.files import private_dir, write_bytes
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.core.files import private_dir, write_bytes
 from transforms.consent_ids import KEY_ENV, IdKey, configured_source, generate_key, read_source
 
 MANIFEST = "manifest.parquet"

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from dev.mesh_sandbox import MeshSandbox
-from pipeline import nhs
-from pipeline.mesh_config import MeshConfig
+from pipeline.core import nhs
+from pipeline.mesh.config import MeshConfig
 from pipeline.mesh.driver import MeshDriver
 from pipeline.mesh.transport import make_client
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import WorkDir
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.lifecycle.state import WorkDir
 
 
 def download(config: MeshConfig, message_id: str) -> float:

@@ -22,10 +22,10 @@ import requests
 from dev.fhir_server import FhirServer
 from dev.mesh_sandbox import NDOP_MAILBOX, MeshSandbox
 from dev.service import HOST, exit_on_termination, free_port, stop_child
-from pipeline import nhs
-from pipeline.errors import InputError
-from pipeline.files import private_dir, write_bytes
-from pipeline.settings import Range, number_option
+from pipeline.core import nhs
+from pipeline.core.errors import InputError
+from pipeline.core.files import private_dir, write_bytes
+from pipeline.core.settings import Range, number_option
 
 ROOT = Path(__file__).resolve().parent.parent
 OUR_MAILBOX = "X26ABC1"
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the servers up after the run, until Ctrl-C, to query them")
     try:
         args = parser.parse_args(argv)
-    except InputError as err:  # a number out of its range (pipeline/settings.py): one line, exit 2
+    except InputError as err:  # a number out of its range (pipeline/core/settings.py): one line, exit 2
         print(f"run_local.sh: error: {err}", file=sys.stderr)
         return err.exit_code
 

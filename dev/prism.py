@@ -9,7 +9,7 @@ module finds it and says how to run a pipeline on it::
     run([*prism_args(), "--manifest=...", ...])    # PrismRunner, LOOPBACK SDK harness
 
 ``NDOP_PRISM`` (a path) overrides the location. The process pipeline reads the same variable
-(``pipeline.process.PRISM_ENV``) when ``--runner PrismRunner`` is given without ``--prism_location``.
+(``pipeline.beam.graph.PRISM_ENV``) when ``--runner PrismRunner`` is given without ``--prism_location``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import apache_beam
 
-from pipeline.process import PRISM_ENV
+from pipeline.beam.graph import PRISM_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRISM_DIR = REPO_ROOT / ".cache" / "prism"

@@ -64,7 +64,7 @@ if [ ! -x "$ROOT/.venv-fhir/bin/sekmet" ] || [ "$(cat "$ROOT/.venv-fhir/.ndop-st
   fi
 fi
 
-# Headless Chromium for the report-page test (tests/test_report_html.py); Debian's package, only when missing.
+# Headless Chromium for the report-page test (tests/test_ops.py, tests/browser.py); Debian's package, only when missing.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing chromium (apt-get) for the report-page test" >&2
   apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2 \

@@ -1,7 +1,7 @@
 """``ndop``: one console script, a subcommand per step (request, send, poll, process, run, status).
 
 Each subcommand is a thin wrapper: it parses options, calls the step's module, and turns an
-:class:`~pipeline.errors.NdopError` into one line on stderr and its exit status.
+:class:`~pipeline.core.errors.NdopError` into one line on stderr and its exit status.
 """
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
-from pipeline.files import check_folder
-from pipeline.plausibility import SWING
-from pipeline.settings import DAYS, POLL_INTERVAL, SAMPLE, WAIT, WHOLE_DAYS, number_option
-from pipeline.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
+from pipeline.core.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
+from pipeline.core.files import check_folder
+from pipeline.orchestration.plausibility import SWING
+from pipeline.core.settings import DAYS, POLL_INTERVAL, SAMPLE, WAIT, WHOLE_DAYS, number_option
+from pipeline.lifecycle.state import DEFAULT_WORK_DIR, WorkDir, check_request_id
 
 _LOGGER = logging.getLogger("ndop")
 
 Handler = Callable[[argparse.Namespace], int]
-VERIFY_SAMPLE = 100  # Consents `ndop run` reads back each run (pipeline/verify.py)
+VERIFY_SAMPLE = 100  # Consents `ndop run` reads back each run (pipeline/ledger/verify.py)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -40,8 +40,8 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def _request(sub: argparse._SubParsersAction) -> None:
-    from pipeline.cohort import DEFAULT_COLUMN, FORMATS
-    from pipeline.request import NDOP_MAILBOX
+    from pipeline.request.cohort import DEFAULT_COLUMN, FORMATS
+    from pipeline.request.build import NDOP_MAILBOX
 
     p = sub.add_parser("request", parents=[common_options()],
                        help="build a validated request (.dat, .ctl, manifest) from a cohort")
@@ -60,7 +60,7 @@ def _request(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_request(args: argparse.Namespace) -> int:
-    from pipeline.request import RequestSettings, build_request
+    from pipeline.request.build import RequestSettings, build_request
 
     settings = RequestSettings(
         mailbox=args.mailbox or "", ndop_mailbox=args.ndop_mailbox, line_ending=args.line_ending,
@@ -97,7 +97,7 @@ def _mesh_options() -> argparse.ArgumentParser:
 
 
 def _mesh_driver(args: argparse.Namespace, **overrides: str | None):
-    from pipeline.mesh_config import load_config
+    from pipeline.mesh.config import load_config
     from pipeline.mesh.driver import MeshDriver
 
     config = load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url, **overrides})
@@ -105,8 +105,8 @@ def _mesh_driver(args: argparse.Namespace, **overrides: str | None):
 
 
 def _poll_timing(p: argparse.ArgumentParser, wait_help: str) -> None:
-    """--wait and --interval, shared by poll and run (the MESH API's polling rule: pipeline/mesh_config.py)."""
-    from pipeline.mesh_config import MIN_POLL_INTERVAL
+    """--wait and --interval, shared by poll and run (the MESH API's polling rule: pipeline/mesh/config.py)."""
+    from pipeline.mesh.config import MIN_POLL_INTERVAL
 
     p.add_argument("--wait", type=number_option("--wait", WAIT), default=0, metavar="SECONDS", help=wait_help)
     p.add_argument("--interval", type=number_option("--interval", POLL_INTERVAL), default=MIN_POLL_INTERVAL,
@@ -188,10 +188,10 @@ def _status(sub: argparse._SubParsersAction) -> None:
 def _run_status(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from pipeline.mesh_config import load_config
-    from pipeline.status import format_status, status_rows
+    from pipeline.mesh.config import load_config
+    from pipeline.ops.status import format_status, status_rows
 
-    from pipeline.staleness import format_summary, ledger_summary, stale_days
+    from pipeline.ledger.staleness import format_summary, ledger_summary, stale_days
 
     overdue = (timedelta(days=args.overdue_days) if args.overdue_days is not None
                else load_config(validate=False).overdue_after)
@@ -203,13 +203,13 @@ def _run_status(args: argparse.Namespace) -> int:
     for err in damaged:
         print(f"ndop status: error: skipped {printable(str(err))}", file=sys.stderr)
     if args.json:
-        from pipeline.status import status_document
+        from pipeline.ops.status import status_document
 
         print(json.dumps(status_document(rows, summary, [str(e) for e in damaged]), indent=2, sort_keys=True))
         return code
     for line in format_status(rows, work_dir.root):
         print(line)
-    from pipeline.ledger import status_line
+    from pipeline.ledger.versions import status_line
 
     ledger = status_line(work_dir)
     if ledger:
@@ -220,7 +220,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _ledger_options() -> argparse.ArgumentParser:
-    """The Consent ledger's options, shared by process and run (pipeline.ledger passes them on)."""
+    """The Consent ledger's options, shared by process and run (pipeline.ledger.versions passes them on)."""
     ledger = argparse.ArgumentParser(add_help=False)
     ledger.add_argument("--refresh-days", type=number_option("--refresh-days", WHOLE_DAYS), default=None, metavar="N",
                         help="rewrite an unchanged Consent once per N days, spread evenly over the cohort "
@@ -236,13 +236,13 @@ def _ledger_options() -> argparse.ArgumentParser:
 
 
 def _swing(args: argparse.Namespace) -> float | None:
-    from pipeline.plausibility import max_swing
+    from pipeline.orchestration.plausibility import max_swing
 
     return None if args.accept_swing else max_swing(args.max_swing)
 
 
 def _ledger_args(args: argparse.Namespace) -> list[str]:
-    from pipeline.ledger import cli_args
+    from pipeline.ledger.versions import cli_args
 
     return cli_args(args.refresh_days, args.full_refresh)
 
@@ -251,7 +251,7 @@ def _process(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "process", parents=[common_options(), _mesh_options(), _ledger_options()],
         help="join a replied request with its reply and write one FHIR Consent per patient",
-        description="Runs the Beam pipeline (pipeline.process) for a replied request. Options this command "
+        description="Runs the Beam pipeline (pipeline.beam.graph) for a replied request. Options this command "
                     "does not know (e.g. --runner, --shards, --batch_size, --upsert) go to the pipeline.",
     )
     p.add_argument("--request-id", required=True, help="the request to process")
@@ -265,7 +265,7 @@ def _process(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_process(args: argparse.Namespace) -> int:
-    from pipeline.process_step import process_request
+    from pipeline.orchestration.process_request import process_request
 
     check_request_id(args.request_id)
 
@@ -287,7 +287,7 @@ def _run_process(args: argparse.Namespace) -> int:
 
 
 def _run(sub: argparse._SubParsersAction) -> None:
-    from pipeline.cohort import DEFAULT_COLUMN, FORMATS
+    from pipeline.request.cohort import DEFAULT_COLUMN, FORMATS
 
     p = sub.add_parser(
         "run", parents=[common_options(), _mesh_options(), _ledger_options()],
@@ -323,10 +323,10 @@ def _run(sub: argparse._SubParsersAction) -> None:
 
 def _check_run_settings(args: argparse.Namespace) -> None:
     """Every number ``ndop run`` reads from the environment, checked before anything is built or sent."""
-    from pipeline.mesh_config import load_config
-    from pipeline.progress import every_seconds
-    from pipeline.purge import grace_days, retention_days
-    from pipeline.staleness import stale_days
+    from pipeline.mesh.config import load_config
+    from pipeline.beam.progress import every_seconds
+    from pipeline.privacy.purge import grace_days, retention_days
+    from pipeline.ledger.staleness import stale_days
 
     retention_days(None), stale_days(), every_seconds(), _ledger_args(args), _swing(args), grace_days()
     _check_key(args)
@@ -334,17 +334,17 @@ def _check_run_settings(args: argparse.Namespace) -> None:
 
 
 def _check_key(args: argparse.Namespace) -> None:
-    """The Consent id key (pipeline/keys.py), before a request is sent or a Consent written."""
+    """The Consent id key (pipeline/privacy/keys.py), before a request is sent or a Consent written."""
     from pipeline.fhir.config import ENV_URL
-    from pipeline.keys import check_key_available
+    from pipeline.privacy.keys import check_key_available
 
     check_key_available(args.fhir_url or os.environ.get(ENV_URL))
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from pipeline.mesh_config import load_config
-    from pipeline.request import RequestSettings
-    from pipeline.run import RunSettings, print_report, run
+    from pipeline.mesh.config import load_config
+    from pipeline.request.build import RequestSettings
+    from pipeline.orchestration.run import RunSettings, print_report, run
 
     mesh = load_config(args.mesh_config, overrides={"MESH_URL": args.mesh_url})
     settings = RunSettings(
@@ -356,9 +356,9 @@ def _run_run(args: argparse.Namespace) -> int:
         beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir, swing=_swing(args),
         verify_sample=args.verify_sample,
     )
-    from pipeline.metrics import metrics_file
-    from pipeline.purge import retention_days
-    from pipeline.outputs import recorded
+    from pipeline.ops.metrics import metrics_file
+    from pipeline.privacy.purge import retention_days
+    from pipeline.ops.outputs import recorded
 
     work_dir = WorkDir(args.work_dir)
     retention = retention_days(None)
@@ -381,8 +381,8 @@ def _report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
-    from pipeline.report_html import write_index, write_request_page
+    from pipeline.ops.report import write_report
+    from pipeline.ops.report_html import write_index, write_request_page
 
     work_dir = WorkDir(args.work_dir)
     records = [work_dir.load(args.request_id)] if args.request_id else work_dir.all()
@@ -394,8 +394,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _purge_after_run(work_dir: WorkDir, days: float, stage_dir: str | None) -> None:
-    """``ndop run`` purges finished requests at its end when NDOP_RETENTION_DAYS is set (pipeline/purge.py)."""
-    from pipeline.purge import format_purge, purge, purge_leftovers
+    """``ndop run`` purges finished requests at its end when NDOP_RETENTION_DAYS is set (pipeline/privacy/purge.py)."""
+    from pipeline.privacy.purge import format_purge, purge, purge_leftovers
 
     items, leftovers = purge(work_dir, days, stage_dir=stage_dir), purge_leftovers(work_dir, days)
     for line in format_purge(items, dry_run=False, leftovers=leftovers) if items or leftovers else ():
@@ -409,7 +409,7 @@ def _purge(sub: argparse._SubParsersAction) -> None:
                                    "Also removes leftovers, each by its own age rule: .building-* of a killed "
                                    "request, ledger .pending-* never swapped in, requests with no answer past the "
                                    "MESH expiry + NDOP_UNFINISHED_GRACE_DAYS (default 5), and ledger rows of "
-                                   "patients who left the cohort more than DAYS ago (pipeline/purge.py).")
+                                   "patients who left the cohort more than DAYS ago (pipeline/privacy/purge.py).")
     p.add_argument("--older-than", type=number_option("--older-than", DAYS), default=None, metavar="DAYS",
                    help="purge requests finished, and patients who left the cohort, more than DAYS ago "
                         "(env NDOP_RETENTION_DAYS, default 30; 0: every finished request)")
@@ -419,13 +419,13 @@ def _purge(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_purge_settings(args: argparse.Namespace) -> None:
-    from pipeline.purge import grace_days, retention_days
+    from pipeline.privacy.purge import grace_days, retention_days
 
     retention_days(args.older_than), grace_days()
 
 
 def _run_purge(args: argparse.Namespace) -> int:
-    from pipeline.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, purge_leftovers, retention_days
+    from pipeline.privacy.purge import DEFAULT_RETENTION_DAYS, format_purge, purge, purge_leftovers, retention_days
 
     days = retention_days(args.older_than)
     days = DEFAULT_RETENTION_DAYS if days is None else days
@@ -442,7 +442,7 @@ def _verify(sub: argparse._SubParsersAction) -> None:
                        description="Compares id, status and dateTime of every Consent in the ledger (or a random "
                                    "sample) with the store's. A mismatch is written again now with --repair, else "
                                    "queued: the next process step writes it. Exit 1 while a mismatch is not repaired "
-                                   "(pipeline/verify.py).")
+                                   "(pipeline/ledger/verify.py).")
     p.add_argument("--sample", type=number_option("--sample", SAMPLE), default=None, metavar="N",
                    help="check N patients picked at random (default: every one)")
     p.add_argument("--repair", action="store_true", help="write the mismatched Consents again now")
@@ -452,7 +452,7 @@ def _verify(sub: argparse._SubParsersAction) -> None:
 
 def _run_verify(args: argparse.Namespace) -> int:
     from pipeline.fhir.config import FhirClientConfig
-    from pipeline.verify import verify
+    from pipeline.ledger.verify import verify
 
     result = verify(WorkDir(args.work_dir), FhirClientConfig.from_env(base_url=args.fhir_url), sample=args.sample,
                     repair=args.repair)
@@ -477,7 +477,7 @@ def _keygen(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
-    from pipeline.keys import keygen
+    from pipeline.privacy.keys import keygen
 
     key = keygen(args.out)
     print(f"Consent id key written to {args.out} (0600), fingerprint {key.fingerprint}; "
@@ -491,15 +491,15 @@ def _rekey(sub: argparse._SubParsersAction) -> None:
                        description="Writes each Consent the ledger names under the id of the current Consent id key "
                                    "(NDOP_ID_KEY_FILE) and deletes its old id, rewrites Provenance targets, then "
                                    "records the key's fingerprint in the ledger. Safe to run again after a failure "
-                                   "(pipeline/rekey.py).")
+                                   "(pipeline/privacy/rekey.py).")
     _fhir_url_option(p)
     p.set_defaults(handler=_run_rekey, precheck=_check_key)
 
 
 def _run_rekey(args: argparse.Namespace) -> int:
     from pipeline.fhir.config import FhirClientConfig
-    from pipeline.keys import key_source_spec, open_key
-    from pipeline.rekey import rekey
+    from pipeline.privacy.keys import key_source_spec, open_key
+    from pipeline.privacy.rekey import rekey
 
     config = FhirClientConfig.from_env(base_url=args.fhir_url)
     work_dir = WorkDir(args.work_dir)
@@ -512,7 +512,7 @@ def _run_rekey(args: argparse.Namespace) -> int:
 
 
 def _filter(sub: argparse._SubParsersAction) -> None:
-    """``ndop filter`` (issue 23): apply the opt-outs to a CSV/Parquet file (pipeline/filtering.py)."""
+    """``ndop filter`` (issue 23): apply the opt-outs to a CSV/Parquet file (pipeline/beam/filtering.py)."""
     p = sub.add_parser(
         "filter", parents=[common_options()],
         help="write a CSV/Parquet file without the patients who opted out (or list who opted out since a date)",
@@ -542,8 +542,9 @@ def _filter(sub: argparse._SubParsersAction) -> None:
 def _run_filter(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from pipeline import filtering, purposes
-    from pipeline.staleness import stale_days
+    from pipeline.beam import filtering
+    from pipeline.privacy import purposes
+    from pipeline.ledger.staleness import stale_days
 
     work_dir = WorkDir(args.work_dir)
     if args.removed_since:
@@ -586,19 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    try:  # a number out of its range is one line and exit 2 (pipeline/settings.py), before anything runs
+    try:  # a number out of its range is one line and exit 2 (pipeline/core/settings.py), before anything runs
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "beam_args", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if extra:
-            from pipeline.options import check_pipeline_args
+            from pipeline.beam.options import check_pipeline_args
 
             check_pipeline_args(extra)
     except NdopError as err:
         print(f"ndop: error: {printable(str(err))}", file=sys.stderr)
         return err.exit_code
     args.extra_args = extra
-    from pipeline import logs
+    from pipeline.core import logs
 
     logs.configure(args.log_format or logs.default_format(), verbose=args.verbose)
     if not args.verbose:
@@ -616,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "read_only", False):
             code = args.handler(args)
         else:
-            with WorkDir(args.work_dir).lock(wait=args.wait_lock):  # one command at a time (pipeline/state.py)
+            # one command at a time (pipeline/lifecycle/state.py)
+            with WorkDir(args.work_dir).lock(wait=args.wait_lock):
                 code = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not after main
         return code
@@ -631,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # the system refused something unforeseen: one line; -v shows where
         if args.verbose:
             raise
-        from pipeline.nhs import redact
+        from pipeline.core.nhs import redact
 
         print(f"ndop {args.command}: error: {printable(redact(str(err)))} (-v shows where)", file=sys.stderr)
         return EXIT_FAILED
@@ -645,8 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _audit_command(args: argparse.Namespace, code: int) -> None:
-    """One ``audit.jsonl`` line per command run (pipeline/audit.py); never fails the command."""
-    from pipeline import audit
+    """One ``audit.jsonl`` line per command run (pipeline/lifecycle/audit.py); never fails the command."""
+    from pipeline.lifecycle import audit
 
     try:
         audit.command_event(args.work_dir, args.command, code, fhir_url=getattr(args, "fhir_url", None),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.state import WorkDir
+from pipeline.lifecycle.state import WorkDir
 from tests.helpers import TEST_KEY_HEX
 from transforms.consent_ids import KEY_ENV, KEY_FILE_ENV, KEY_SOURCE_ENV
 

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pipeline.faults import FAULT_ENV
-from pipeline.nhs import NHS_NUMBER_SYSTEM
+from pipeline.core.faults import FAULT_ENV
+from pipeline.core.nhs import NHS_NUMBER_SYSTEM
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search
 from pipeline.fhir.sessions import open_session
-from pipeline.state import RequestRecord, WorkDir, isoformat, utcnow
+from pipeline.core.clock import isoformat, utcnow
+from pipeline.lifecycle.state import RequestRecord, WorkDir
 from transforms.consent_ids import KeySource, parse_key
 from transforms.vocabulary import IDENTIFIER_SYSTEM
 

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import nhs
+from pipeline.core import nhs
 from tests.beam_util import local_pipeline
 from transforms import apply_opt_outs as apply
 from transforms.apply_opt_outs import ApplyOptOuts, LedgerSource, OptOutIndex, Rule
-from transforms.ledger import SCHEMA, STATUS_CODES
+from transforms.ledger_join import SCHEMA, STATUS_CODES
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -7,7 +7,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from fhir.resources.R4B.consent import Consent
 
-from pipeline import nhs
+from pipeline.core import nhs
 from tests.beam_util import local_pipeline
 from transforms import shards
 from tests.helpers import consent_id, key_source_for_tests

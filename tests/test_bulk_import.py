@@ -1,4 +1,4 @@
-"""Issue 24 item 4 (first part): a first load as NDJSON + the store's own import (pipeline/bulk_import.py).
+"""Issue 24 item 4 (first part): a first load as NDJSON + the store's own import (pipeline/fhir/bulk_import.py).
 
 HAPI's ``$import`` for real: Consents written as NDJSON, served from a loopback HTTP server, imported by the
 real HAPI 8.8 (dev/hapi registers HAPI's BulkDataImportProvider), the job polled to its end and its own report
@@ -11,8 +11,8 @@ import json
 import pytest
 import requests
 
-from pipeline import nhs
-from pipeline.bulk_import import (ServeFolder, HapiImport, azure_import_parameters, google_import_complete,
+from pipeline.core import nhs
+from pipeline.fhir.bulk_import import (ServeFolder, HapiImport, azure_import_parameters, google_import_complete,
                                   google_import_request, hapi_import_complete, write_ndjson)
 from tests.helpers import consent_id
 from transforms.build_consent import build_consent

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import nhs
-from pipeline.state import WorkDir
+from pipeline.core import nhs
+from pipeline.lifecycle.state import WorkDir
 from tests.helpers import cli, cli_command, cli_env
 
 

@@ -1,4 +1,4 @@
-"""The cohort reader (pipeline/cohort.py) as people's files are, bad work dirs, and a property: any bytes in,
+"""The cohort reader (pipeline/request/cohort.py) as people's files are, bad work dirs, and a property: any bytes in,
 either a request with exactly the valid normalised numbers, or one error line, exit 2, no folder, no number."""
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli, nhs
-from pipeline.cohort import read_cohort
-from pipeline.errors import InputError, printable
-from pipeline.files import check_folder
+from pipeline import cli
+from pipeline.core import nhs
+from pipeline.request.cohort import read_cohort
+from pipeline.core.errors import InputError, printable
+from pipeline.core.files import check_folder
 
 VALID = nhs.synthetic_numbers(8, seed=77).to_pylist()
 MAILBOX = ["--mailbox", "X26ABC1"]
@@ -98,7 +99,7 @@ def test_unexpected_os_error_is_one_line_and_minus_v_shows_the_traceback(tmp_pat
     def broken(*args, **kwargs):
         raise OSError(5, f"Input/output error reading {VALID[1]}")
 
-    monkeypatch.setattr("pipeline.request.build_request", broken)
+    monkeypatch.setattr("pipeline.request.build.build_request", broken)
     code, _, err = ndop(capsys, "request", "--cohort", str(tmp_path / "c.txt"), "--work-dir", str(tmp_path / "w"),
                         *MAILBOX)
     assert code == 1 and err.count("\n") == 1 and "Input/output error" in err and VALID[1] not in err

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import audit, nhs
+from pipeline.lifecycle import audit
+from pipeline.core import nhs
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search
 from pipeline.fhir.sessions import open_session
-from pipeline.state import ACKNOWLEDGED, WorkDir
+from pipeline.lifecycle.state import ACKNOWLEDGED, WorkDir
 from tests.helpers import cli
 from tests.test_run import ndop_run
 from transforms.provenance import MESH_MESSAGE_SYSTEM, REQUEST_SYSTEM

@@ -1,8 +1,9 @@
 """The .dat format both ways: what requests are written as, and how replies are read."""
 from __future__ import annotations
 
-from pipeline import datfile, nhs
-from pipeline.inbox import HEAD_BYTES, is_invalid_numbers_reply
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.mesh.inbox import HEAD_BYTES, is_invalid_numbers_reply
 
 NUMBERS = nhs.synthetic_numbers(4, seed=5)
 
@@ -38,7 +39,7 @@ def test_line_numbers_follow_first_line_and_headers_only_at_file_start() -> None
 
 
 def test_invalid_numbers_notice_is_recognised() -> None:
-    # The recogniser the MESH driver uses (pipeline/inbox.py), on the head of a reply's body.
+    # The recogniser the MESH driver uses (pipeline/mesh/inbox.py), on the head of a reply's body.
     assert is_invalid_numbers_reply((datfile.INVALID_NUMBERS_REPLY + "\r\n").encode())
     assert not is_invalid_numbers_reply(datfile.encode(NUMBERS)[:HEAD_BYTES])
 

@@ -13,8 +13,8 @@ import time
 import pytest
 import requests
 
-from pipeline import nhs
-from pipeline.errors import InputError
+from pipeline.core import nhs
+from pipeline.core.errors import InputError
 from pipeline.fhir.answers import FhirAuthError, FhirError, outcome_text, status_code
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search, search_total

@@ -13,12 +13,12 @@ from urllib3.exceptions import ConnectTimeoutError
 
 from dev.fhir_server import FhirServer
 from dev.service import free_port
-from pipeline import nhs
+from pipeline.core import nhs
 from pipeline.fhir import retry as fhir_retry
 from pipeline.fhir.answers import FhirUnreachableError
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.retry import backoff_seconds, make_retry
-from pipeline.state import REPLIED
+from pipeline.lifecycle.state import REPLIED
 from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import REPO_ROOT, cli_command, cli_env
 from tests.test_write_consents import _all_ok, make_consent, numbers, run, summarise

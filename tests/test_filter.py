@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import audit, nhs, purposes
-from pipeline.errors import InputError
-from pipeline.state import WorkDir
+from pipeline.lifecycle import audit
+from pipeline.core import nhs
+from pipeline.privacy import purposes
+from pipeline.core.errors import InputError
+from pipeline.lifecycle.state import WorkDir
 from tests.helpers import cli
 from tests.test_run import ndop_run, statuses
 from transforms.apply_opt_outs import FhirSource
@@ -177,7 +179,7 @@ def test_filter_reads_and_writes_through_filesystems(tmp_path, mem_fs) -> None:
     """Ledger, input and output on ``mem://`` (only Beam's FileSystems can reach it), on the local runner."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.filtering import FilterSettings, run_filter
+    from pipeline.beam.filtering import FilterSettings, run_filter
     from tests.test_apply_opt_outs import ledger_table, write_ledger
 
     people = nhs.synthetic_numbers(6, seed=2311).to_pylist()

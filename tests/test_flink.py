@@ -1,7 +1,7 @@
 """The process pipeline on a real local Flink 1.19 session cluster (JobManager + TaskManager processes,
 parallelism 2, LOOPBACK SDK harness) vs FnApiRunner, against the real FHIR server.
 
-The Flink side runs ``python -m pipeline.process`` (the same entry point as Dataflow's) under
+The Flink side runs ``python -m pipeline.beam.graph`` (the same entry point as Dataflow's) under
 ``.venv-flink`` (Python Beam 2.62.0, matching the job server); see dev/flink.py for why that version.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dev.flink import FLINK_PYTHON, FlinkCluster, flink_args
-from pipeline.process import DEAD_LETTERS, SUMMARY
+from pipeline.beam.graph import DEAD_LETTERS, SUMMARY
 from tests.helpers import consents_for_patient as _consents_of
 from tests.test_process_pipeline import T1, T2, _inputs, _numbers
 from tests.test_runners import FNAPI, _INPUT_COUNTS, _process, _store
@@ -31,7 +31,7 @@ def _on_flink(cluster: FlinkCluster, folder: Path, fhir_url: str, checked_at: st
         f"--checked_at={checked_at}", f"--output_dir={folder}", f"--fhir_url={fhir_url}", "--fhir_auth=none",
         "--batch_size=7", "--shards=4", "--provenance_org=X26ABC1",
     ]
-    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.process", *argv], cwd=REPO_ROOT,
+    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.beam.graph", *argv], cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=600)
     summary = json.loads((folder / SUMMARY).read_text()) if (folder / SUMMARY).exists() else {}
     return done.returncode, summary, done.stderr[-2000:]

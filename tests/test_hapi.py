@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from pipeline import datfile, nhs
+from pipeline.request import datfile
+from pipeline.core import nhs
 from pipeline.fhir.config import FhirClientConfig
-from pipeline.process import run as run_process
+from pipeline.beam.graph import run as run_process
 from tests.test_write_consents import make_consent, run as run_write
 from tests.helpers import consent_id
 from transforms.build_consent import build_consent

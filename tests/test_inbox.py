@@ -1,4 +1,4 @@
-"""pipeline/inbox.py: every kind of MESH inbox message decided without a sandbox, and a property test
+"""pipeline/mesh/inbox.py: every kind of MESH inbox message decided without a sandbox, and a property test
 (any metadata: exactly one action; never an acknowledgement of a reply whose Consents are not stored).
 The sandbox tests in test_mesh_driver.py remain the proof end to end."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import datfile
-from pipeline.inbox import (
+from pipeline.request import datfile
+from pipeline.mesh.inbox import (
     ACKNOWLEDGES,
     HEAD_BYTES,
     LEAVES,
@@ -19,8 +19,18 @@ from pipeline.inbox import (
     classify_inbox_message,
     match_request,
 )
-from pipeline.mesh_config import REPLY_WORKFLOW_IDS
-from pipeline.state import ACCEPTED, ACKNOWLEDGED, CREATED, OPEN, PROCESSED, REPLIED, SEND_UNKNOWN, SENT, STATES
+from pipeline.mesh.config import REPLY_WORKFLOW_IDS
+from pipeline.lifecycle.state import (
+    ACCEPTED,
+    ACKNOWLEDGED,
+    CREATED,
+    OPEN,
+    PROCESSED,
+    REPLIED,
+    SEND_UNKNOWN,
+    SENT,
+    STATES,
+)
 
 NDOP = "X26NDOP"
 WORKFLOWS = REPLY_WORKFLOW_IDS

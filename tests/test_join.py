@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import nhs
+from pipeline.core import nhs
 from tests.beam_util import local_pipeline
 from transforms import shards
 from tests.helpers import key_source_for_tests
 from transforms.join import MANIFEST, REASON_REPLY_ONLY, REPLY, classify
-from transforms.ledger import LEDGER, JoinWithLedger
+from transforms.ledger_join import LEDGER, JoinWithLedger
 from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
 
 SHARDS = 5

@@ -17,14 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from pipeline import datfile, nhs
-from pipeline import ledger as ledger_dirs
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.ledger import versions as ledger_dirs
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search, post_bundle
 from pipeline.fhir.sessions import open_session
-from pipeline.state import REPLIED, WorkDir
+from pipeline.lifecycle.state import REPLIED, WorkDir
 from tests.helpers import TEST_KEY, cli
-from transforms import ledger, shards
+from transforms import ledger_join as ledger
+from transforms import shards
 from transforms.build_consent import build_consent
 from transforms.consent_ids import (
     IdKey,

@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline import nhs
-from pipeline.state import ACKNOWLEDGED, REPLIED
+from pipeline.core import nhs
+from pipeline.lifecycle.state import ACKNOWLEDGED, REPLIED
 from tests.fixtures.fhir import SMART_CLIENT_ID, SMART_CLIENT_SECRET
 from tests.helpers import REPO_ROOT, cli_command, cli_env
 

@@ -20,16 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import datfile, nhs
-from pipeline import ledger as ledger_dirs
-from pipeline.errors import InputError
-from pipeline.faults import EXIT_CODE, FAULT_ENV
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.ledger import versions as ledger_dirs
+from pipeline.core.errors import InputError
+from pipeline.core.faults import EXIT_CODE, FAULT_ENV
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search
 from pipeline.fhir.sessions import open_session
-from pipeline.process import run
-from pipeline.state import PROCESSED, REPLIED, WorkDir
-from transforms import ledger, shards
+from pipeline.beam.graph import run
+from pipeline.lifecycle.state import PROCESSED, REPLIED, WorkDir
+from transforms import ledger_join as ledger
+from transforms import shards
 from tests.helpers import TEST_KEY, consent_id, key_source_for_tests
 from transforms.join import classify
 
@@ -365,7 +367,7 @@ def test_crash_mid_write_then_rerun_store_and_ledger_agree(tmp_path, fhir_server
 
 def test_staged_ledger_for_remote_workers(tmp_path, fhir_server, mem_fs) -> None:
     """``--stage-dir mem://...``: the ledger goes out beside the inputs and its successor comes back."""
-    from pipeline.process_step import process_request
+    from pipeline.orchestration.process_request import process_request
 
     work_dir = WorkDir(tmp_path / "work")
     cohort = _numbers(30, seed=9815)

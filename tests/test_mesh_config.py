@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.mesh_config import MeshConfig, load_config
+from pipeline.core.errors import InputError
+from pipeline.mesh.config import MeshConfig, load_config
 
 BASE = {"MESH_URL": "https://mesh.example.nhs.uk", "MESH_MAILBOX": "x26abc1", "MESH_PASSWORD": "pw-secret",
         "MESH_SHARED_KEY": "key-secret"}

@@ -12,13 +12,13 @@ import pytest
 import requests
 
 from dev.mesh_sandbox import NDOP_MAILBOX
-from pipeline import nhs
-from pipeline.mesh_config import MIN_POLL_INTERVAL
+from pipeline.core import nhs
+from pipeline.mesh.config import MIN_POLL_INTERVAL
 from pipeline.mesh.driver import MeshDriver
 from pipeline.mesh.poller import REPLY_FILE
 from pipeline.mesh.transport import workflow_filter
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import ACCEPTED, FAILED, REPLIED, WorkDir
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.lifecycle.state import ACCEPTED, FAILED, REPLIED, WorkDir
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 from tests.fixtures.mesh_proxy import MeshFaultProxy
 from tests.helpers import cli

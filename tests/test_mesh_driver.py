@@ -15,12 +15,14 @@ import pytest
 import requests
 
 from dev.mesh_sandbox import NDOP_MAILBOX
-from pipeline import datfile, nhs
-from pipeline.errors import EXIT_WAITING, InputError, NdopError
-from pipeline.faults import FAULT_ENV
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.core.errors import EXIT_WAITING, InputError, NdopError
+from pipeline.core.faults import FAULT_ENV
 from pipeline.mesh.driver import MeshDriver
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import (
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.core.clock import utcnow
+from pipeline.lifecycle.state import (
     ACCEPTED,
     ACKNOWLEDGED,
     CREATED,
@@ -31,9 +33,8 @@ from pipeline.state import (
     SEND_UNKNOWN,
     SENT,
     WorkDir,
-    utcnow,
 )
-from pipeline.status import format_status, status_rows
+from pipeline.ops.status import format_status, status_rows
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 from tests.helpers import REPO_ROOT, cli
 

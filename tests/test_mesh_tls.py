@@ -9,11 +9,11 @@ import pytest
 from mesh_client import INT_ENDPOINT, LIVE_ENDPOINT
 
 from dev.mesh_sandbox import NDOP_MAILBOX, MeshSandbox
-from pipeline.errors import NdopError
-from pipeline.mesh_config import MeshConfig
+from pipeline.core.errors import NdopError
+from pipeline.mesh.config import MeshConfig
 from pipeline.mesh.driver import MeshDriver
 from pipeline.mesh.transport import make_client
-from pipeline.state import WorkDir
+from pipeline.lifecycle.state import WorkDir
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from dev.mesh_plugins.ndop_plugin import answer, is_opted_out, settings
 from dev.mesh_sandbox import NDOP_MAILBOX
-from pipeline import datfile, nhs
+from pipeline.request import datfile
+from pipeline.core import nhs
 from tests.fixtures.mesh import Mesh
 
 

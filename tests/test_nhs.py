@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import nhs
+from pipeline.core import nhs
 
 
 def _with_check_digit_10() -> str:

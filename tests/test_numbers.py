@@ -1,5 +1,5 @@
 """Numbers that are not numbers: every number from an option, the environment or a config file goes through one
-parser with a finite range (pipeline/settings.py); anything else is one line and exit 2, before anything is sent or
+parser with a finite range (pipeline/core/settings.py); anything else is one line and exit 2, before anything is sent or
 written."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli, nhs
-from pipeline.errors import EXIT_BAD_INPUT, InputError
-from pipeline.settings import DAYS, POLL_INTERVAL, WHOLE_DAYS, Range, parse_number
+from pipeline import cli
+from pipeline.core import nhs
+from pipeline.core.errors import EXIT_BAD_INPUT, InputError
+from pipeline.core.settings import DAYS, POLL_INTERVAL, WHOLE_DAYS, Range, parse_number
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 
 NOT_NUMBERS = ["nan", "NaN", "inf", "-inf", "Infinity", "1e300", "1e12", "-1", "ten", "", " ", "0x10", "1e10"]

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import logs, nhs
-from pipeline.metrics import build_registry, write_metrics
-from pipeline.progress import Reporter, advance_writes, follow_job, poll_sleeper, tracking_writes
-from pipeline.runlog import append_run, read_runs, run_entry, typical_wait
-from pipeline.state import WorkDir
+from pipeline.core import logs
+from pipeline.core import nhs
+from pipeline.ops.metrics import build_registry, write_metrics
+from pipeline.beam.progress import Reporter, advance_writes, follow_job, poll_sleeper, tracking_writes
+from pipeline.ops.runlog import append_run, read_runs, run_entry, typical_wait
+from pipeline.lifecycle.state import WorkDir
 from tests.browser import Browser
 from tests.test_run import ndop_run
 
@@ -290,7 +291,7 @@ def test_airflow_dag_retries_exit_3_and_fails_exit_1(tmp_path) -> None:
 
 
 def test_an_unwritable_metrics_file_is_one_error_line_and_the_run_log_still_grows(tmp_path, capsys) -> None:
-    from pipeline.outputs import RunOutcome, after_run
+    from pipeline.ops.outputs import RunOutcome, after_run
 
     work_dir = WorkDir(tmp_path / "work")
     blocker = tmp_path / "not-a-dir"
@@ -303,7 +304,7 @@ def test_an_unwritable_metrics_file_is_one_error_line_and_the_run_log_still_grow
 
 
 def test_index_of_no_runs_and_of_a_bad_input_run_quoting_a_number() -> None:
-    from pipeline.report_html import render_index
+    from pipeline.ops.report_html import render_index
 
     assert "0 run(s)" in render_index([])
     entry = run_entry(2, None, "cohort.txt:3: 9990001234 is not valid", None, "2026-12-01T06:00:00Z",
@@ -326,7 +327,7 @@ def _processed_run(ended_at: str, request_id: str, written: int, unchanged: int)
 def test_pages_read_on_a_phone_and_a_laptop_with_the_numbers_of_the_run(tmp_path) -> None:
     """Issue 22 item 7: charts unreadable at phone width (390 px), the runs table clipped at 1280 px, two runs in
     one minute sharing an x label, and the request page's figures: read from the page as Chromium lays it out."""
-    from pipeline.report_html import render_index, render_request
+    from pipeline.ops.report_html import render_index, render_request
 
     runs = [_processed_run(f"2026-11-{day:02d}T06:00:00Z", f"X26ABC1-{day:02d}1126-0001", 0, 10_000)
             for day in range(1, 29)]

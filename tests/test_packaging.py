@@ -14,8 +14,8 @@ import setuptools
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER_ONLY = ("mesh_client", "matplotlib", "prometheus_client", "tqdm")
 # What a worker unpickles and imports: the process pipeline's module and every transform.
-WORKER_MODULES = ("pipeline.process", "transforms.build_consent", "transforms.dead_letters", "transforms.join",
-                  "transforms.ledger", "transforms.provenance", "transforms.read_inputs", "transforms.shards",
+WORKER_MODULES = ("pipeline.beam.graph", "transforms.build_consent", "transforms.dead_letters", "transforms.join",
+                  "transforms.ledger_join", "transforms.provenance", "transforms.read_inputs", "transforms.shards",
                   "transforms.vocabulary", "transforms.write_consents", "transforms.consent_ids",
                   "transforms.apply_opt_outs", "pipeline.fhir.config", "pipeline.fhir.answers", "pipeline.fhir.retry",
                   "pipeline.fhir.sessions", "pipeline.fhir.search")
@@ -65,7 +65,7 @@ def test_worker_modules_import_without_the_launcher_packages():
 
 def test_the_blocker_does_block():
     """The check above could fail: the launcher's own module does import a launcher-only package."""
-    done = subprocess.run([sys.executable, "-c", _BLOCKER, ",".join(LAUNCHER_ONLY), "pipeline.mesh_driver"],
+    done = subprocess.run([sys.executable, "-c", _BLOCKER, ",".join(LAUNCHER_ONLY), "pipeline.mesh.transport"],
                           cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "launcher-only" in done.stderr

@@ -12,13 +12,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsDict
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import datfile, nhs
-from pipeline.options import NdopOptions
-from pipeline.process import build_pipeline
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.beam.options import NdopOptions
+from pipeline.beam.graph import build_pipeline
 from tests.beam_util import RUNNER_ARGS
 from tests.test_portability import transforms_of
 from transforms.build_consent import BuildConsentFn
-from transforms.ledger import split_by_shard
+from transforms.ledger_join import split_by_shard
 from transforms.read_inputs import known_patient_ids, patient_ids_for
 
 T1 = "2024-11-26T10:15:00Z"

@@ -28,12 +28,13 @@ from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import datfile, nhs
-from pipeline.options import NdopOptions
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.beam.options import NdopOptions
 from tests.helpers import REPO_ROOT
-from pipeline.process import build_pipeline, check_inputs
-from pipeline.process_step import process_request
-from pipeline.state import PROCESSED
+from pipeline.beam.graph import build_pipeline, check_inputs
+from pipeline.orchestration.process_request import process_request
+from pipeline.lifecycle.state import PROCESSED
 from tests.beam_util import RUNNER_ARGS
 from tests.test_process_pipeline import _consents_of, _replied_request
 from tests.helpers import consent_id
@@ -202,7 +203,7 @@ def test_dataflow_dry_run_stages_only_the_package(monkeypatch, tmp_path, secrets
         assert SENTINEL.encode() not in Path(path).read_bytes()
     with tarfile.open(staged["workflow.tar.gz"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    assert {"setup.py", "pipeline/process.py", "pipeline/options.py", "pipeline/fhir/search.py",
+    assert {"setup.py", "pipeline/beam/graph.py", "pipeline/beam/options.py", "pipeline/fhir/search.py",
             "transforms/__init__.py"} <= names
     assert {str(f.relative_to(REPO_ROOT)) for package in ("pipeline", "transforms")
             for f in (REPO_ROOT / package).rglob("*.py")} <= names  # every subpackage too

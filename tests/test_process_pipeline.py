@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import datfile, nhs
-from pipeline.errors import NdopError
-from pipeline.process import DEAD_LETTERS, SUMMARY, run
-from pipeline.state import PROCESSED, REPLIED, WorkDir
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.core.errors import NdopError
+from pipeline.beam.graph import DEAD_LETTERS, SUMMARY, run
+from pipeline.lifecycle.state import PROCESSED, REPLIED, WorkDir
 from tests.helpers import cli, consents_for_patient, force_state
 from tests.helpers import consent_id
 
@@ -171,7 +172,7 @@ def test_ndop_process_needs_a_replied_request(work_dir):
 
 
 def test_module_entry_point_refuses_missing_options(capsys):
-    from pipeline.process import main
+    from pipeline.beam.graph import main
 
     assert main(["--runner=FnApiRunner", "--reply=r.dat"]) == 2
     assert "missing --manifest, --checked_at, --output_dir" in capsys.readouterr().err
@@ -180,8 +181,8 @@ def test_module_entry_point_refuses_missing_options(capsys):
 def test_ndop_process_acknowledges_the_reply_through_mesh(work_dir, fhir_server, mesh, tmp_path):
     """Request -> send -> poll against the sandbox's NDOP, then `ndop process` writes and acknowledges."""
     from pipeline.mesh.driver import MeshDriver
-    from pipeline.request import RequestSettings, build_request
-    from pipeline.state import ACKNOWLEDGED
+    from pipeline.request.build import RequestSettings, build_request
+    from pipeline.lifecycle.state import ACKNOWLEDGED
 
     numbers = _numbers(6, seed=9109)
     (tmp_path / "cohort.txt").write_text("\n".join(numbers) + "\n")
@@ -201,7 +202,7 @@ def test_ndop_process_acknowledges_the_reply_through_mesh(work_dir, fhir_server,
 
 def test_pipeline_failure_line_never_quotes_an_nhs_number():
     """A worker's error (say pydantic quoting the Consent it refused) becomes the CLI's error line: masked."""
-    from pipeline.process import _root_message
+    from pipeline.beam.graph import _root_message
 
     number = _numbers(1, seed=9109)[0]
     try:

@@ -1,4 +1,4 @@
-"""Retention (pipeline/purge.py, ``ndop purge``) and the audit log (pipeline/audit.py) on real request folders."""
+"""Retention (pipeline/privacy/purge.py, ``ndop purge``) and the audit log (pipeline/lifecycle/audit.py) on real request folders."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from pipeline import audit, nhs
-from pipeline.purge import KEEP, purge
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import ACKNOWLEDGED, FAILED, REPLIED, WorkDir, utcnow
+from pipeline.lifecycle import audit
+from pipeline.core import nhs
+from pipeline.privacy.purge import KEEP, purge
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.core.clock import utcnow
+from pipeline.lifecycle.state import ACKNOWLEDGED, FAILED, REPLIED, WorkDir
 from tests.helpers import REPO_ROOT, cli, force_state
 
 NUMBERS = nhs.synthetic_numbers(6, seed=9701).to_pylist()

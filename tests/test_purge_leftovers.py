@@ -10,12 +10,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import audit, nhs
-from pipeline import ledger as ledger_dirs
-from pipeline.faults import FAULT_ENV
-from pipeline.purge import format_purge, purge_leftovers
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import ACCEPTED, ACKNOWLEDGED, FAILED, REPLIED, SENT, WorkDir, isoformat, utcnow
+from pipeline.lifecycle import audit
+from pipeline.core import nhs
+from pipeline.ledger import versions as ledger_dirs
+from pipeline.core.faults import FAULT_ENV
+from pipeline.privacy.purge import format_purge, purge_leftovers
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.core.clock import isoformat, utcnow
+from pipeline.lifecycle.state import ACCEPTED, ACKNOWLEDGED, FAILED, REPLIED, SENT, WorkDir
 from tests.helpers import cli, force_state
 from tests.test_run import ndop_run, statuses
 
@@ -185,9 +187,9 @@ def test_a_damaged_ledger_leaves_its_rows_but_never_stops_the_other_purges(tmp_p
 
 
 def test_the_ledger_history_keeps_only_what_the_retention_period_allows(work_dir) -> None:
-    """ndop filter's change log (pipeline/ledger_history.py) holds NHS numbers: purge drops the statuses that started
+    """ndop filter's change log (pipeline/ledger/history.py) holds NHS numbers: purge drops the statuses that started
     before the retention period and were no longer held then, and every patient who left the ledger."""
-    from pipeline import ledger_history
+    from pipeline.ledger import history as ledger_history
 
     a, b, c = (int(n) for n in nhs.synthetic_numbers(3, seed=2111).to_pylist())
     day = 86_400

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import datfile, nhs
+from pipeline.request import datfile
+from pipeline.core import nhs
 from tests.beam_util import local_pipeline
 from transforms import shards
 from transforms.read_inputs import ReadManifest, ReadReply, iter_line_blocks, manifest_numbers

@@ -9,9 +9,9 @@ import json
 
 import requests
 
-from pipeline import nhs
-from pipeline.state import REPLIED
-from pipeline.plausibility import swing_problem
+from pipeline.core import nhs
+from pipeline.lifecycle.state import REPLIED
+from pipeline.orchestration.plausibility import swing_problem
 from tests.helpers import cli
 from tests.test_run import ndop_run
 

@@ -13,7 +13,8 @@ from apache_beam import pvalue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import datfile, nhs
+from pipeline.request import datfile
+from pipeline.core import nhs
 from transforms import shards
 from transforms.join import classify
 from transforms.read_inputs import ParseReplyFn

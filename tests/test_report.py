@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import re
 
-from pipeline.report import build_report, render_markdown
-from pipeline.state import WorkDir
+from pipeline.ops.report import build_report, render_markdown
+from pipeline.lifecycle.state import WorkDir
 
 
 def test_changes_come_from_the_summary_not_earlier_requests(tmp_path) -> None:
@@ -38,7 +38,7 @@ def test_markdown_has_the_figures_and_no_numbers() -> None:
 def test_the_request_page_shows_the_ledgers_unchanged_count_and_its_changes() -> None:
     """Issue 22 item 7: a run that left 10,000 Consents unchanged showed "unchanged 0" (report.json keeps the
     count under changes) and never drew its Changes section."""
-    from pipeline.report_html import render_request
+    from pipeline.ops.report_html import render_request
 
     report = {"request_id": "X26ABC1-041226-0009", "state": "acknowledged", "cohort": {"sent": 10_000},
               "results": {"replied": 9_500, "opted_out": 500, "not_opted_out": 9_500, "written": 0},

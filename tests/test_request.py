@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import REPO_ROOT, cli
-from pipeline import nhs
-from pipeline.errors import InputError
-from pipeline.request import RequestSettings, build_request
-from pipeline.state import WorkDir
+from pipeline.core import nhs
+from pipeline.core.errors import InputError
+from pipeline.request.build import RequestSettings, build_request
+from pipeline.lifecycle.state import WorkDir
 
 ROOT = REPO_ROOT
 NOV = datetime(2026, 11, 24, 9, 30, tzinfo=timezone.utc)
@@ -200,7 +200,7 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch) -> None:
 
 
 def test_crash_while_writing_leaves_no_request(tmp_path, work_dir, monkeypatch) -> None:
-    import pipeline.request as request_module
+    import pipeline.request.build as request_module
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -7,8 +7,8 @@ import subprocess
 
 import requests
 
-from pipeline import nhs
-from pipeline.state import ACKNOWLEDGED, WorkDir
+from pipeline.core import nhs
+from pipeline.lifecycle.state import ACKNOWLEDGED, WorkDir
 from tests.helpers import cli
 
 SYSTEM = nhs.NHS_NUMBER_SYSTEM

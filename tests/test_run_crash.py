@@ -1,6 +1,6 @@
 """``ndop run`` killed at every step, then run again: the second run finishes the job, exactly once.
 
-The contract is stated in pipeline/state.py's module docstring; its invariants, checked after each crash and re-run against the real mesh-sandbox (playing
+The contract is stated in pipeline/lifecycle/state.py's module docstring; its invariants, checked after each crash and re-run against the real mesh-sandbox (playing
 NDOP) and the real FHIR server:
 
 1. one request in the work dir, ``acknowledged`` (the re-run carried it on; no second request);
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from dev.mesh_sandbox import NDOP_MAILBOX
-from pipeline import nhs
-from pipeline.faults import EXIT_CODE, FAULT_ENV
-from pipeline.state import ACCEPTED, ACKNOWLEDGED, PROCESSED, REPLIED, WorkDir
+from pipeline.core import nhs
+from pipeline.core.faults import EXIT_CODE, FAULT_ENV
+from pipeline.lifecycle.state import ACCEPTED, ACKNOWLEDGED, PROCESSED, REPLIED, WorkDir
 from tests.helpers import REPO_ROOT, cli_command, cli_env, consents_of
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 

@@ -16,10 +16,10 @@ import pytest
 from apache_beam.runners.portability.prism_runner import PrismRunner
 
 from dev.prism import prism_args
-from pipeline.options import NdopOptions
+from pipeline.beam.options import NdopOptions
 from apache_beam.options.pipeline_options import PortableOptions
 
-from pipeline.process import DEAD_LETTERS, JOB_SERVER_TIMEOUT, counters, pipeline_options, run, summarise
+from pipeline.beam.graph import DEAD_LETTERS, JOB_SERVER_TIMEOUT, counters, pipeline_options, run, summarise
 from tests.helpers import consents_for_patient as _consents_of
 from tests.test_process_pipeline import T1, T2, _inputs, _numbers
 from tests.helpers import consent_id

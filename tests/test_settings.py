@@ -1,10 +1,10 @@
-"""pipeline.settings: a number of days from an option or the environment, or one clear error."""
+"""pipeline.core.settings: a number of days from an option or the environment, or one clear error."""
 from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import EXIT_BAD_INPUT, InputError
-from pipeline.settings import days_setting
+from pipeline.core.errors import EXIT_BAD_INPUT, InputError
+from pipeline.core.settings import days_setting
 
 
 def test_option_wins_then_environment_then_default(monkeypatch) -> None:

@@ -20,15 +20,16 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dev.prism import prism_args
 from dev.flink import FLINK_PYTHON, FOUR_SLOTS, FlinkCluster, flink_args
-from pipeline.errors import InputError
-from pipeline.options import check_pipeline_args
-from pipeline.process import SUMMARY, run
+from pipeline.core.errors import InputError
+from pipeline.beam.options import check_pipeline_args
+from pipeline.beam.graph import SUMMARY, run
 from tests.beam_util import local_pipeline
 from tests.helpers import key_source_for_tests
 from tests.fixtures.fhir_proxy import FaultProxy
 from tests.test_process_pipeline import T1, T2, _inputs, _numbers
 from tests.test_runners import _store
-from transforms import ledger, shards
+from transforms import ledger_join as ledger
+from transforms import shards
 from transforms.join import MANIFEST, REPLY
 from transforms.write_consents import writer_slot
 
@@ -119,7 +120,7 @@ def flink4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
 
 
 def on_flink(cluster: FlinkCluster, parallelism: int, argv: list[str]) -> dict:
-    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.process", *flink_args(cluster, parallelism), *argv],
+    done = subprocess.run([str(FLINK_PYTHON), "-m", "pipeline.beam.graph", *flink_args(cluster, parallelism), *argv],
                           cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
                           text=True, timeout=600)
     output_dir = Path(next(a for a in argv if a.startswith("--output_dir=")).split("=", 1)[1])

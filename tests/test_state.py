@@ -1,4 +1,4 @@
-"""pipeline/state.py: the transition table, compare-and-set, request ids, the work-dir lock; and the
+"""pipeline/lifecycle/state.py: the transition table, compare-and-set, request ids, the work-dir lock; and the
 two-runs-at-once cases with real concurrent ``ndop`` processes against the real mesh-sandbox and FHIR server."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_BUSY
-from pipeline.state import (
+from pipeline.core.errors import EXIT_BAD_INPUT, EXIT_BUSY
+from pipeline.core.clock import utcnow
+from pipeline.lifecycle.state import (
     ACKNOWLEDGED,
     CREATED,
     FINAL,
@@ -27,7 +28,6 @@ from pipeline.state import (
     check_transition,
     initial_state,
     marker,
-    utcnow,
 )
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
 from tests.helpers import REPO_ROOT, cli, cli_command, cli_env, consents_of, force_state
@@ -136,7 +136,7 @@ def test_lock_is_reentrant_within_a_process(work_dir: WorkDir) -> None:
 
 
 def _hold_lock_in_another_process(work_dir: WorkDir, seconds: float) -> subprocess.Popen[str]:
-    code = ("import sys, time; from pipeline.state import WorkDir\n"
+    code = ("import sys, time; from pipeline.lifecycle.state import WorkDir\n"
             "with WorkDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
     holder = subprocess.Popen([cli_command()[0], "-c", code, str(work_dir.root), str(seconds)], cwd=REPO_ROOT,
                               env=cli_env(), stdout=subprocess.PIPE, text=True)
@@ -243,7 +243,7 @@ def test_a_work_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path: Path
 
 
 def test_the_driver_refuses_an_empty_request_id_too(work_dir: WorkDir) -> None:
-    from pipeline.mesh_config import MeshConfig
+    from pipeline.mesh.config import MeshConfig
     from pipeline.mesh.driver import MeshDriver
 
     _record(work_dir)

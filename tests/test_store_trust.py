@@ -9,9 +9,9 @@ from datetime import datetime
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import nhs
+from pipeline.core import nhs
 from pipeline.fhir.config import FhirClientConfig
-from pipeline.state import ACKNOWLEDGED, REPLIED
+from pipeline.lifecycle.state import ACKNOWLEDGED, REPLIED
 from tests.fixtures.fhir_proxy import FaultProxy
 from tests.helpers import cli, summarise
 from tests.test_run import ndop_run, statuses

@@ -7,9 +7,9 @@ import json
 import pytest
 import requests
 
-from pipeline import ledger as ledger_dirs
-from pipeline import nhs
-from pipeline.errors import InputError
+from pipeline.ledger import versions as ledger_dirs
+from pipeline.core import nhs
+from pipeline.core.errors import InputError
 from pipeline.fhir.answers import FhirError
 from pipeline.fhir.config import FhirClientConfig, origin, same_base_url, without_userinfo
 from pipeline.fhir.search import iter_search

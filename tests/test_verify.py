@@ -7,7 +7,7 @@ import json
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import nhs
+from pipeline.core import nhs
 from tests.helpers import cli
 from tests.test_run import ndop_run, statuses
 from tests.helpers import consent_id

@@ -15,7 +15,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from fhir.resources.R4B.consent import Consent
 
-from pipeline import nhs
+from pipeline.core import nhs
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import search_total
 from pipeline.fhir.sessions import open_session
@@ -46,7 +46,7 @@ def run(consents: list[dict], config: FhirClientConfig, integrity: list[int] | N
     result = source | WriteConsents(config, integrity_errors=errors, **kwargs)
     _collect(result.main, "main", collected)
     _collect(result[WriteConsents.DEAD_LETTER], "dead", collected)
-    outcome = pipeline.run()
+    outcome = pipeline.orchestration.run()
     outcome.wait_until_finish()
     counters = {
         c.key.metric.name: c.committed

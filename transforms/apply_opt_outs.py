@@ -20,7 +20,7 @@ The rule (:func:`decide`, pure numpy, no Beam) over the status held for each num
 - not a valid NHS number, or none at all (``invalid``): removed or dead-lettered.
 
 ``as_of`` evaluates the status held at a past moment: a row whose status started after it (``status_since``)
-says nothing about that moment unless the ledger's history (:mod:`pipeline.ledger_history`) does, so such a
+says nothing about that moment unless the ledger's history (:mod:`pipeline.ledger.history`) does, so such a
 patient counts as ``unknown`` there.
 
 The source of truth is the Consent ledger (:class:`LedgerSource`, Parquet through ``FileSystems``) or the FHIR
@@ -57,7 +57,7 @@ from apache_beam.transforms import window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.utils.timestamp import Timestamp
 
-from pipeline import nhs
+from pipeline.core import nhs
 from transforms.vocabulary import IDENTIFIER_SYSTEM, METRICS_NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ REMOVED_REASONS = (OPTED_OUT_REASON, UNKNOWN, STALE, INVALID)
 
 UNKNOWN_CHOICES = ("drop", "keep")
 INVALID_CHOICES = ("remove", "dead_letter")
-DEFAULT_MAX_AGE_DAYS = 21.0  # pipeline.staleness.DEFAULT_STALE_DAYS: the CLI passes the staleness setting
+DEFAULT_MAX_AGE_DAYS = 21.0  # pipeline.ledger.staleness.DEFAULT_STALE_DAYS: the CLI passes the staleness setting
 DAY = 86_400
 
 _LEDGER_COLUMNS = ["nhs_number", "status", "status_since", "checked_at"]
@@ -99,7 +99,7 @@ class OptOutIndex:
     @classmethod
     def from_table(cls, table: pa.Table, history: pa.Table | None = None) -> "OptOutIndex":
         """From ledger rows (``nhs_number``, ``status``, ``status_since``, ``checked_at``; any order)."""
-        from transforms.ledger import _status_codes
+        from transforms.ledger_join import _status_codes
 
         numbers = table.column("nhs_number").to_numpy() if table.num_rows else np.zeros(0, np.int64)
         order = sort_order(numbers)
@@ -209,7 +209,7 @@ def _status_from_history(history: pa.Table | None, numbers: np.ndarray, moment: 
     upto = history.filter(pa.array(since <= moment))
     if not upto.num_rows:
         return held
-    from transforms.ledger import _status_codes
+    from transforms.ledger_join import _status_codes
 
     h_numbers = upto.column("nhs_number").to_numpy()
     h_since = _epoch(upto.column("status_since"))
@@ -314,7 +314,7 @@ class LedgerSource(Source):
                                       "rows": meta.get("rows")})
 
     def load(self, version: SourceVersion) -> OptOutIndex:
-        from transforms.ledger import ledger_files
+        from transforms.ledger_join import ledger_files
 
         folder = version.details.get("folder") or self._resolved()
         tables = []
@@ -325,14 +325,14 @@ class LedgerSource(Source):
         table = pa.concat_tables(tables, promote_options="permissive") if tables else _empty_rows()
         history = None
         if self.history:
-            from pipeline.ledger_history import read_history
+            from transforms.ledger_join import read_history
 
             history = read_history(self.history)
         return OptOutIndex.from_table(table, history)
 
 
 def _empty_rows() -> pa.Table:
-    from transforms.ledger import SCHEMA
+    from transforms.ledger_join import SCHEMA
 
     return SCHEMA.empty_table().select(_LEDGER_COLUMNS)
 
@@ -569,7 +569,7 @@ class ApplyOptOuts(beam.PTransform):
     ``invalid``: ``remove`` (default: counted) or ``dead_letter`` (to :attr:`INVALID`) a missing/invalid number.
     ``max_age_days``: the ledger and each status must be confirmed within it (None: no limit).
     ``fhir_base_url``: when given, a ledger describing another store stops the job.
-    ``exempt``: the purpose may keep opted-out patients (from the purposes file; see :mod:`pipeline.purposes`).
+    ``exempt``: the purpose may keep opted-out patients (from the purposes file; see :mod:`pipeline.privacy.purposes`).
     ``as_of``: evaluate the status held at this moment (epoch seconds).
     ``refresh_seconds``: for an unbounded input, re-resolve the source this often (Beam's slowly-changing side
     input pattern: a ``PeriodicImpulse`` in fixed windows of that length; the input is windowed the same way,

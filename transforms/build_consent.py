@@ -16,7 +16,7 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline import nhs
+from pipeline.core import nhs
 from transforms import shards as shardlib
 from transforms.consent_ids import IdKey, KeySource
 from transforms.vocabulary import (  # noqa: F401 (IDENTIFIER_SYSTEM: this module's public word)
@@ -108,7 +108,7 @@ def check_checked_at(checked_at: str | None) -> str:
 class BuildConsentFn(beam.DoFn):
     """A classified ``(status, int64 array)`` batch into one Consent dict per patient; a third item, when there,
     holds each patient's FHIR Patient id (None where unknown), carried through the join
-    (:data:`transforms.ledger.PATIENT_IDS`).
+    (:data:`transforms.ledger_join.PATIENT_IDS`).
 
     ``checked_at`` is taken as checked: :class:`BuildConsent` validated it (and the template) once.
     """

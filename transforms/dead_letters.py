@@ -29,7 +29,7 @@ class ToJsonLineFn(beam.DoFn):
 class WriteDeadLetters(beam.PTransform):
     """Write dead-letter dicts to exactly ``path`` (one file, even when empty, so a run always has one).
 
-    The file holds NHS numbers: ``pipeline.process`` runs local pipelines under a private umask
+    The file holds NHS numbers: ``pipeline.beam.graph`` runs local pipelines under a private umask
     and makes the file 0600; on a bucket, access is the bucket's IAM.
     """
 

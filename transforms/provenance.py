@@ -96,7 +96,7 @@ class ProvenanceSettings:
             raise ValueError("a Provenance needs the exchange's organisation or MESH mailbox (--provenance_org)")
 
     def build(self, targets: Sequence[Target], recorded: str | None = None) -> dict[str, Any]:
-        from pipeline.state import isoformat, utcnow
+        from pipeline.core.clock import isoformat, utcnow
 
         return build_provenance(targets, recorded=recorded or isoformat(utcnow()), checked_at=self.checked_at,
                                 organisation=self.organisation, request_id=self.request_id,

@@ -23,9 +23,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import datfile, nhs
-from pipeline.datfile import iter_line_blocks
-from pipeline.errors import at
+from pipeline.request import datfile
+from pipeline.core import nhs
+from pipeline.request.datfile import iter_line_blocks
+from pipeline.core.errors import at
 from transforms import shards as shardlib
 from transforms.vocabulary import METRICS_NAMESPACE, integrity_error
 
@@ -83,7 +84,7 @@ class ReadManifest(beam.PTransform):
     def expand(self, pbegin: pvalue.PBegin) -> pvalue.PCollection:
         # validate=False: building the graph must not read the input (with validate=True Beam matches the
         # gs:// path at construction, which without bucket access stalls ~2 min in credential retries);
-        # pipeline.process.check_inputs has already said, in one line, whether the file exists.
+        # pipeline.beam.graph.check_inputs has already said, in one line, whether the file exists.
         return (
             pbegin
             | "ReadParquet" >> beam.io.ReadFromParquetBatched(self._path, columns=[self._column], validate=False)
@@ -124,7 +125,7 @@ class ShardPatientIdsFn(beam.DoFn):
         self._shards = shards
 
     def process(self, table: pa.Table) -> Iterator[tuple[int, bytes]]:
-        from transforms.ledger import split_by_shard  # the ledger's (shard, Arrow bytes) split
+        from transforms.ledger_join import split_by_shard  # the ledger's (shard, Arrow bytes) split
 
         yield from split_by_shard(known_patient_ids(table), self._shards)
 
@@ -149,7 +150,7 @@ class ReadPatientIds(beam.PTransform):
 
 
 class ParseReplyFn(beam.DoFn):
-    """Read and parse one reply file in newline-aligned blocks with :func:`pipeline.datfile.parse`."""
+    """Read and parse one reply file in newline-aligned blocks with :func:`pipeline.request.datfile.parse`."""
 
     INTEGRITY_ERRORS = "integrity_errors"
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline import nhs
+from pipeline.core import nhs
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads sequential numbers evenly
 DTYPE = np.dtype("<i8")

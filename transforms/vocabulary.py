@@ -72,7 +72,7 @@ SUMMARY_COUNTERS = {
 }
 
 
-# The ledger join's counters (transforms.ledger): summary.json "changes" key -> counter name.
+# The ledger join's counters (transforms.ledger_join): summary.json "changes" key -> counter name.
 LEDGER_COUNTERS = {
     "to_write": "ledger_to_write",
     "new_patients": "ledger_new_patients",

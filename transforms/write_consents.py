@@ -40,13 +40,13 @@ import requests
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline import nhs
+from pipeline.core import nhs
 from pipeline.fhir.answers import FhirUnreachableError, outcome_text, response_reason, status_code
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.retry import RETRY_STATUSES, backoff_seconds, is_timeout
 from pipeline.fhir.search import post_bundle
 from pipeline.fhir.sessions import open_session
-from pipeline.state import isoformat, utcnow
+from pipeline.core.clock import isoformat, utcnow
 from transforms.shards import shard_of
 from transforms.provenance import ProvenanceSettings, consent_reference, put_provenance, transaction_entry
 from transforms.hooks import NO_HOOKS, WorkerHooks

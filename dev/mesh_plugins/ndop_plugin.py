@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import datfile
+from pipeline.request import datfile
 
 _LOGGER = logging.getLogger("mesh-sandbox.ndop")
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import requests
 
-from pipeline.errors import NdopError
+from pipeline.core.errors import NdopError
 
 FHIR_JSON = "application/fhir+json"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 AUTH_NONE = "none"
 AUTH_TOKEN = "token"

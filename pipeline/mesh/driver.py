@@ -5,11 +5,11 @@ A small facade over three parts, each in its own module:
 - :mod:`pipeline.mesh.transport`: the typed HTTP conversation (handshake, listing, whole-or-nothing downloads,
   chunked posts that tell a lost first POST from a refused one, acknowledgements);
 - :mod:`pipeline.mesh.sender`: when a request is sent, and never twice unless provably lost;
-- :mod:`pipeline.mesh.poller`: each inbox message dealt with as :func:`pipeline.inbox.classify_inbox_message`
+- :mod:`pipeline.mesh.poller`: each inbox message dealt with as :func:`pipeline.mesh.inbox.classify_inbox_message`
   decides; a reply acknowledged only once its Consents are stored.
 
 MESH rules kept here (docs/mesh-conformance.md); the crash and idempotency contract (the ``sending``,
-``ctl_sending`` and ``acknowledging`` markers, ``send-unknown``) is stated once, in pipeline/state.py.
+``ctl_sending`` and ``acknowledging`` markers, ``send-unknown``) is stated once, in pipeline/lifecycle/state.py.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from mesh_client import MeshClient
 from pipeline.mesh.poller import PollReport, Poller
 from pipeline.mesh.sender import SendResult, Sender
 from pipeline.mesh.transport import FaultHook, MeshTransport
-from pipeline.mesh_config import MIN_POLL_INTERVAL, MeshConfig
-from pipeline.state import RequestRecord, WorkDir
+from pipeline.mesh.config import MIN_POLL_INTERVAL, MeshConfig
+from pipeline.lifecycle.state import RequestRecord, WorkDir
 
 __all__ = ["MeshDriver", "PollReport", "SendResult"]
 

@@ -1,9 +1,9 @@
-"""Polling the inbox: every message of ours dealt with as pipeline/inbox.py's classifier decides, and the
+"""Polling the inbox: every message of ours dealt with as pipeline/mesh/inbox.py's classifier decides, and the
 acknowledgement of a reply once its Consents are stored.
 
 The MESH API's polling rules (one listing a cycle, cycles at least five minutes apart against a real MESH, again at
 once after a full page, a handshake at most once a cycle and at least once a day) are kept by :meth:`Poller.poll`.
-What a crash leaves (the ``acknowledging`` marker): the contract in pipeline/state.py.
+What a crash leaves (the ``acknowledging`` marker): the contract in pipeline/lifecycle/state.py.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import nhs
-from pipeline.errors import NdopError
-from pipeline.files import atomic_writer
-from pipeline.inbox import HEAD_BYTES, LEAVES, Action, InboxMessage, classify_inbox_message, match_request
+from pipeline.core import nhs
+from pipeline.core.errors import NdopError
+from pipeline.core.files import atomic_writer
+from pipeline.mesh.inbox import HEAD_BYTES, LEAVES, Action, InboxMessage, classify_inbox_message, match_request
 from pipeline.mesh.transport import READ_BLOCK, MeshTransport, UnreadableMessage, mesh_errors
-from pipeline.mesh_config import MIN_POLL_INTERVAL
-from pipeline.state import (
+from pipeline.mesh.config import MIN_POLL_INTERVAL
+from pipeline.core.clock import isoformat, utcnow
+from pipeline.lifecycle.state import (
     ACCEPTED,
     ACKNOWLEDGED,
     ACKNOWLEDGING,
@@ -35,9 +36,7 @@ from pipeline.state import (
     REPLIED,
     RequestRecord,
     WorkDir,
-    isoformat,
     marker,
-    utcnow,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -291,7 +290,7 @@ class Poller:
         """Acknowledge a processed request's reply in MESH (deleting it there); idempotent, and once.
 
         The process step calls this only once the Consents are durably stored; decide and act run under
-        the work dir's lock. The ``acknowledging`` marker and what a crash leaves: pipeline/state.py.
+        the work dir's lock. The ``acknowledging`` marker and what a crash leaves: pipeline/lifecycle/state.py.
         """
         with self.work_dir.lock():
             record = self.work_dir.load(request_id)

@@ -3,7 +3,7 @@
 The ``.dat`` (and, where configured, the ``.ctl``) goes through :meth:`MeshTransport.post_file`; a first POST
 whose outcome is unknown leaves the request ``send-unknown`` and it is sent again, with the same local id, only
 after ``resend_after`` and only when the inbox (looked at first) holds neither notice nor reply. The markers and
-what a crash leaves: the contract in pipeline/state.py.
+what a crash leaves: the contract in pipeline/lifecycle/state.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.mesh.transport import MaybeSent, MeshTransport, NotSent
-from pipeline.state import (
+from pipeline.core.clock import isoformat, parse_time, utcnow
+from pipeline.lifecycle.state import (
     CREATED,
     CTL_SENDING,
     SEND_UNKNOWN,
@@ -25,10 +26,7 @@ from pipeline.state import (
     RequestRecord,
     WorkDir,
     check_request_id,
-    isoformat,
     marker,
-    parse_time,
-    utcnow,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -161,8 +159,9 @@ class Sender:
 
     def _send_ctl(self, record: RequestRecord) -> str:
         """The ``.ctl`` as a message of its own (some integrations expect it); the maybe-sent rule of the
-        ``.dat`` applies (pipeline/state.py): a lost answer or a crash mid-POST leaves ``ctl_send_unknown_since``
-        and the ``.ctl`` is sent again only after ``resend_after``, while NDOP has not answered."""
+        ``.dat`` applies (pipeline/lifecycle/state.py): a lost answer or a crash mid-POST leaves
+        ``ctl_send_unknown_since`` and the ``.ctl`` is sent again only after ``resend_after``, while NDOP has not
+        answered."""
         rid = record["request_id"]
         ctl = self.work_dir.request_dir(rid) / record["files"]["ctl"]
         self.work_dir.update(rid, expect=SENT, **marker(CTL_SENDING, {"at": isoformat(utcnow())}))
@@ -195,7 +194,7 @@ class Sender:
 
     def settle_interrupted_sends(self) -> None:
         """A ``sending`` (or ``ctl_sending``) marker without a result means a crash mid-POST: the outcome is
-        unknown (pipeline/state.py)."""
+        unknown (pipeline/lifecycle/state.py)."""
         for record in self.work_dir.all():
             rid = record["request_id"]
             sending: Any = record.get(SENDING)

@@ -20,9 +20,9 @@ from mesh_client import DEP_ENDPOINT, INT_ENDPOINT, LIVE_ENDPOINT, MeshClient, M
 from mesh_client.io_helpers import SplitStream
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from pipeline.errors import InputError, NdopError
-from pipeline.faults import fault_point
-from pipeline.mesh_config import HANDSHAKE_EVERY, MeshConfig
+from pipeline.core.errors import InputError, NdopError
+from pipeline.core.faults import fault_point
+from pipeline.mesh.config import HANDSHAKE_EVERY, MeshConfig
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class MeshTransport:
     """mesh-client for one mailbox: opened on first use, closed with the transport.
 
     ``fault_hook`` (tests only: production never sets it) is called at named points, e.g. to lose the answer to
-    an outbox POST; ``NDOP_FAULT`` (pipeline/faults.py) kills the process at one, for the crash tests.
+    an outbox POST; ``NDOP_FAULT`` (pipeline/core/faults.py) kills the process at one, for the crash tests.
     """
 
     def __init__(self, config: MeshConfig, client_factory: Callable[[MeshConfig], MeshClient] | None = None,

@@ -1,0 +1,224 @@
+"""A first load in bulk: resources as NDJSON files, then the FHIR store's own import (issue 24 item 4, first part).
+
+Ten million PUTs take hours (sekmet here: ~900/s) or more than a day (HAPI: ~100/s). Stores import NDJSON far
+faster. This module holds the store-facing half:
+
+- :func:`write_ndjson`: resources into one ``.ndjson`` file through Beam's ``FileSystems`` (local, ``gs://``,
+  ...), created 0600 when local (Consents carry NHS numbers);
+- :class:`ServeFolder`: a loopback HTTP server over a folder, so a store on this machine or network can pull
+  the files (HAPI's ``$import`` takes HTTP(S) URLs);
+- :class:`HapiImport`: HAPI 8's ``$import`` (``Prefer: respond-async``, a ``Parameters`` manifest of NDJSON
+  URLs), polled until the job ends; :func:`hapi_import_complete` reads its answer and says whether every
+  resource sent was stored;
+- :func:`google_import_request` / :func:`azure_import_parameters`: the Cloud Healthcare API's
+  ``fhirStores.import`` request and Azure Health Data Services' ``$import`` ``Parameters`` (checked offline).
+
+The promise the ledger keeps: a load counts only when the store's own job report says every resource was stored
+(:func:`hapi_import_complete`); anything else is a failed load (the PUT writer, or a re-run, does it).
+Not yet wired into ``ndop process`` (see docs/distributed.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import requests
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.core.errors import NdopError
+from pipeline.fhir.answers import FHIR_JSON, outcome_text
+
+_LOGGER = logging.getLogger(__name__)
+
+NDJSON = "application/fhir+ndjson"
+POLL_SECONDS = 1.0
+IMPORT_TIMEOUT = 3600.0
+
+
+def write_ndjson(resources: Iterable[Mapping[str, Any]], path: str) -> int:
+    """``resources`` as NDJSON (one compact JSON object a line) at ``path``; returns how many were written."""
+    count = 0
+    local = "://" not in path
+    previous = os.umask(0o077) if local else None
+    try:
+        with FileSystems.create(path, mime_type=NDJSON, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for resource in resources:
+                handle.write(json.dumps(resource, separators=(",", ":")).encode() + b"\n")
+                count += 1
+    finally:
+        if previous is not None:
+            os.umask(previous)
+    return count
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".ndjson": NDJSON}  # HAPI refuses octet-stream
+
+    def log_message(self, *args: Any) -> None:  # no request lines (file names only, but keep logs clean)
+        pass
+
+
+class ServeFolder:
+    """``folder`` over HTTP on ``host`` (loopback by default) and a free port, while the ``with`` block runs."""
+
+    def __init__(self, folder: str | os.PathLike[str], host: str = "127.0.0.1") -> None:
+        self.folder = Path(folder)
+        self._host = host
+        self._server = ThreadingHTTPServer((host, 0), partial(_QuietHandler, directory=str(self.folder)))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"http://{self._host}:{self._server.server_port}/{name}"
+
+    def __enter__(self) -> "ServeFolder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def hapi_import_parameters(files: Mapping[str, Iterable[str]]) -> dict[str, Any]:
+    """HAPI's ``$import`` manifest: ``{resource type: [NDJSON URL, ...]}`` as a ``Parameters`` resource."""
+    inputs = [{"name": "input", "part": [{"name": "type", "valueCode": kind}, {"name": "url", "valueUri": url}]}
+              for kind, urls in files.items() for url in urls]
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "inputFormat", "valueCode": NDJSON},
+        {"name": "inputSource", "valueUri": "https://ndop-sync.invalid/first-load"},
+        {"name": "storageDetail", "part": [{"name": "type", "valueCode": "https"}]},
+        *inputs,
+    ]}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What the store's job said when it ended: stored counts by source file, and any problem."""
+
+    stored: dict[str, int]
+    problem: str | None
+    report: str
+
+
+def hapi_import_complete(report: str, expected: Mapping[str, int]) -> ImportResult:
+    """Read HAPI's finished ``$import`` answer and say whether every resource was stored.
+
+    HAPI 8.8 answers an OperationOutcome whose first issue's diagnostics is ``{"reportMsg": "..."}``, a text
+    report with, per ``Source: <url>``, lines ``* <OUTCOME>: <count>`` (``SUCCESSFUL_UPDATE_AS_CREATE``,
+    ``SUCCESSFUL_UPDATE``, ... or failures). ``expected``: resources sent per source URL. ``problem`` is None only
+    when each source's successful outcomes add up to what was sent and nothing else was reported.
+    """
+    stored: dict[str, int] = {}
+    other: dict[str, int] = {}
+    try:
+        outcome = json.loads(report)
+        diagnostics = str((outcome.get("issue") or [{}])[0].get("diagnostics") or "")
+        message = str(json.loads(diagnostics).get("reportMsg") or "")
+    except (ValueError, AttributeError, TypeError):
+        return ImportResult({}, "the import job's answer is not the report HAPI gives", report[:500])
+    source = None
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("Source:"):
+            source = line[len("Source:"):].strip()
+            stored.setdefault(source, 0)
+        elif line.startswith("* ") and source is not None and ":" in line:
+            kind, _, count = line[2:].rpartition(":")
+            target = stored if kind.strip().startswith("SUCCESSFUL") else other
+            target[source] = target.get(source, 0) + int(count)
+    problem = None
+    if other:
+        problem = f"the store reports outcomes other than stored: {other}"
+    elif stored != dict(expected):
+        problem = f"the store reports {sum(stored.values())} stored of {sum(expected.values())} sent ({stored})"
+    return ImportResult(stored, problem, report[:2000])
+
+
+class HapiImport:
+    """HAPI 8's bulk ``$import``: kick off with a manifest of NDJSON URLs, poll until the job ends."""
+
+    def __init__(self, session: requests.Session, base_url: str, poll_seconds: float = POLL_SECONDS,
+                 timeout: float = IMPORT_TIMEOUT) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._poll = poll_seconds
+        self._timeout = timeout
+
+    def start(self, files: Mapping[str, Iterable[str]]) -> str:
+        """POST ``$import``; the poll URL (``Content-Location``) of the accepted job."""
+        response = self._session.post(f"{self._base}/$import", data=json.dumps(hapi_import_parameters(files)),
+                                      headers={"Content-Type": FHIR_JSON, "Prefer": "respond-async"})
+        location = response.headers.get("Content-Location")
+        if response.status_code != 202 or not location:
+            raise NdopError(f"$import not accepted: HTTP {response.status_code} "
+                            f"{outcome_text(_json(response)) or response.text[:200]}")
+        return location
+
+    def wait(self, poll_url: str, expected: Mapping[str, int]) -> ImportResult:
+        """Poll ``poll_url`` until the job ends (202: still running); the job's own account of what it stored
+        (``expected``: resources per source URL)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            response = self._session.get(poll_url, headers={"Accept": FHIR_JSON})
+            if response.status_code == 200:
+                return hapi_import_complete(response.text, expected)
+            if response.status_code != 202:
+                return ImportResult({}, f"the import job failed: HTTP {response.status_code} "
+                                        f"{outcome_text(_json(response)) or response.text[:300]}", response.text)
+            if time.monotonic() > deadline:
+                return ImportResult({}, f"the import job did not end within {self._timeout:.0f} s", "")
+            time.sleep(self._poll)
+
+
+def _json(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def google_import_request(fhir_store: str, gcs_uri: str) -> tuple[str, dict[str, Any]]:
+    """The Cloud Healthcare API's import: ``(URL to POST, body)`` for NDJSON resources under ``gcs_uri``
+    (e.g. ``gs://bucket/ndop/load/*.ndjson``) into ``fhir_store``
+    (``projects/P/locations/L/datasets/D/fhirStores/S``). The answer is a long-running operation; its
+    ``metadata.counter`` has ``success`` and ``failure``."""
+    if not fhir_store.startswith("projects/") or "/fhirStores/" not in fhir_store:
+        raise ValueError(f"not a FHIR store name: {fhir_store!r}")
+    if not gcs_uri.startswith("gs://"):
+        raise ValueError(f"the Cloud Healthcare API imports from Cloud Storage (gs://), not {gcs_uri!r}")
+    return (f"https://healthcare.googleapis.com/v1/{fhir_store}:import",
+            {"contentStructure": "RESOURCE", "gcsSource": {"uri": gcs_uri}})
+
+
+def google_import_complete(operation: Mapping[str, Any], expected: int) -> str | None:
+    """None when a finished Cloud Healthcare import operation stored ``expected`` resources and failed none."""
+    if not operation.get("done"):
+        return "the import operation has not finished"
+    if operation.get("error"):
+        return f"the import operation failed: {operation['error'].get('message', operation['error'])}"
+    counter = (operation.get("metadata") or {}).get("counter") or {}
+    success, failure = int(counter.get("success", 0)), int(counter.get("failure", 0))
+    if failure or success != expected:
+        return f"the store imported {success} of {expected} ({failure} failed)"
+    return None
+
+
+def azure_import_parameters(files: Mapping[str, Iterable[str]], initial_load: bool = True) -> dict[str, Any]:
+    """Azure Health Data Services' ``$import`` body: NDJSON blobs by resource type; ``InitialLoad`` mode (the
+    service's fast path for an empty store) or ``IncrementalLoad``."""
+    inputs = [{"name": "input", "part": [{"name": "type", "valueString": kind}, {"name": "url", "valueUri": url}]}
+              for kind, urls in files.items() for url in urls]
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "inputFormat", "valueString": NDJSON},
+        {"name": "mode", "valueString": "InitialLoad" if initial_load else "IncrementalLoad"},
+        *inputs,
+    ]}

@@ -1,0 +1,1 @@
+"""The Consent ledger in the work dir: versions, history, staleness, verification against the store."""

@@ -1,0 +1,1 @@
+"""What operators read: status, reports, pages, the run log, metrics."""

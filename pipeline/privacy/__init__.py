@@ -1,0 +1,1 @@
+"""Data protection: purge, the Consent id key and rekey, the purposes file."""

@@ -1,0 +1,1 @@
+"""The request: the cohort, NDOP's .dat format, and the request builder."""
