@@ -19,7 +19,7 @@ from pipeline.beam.graph import build_pipeline
 from tests.beam_util import RUNNER_ARGS
 from tests.test_portability import transforms_of
 from transforms.build_consent import BuildConsentFn
-from transforms.ledger_join import split_by_shard
+from transforms.shards import split_table_by_shard
 from transforms.read_inputs import known_patient_ids, patient_ids_for
 
 T1 = "2024-11-26T10:15:00Z"
@@ -30,7 +30,7 @@ def test_patient_ids_for_looks_up_a_shards_blocks():
                       "patient_id": pa.array(["p-1", "p-2", "p-1-again", None])})
     known = known_patient_ids(table)
     assert known.column("patient_id").to_pylist() == ["p-1", "p-2", "p-1-again"]  # the unknown one dropped
-    blocks = [block for _, block in split_by_shard(known, 1)]
+    blocks = [block for _, block in split_table_by_shard(known, 1)]
     numbers = np.array([9990000034, 9990000018, 9990000026, 9990000042], dtype=np.int64)
     assert patient_ids_for(numbers, blocks) == [None, "p-1", "p-2", None]  # a listed-twice number: its first id
     assert patient_ids_for(numbers, []) == [None] * 4

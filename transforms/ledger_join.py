@@ -271,40 +271,10 @@ def _conform(table: pa.Table) -> pa.Table:
 # -- the table as Beam elements ---------------------------------------------------------------------------
 
 
-_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
-
-
-def to_bytes(table: pa.Table) -> bytes:
-    """A ledger table as one zstd-compressed Arrow IPC stream (Beam's cheapest coder: bytes).
-
-    Compressed, a 10M-row ledger moves through the runner's buffers in about a third of its Arrow size,
-    which is what keeps the three-way join of a 10M cohort under 3 GiB.
-    """
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_IPC) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
 def from_bytes(blocks: Sequence[bytes]) -> pa.Table:
     tables = [pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
     tables = [_conform(t) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else empty_ledger()
-
-
-def split_by_shard(table: pa.Table, shards: int) -> Iterator[tuple[int, bytes]]:
-    """``(shard, Arrow IPC bytes)`` for every shard that holds at least one of the table's rows."""
-    if table.num_rows == 0:
-        return
-    keys = shardlib.shard_of(table.column("nhs_number").to_numpy(), shards)
-    order = np.argsort(keys, kind="stable")
-    counts = np.bincount(keys, minlength=shards)
-    ordered = table.take(pa.array(order))
-    start = 0
-    for shard, count in enumerate(counts.tolist()):
-        if count:
-            yield shard, to_bytes(ordered.slice(start, count))
-        start += count
 
 
 class ReadLedgerFileFn(beam.DoFn):
@@ -321,7 +291,7 @@ class ReadLedgerFileFn(beam.DoFn):
                 raise ValueError(f"{path}: not a ledger file (no column {', '.join(sorted(missing))})")
             for group in range(parquet.num_row_groups):
                 table = _conform(parquet.read_row_group(group, columns=SCHEMA.names))
-                yield from split_by_shard(table, self._shards)
+                yield from shardlib.split_table_by_shard(table, self._shards)
 
 
 def ledger_files(folder: str) -> list[str]:
@@ -400,7 +370,7 @@ class DecideShardFn(ClassifyShardFn):
                 yield (status, chunk) if ids is None else (status, chunk, ids[start : start + len(chunk)])
                 start += len(chunk)
         if decision.ledger.num_rows:
-            yield pvalue.TaggedOutput(self.LEDGER, (shard, to_bytes(decision.ledger)))
+            yield pvalue.TaggedOutput(self.LEDGER, (shard, shardlib.table_to_bytes(decision.ledger)))
 
 
 class JoinWithLedger(beam.PTransform):

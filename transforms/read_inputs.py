@@ -125,9 +125,7 @@ class ShardPatientIdsFn(beam.DoFn):
         self._shards = shards
 
     def process(self, table: pa.Table) -> Iterator[tuple[int, bytes]]:
-        from transforms.ledger_join import split_by_shard  # the ledger's (shard, Arrow bytes) split
-
-        yield from split_by_shard(known_patient_ids(table), self._shards)
+        yield from shardlib.split_table_by_shard(known_patient_ids(table), self._shards)
 
 
 class ReadPatientIds(beam.PTransform):

@@ -67,3 +67,37 @@ def from_bytes(blocks: list[bytes] | tuple[bytes, ...]) -> np.ndarray:
     if not blocks:
         return np.zeros(0, dtype=DTYPE)
     return np.frombuffer(b"".join(blocks), dtype=DTYPE)
+
+
+# -- Arrow tables keyed by NHS number (ledger shards, Patient ids): one zstd Arrow IPC stream per shard ---------
+
+_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    """An Arrow table (a ledger shard, Patient ids) as one zstd-compressed Arrow IPC stream (bytes: Beam's cheapest
+    coder).
+
+    Compressed, a 10M-row ledger moves through the runner's buffers in about a third of its Arrow size,
+    which is what keeps the three-way join of a 10M cohort under 3 GiB.
+    """
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=_IPC) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def split_table_by_shard(table: pa.Table, shards: int) -> Iterator[tuple[int, bytes]]:
+    """``(shard, Arrow IPC bytes)`` for every shard that holds at least one of the table's rows (by its
+    ``nhs_number`` column)."""
+    if table.num_rows == 0:
+        return
+    keys = shard_of(table.column("nhs_number").to_numpy(), shards)
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=shards)
+    ordered = table.take(pa.array(order))
+    start = 0
+    for shard, count in enumerate(counts.tolist()):
+        if count:
+            yield shard, table_to_bytes(ordered.slice(start, count))
+        start += count
