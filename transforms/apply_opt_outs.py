@@ -59,6 +59,12 @@ from apache_beam.utils.timestamp import Timestamp
 
 from pipeline.core import nhs
 from transforms.vocabulary import IDENTIFIER_SYSTEM, METRICS_NAMESPACE
+from transforms.ledger_join import _status_codes
+from transforms.ledger_join import ledger_files
+from transforms.ledger_join import SCHEMA
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.fhir.search import iter_search
+from pipeline.fhir.sessions import open_session
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -99,7 +105,6 @@ class OptOutIndex:
     @classmethod
     def from_table(cls, table: pa.Table, history: pa.Table | None = None) -> "OptOutIndex":
         """From ledger rows (``nhs_number``, ``status``, ``status_since``, ``checked_at``; any order)."""
-        from transforms.ledger_join import _status_codes
 
         numbers = table.column("nhs_number").to_numpy() if table.num_rows else np.zeros(0, np.int64)
         order = sort_order(numbers)
@@ -209,7 +214,6 @@ def _status_from_history(history: pa.Table | None, numbers: np.ndarray, moment: 
     upto = history.filter(pa.array(since <= moment))
     if not upto.num_rows:
         return held
-    from transforms.ledger_join import _status_codes
 
     h_numbers = upto.column("nhs_number").to_numpy()
     h_since = _epoch(upto.column("status_since"))
@@ -314,7 +318,6 @@ class LedgerSource(Source):
                                       "rows": meta.get("rows")})
 
     def load(self, version: SourceVersion) -> OptOutIndex:
-        from transforms.ledger_join import ledger_files
 
         folder = version.details.get("folder") or self._resolved()
         tables = []
@@ -332,7 +335,6 @@ class LedgerSource(Source):
 
 
 def _empty_rows() -> pa.Table:
-    from transforms.ledger_join import SCHEMA
 
     return SCHEMA.empty_table().select(_LEDGER_COLUMNS)
 
@@ -363,9 +365,6 @@ class FhirSource(Source):
                              details={"read_at": now})
 
     def load(self, version: SourceVersion) -> OptOutIndex:
-        from pipeline.fhir.config import FhirClientConfig
-        from pipeline.fhir.search import iter_search
-        from pipeline.fhir.sessions import open_session
 
         numbers: list[int] = []
         status: list[str] = []

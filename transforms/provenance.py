@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from transforms.build_consent import NDOP_POLICY_URI
+from pipeline.core.clock import isoformat, utcnow
+from pipeline.fhir.answers import FHIR_JSON, encode, response_reason
 
 PROVENANCE_ID_NAMESPACE = uuid.UUID("0b4f6a2e-8d1c-5e3a-b7f9-2c6d1e0a9b84")  # fixed forever
 MAILBOX_SYSTEM = "urn:ndop-sync:mesh-mailbox"
@@ -96,7 +98,6 @@ class ProvenanceSettings:
             raise ValueError("a Provenance needs the exchange's organisation or MESH mailbox (--provenance_org)")
 
     def build(self, targets: Sequence[Target], recorded: str | None = None) -> dict[str, Any]:
-        from pipeline.core.clock import isoformat, utcnow
 
         return build_provenance(targets, recorded=recorded or isoformat(utcnow()), checked_at=self.checked_at,
                                 organisation=self.organisation, request_id=self.request_id,
@@ -122,7 +123,6 @@ def put_provenance(session: Any, base_url: str, provenance: Mapping[str, Any]) -
     """``PUT Provenance/<id>`` (idempotent: a re-run replaces it); (HTTP status, reason). Retries: the session's."""
     import requests
 
-    from pipeline.fhir.answers import FHIR_JSON, encode, response_reason
 
     url = f"{base_url.rstrip('/')}/Provenance/{provenance['id']}"
     try:

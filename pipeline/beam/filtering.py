@@ -38,6 +38,10 @@ from pipeline.core.clock import isoformat, utcnow
 from pipeline.lifecycle.state import WorkDir
 from transforms import apply_opt_outs as apply
 from transforms.apply_opt_outs import ApplyOptOuts, LedgerRefused, LedgerSource
+from transforms.ledger_join import ledger_files
+from pipeline.ledger import versions as ledgers
+from pipeline.beam.graph import pipeline_options
+from pipeline.ledger.history import history_folder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -236,7 +240,6 @@ def _input_schema(path: str, fmt: str) -> pa.Schema:
 
 def oldest_checked_at(folder: str) -> str | None:
     """The ledger's oldest ``checked_at`` (from the Parquet statistics; no number read)."""
-    from transforms.ledger_join import ledger_files
 
     oldest = None
     for path in ledger_files(folder):
@@ -265,7 +268,6 @@ def check_input(settings: FilterSettings) -> str:
 
 
 def ledger_folder(work_dir: WorkDir, ledger: str | None) -> str:
-    from pipeline.ledger import versions as ledgers
 
     if ledger:
         return ledger
@@ -280,8 +282,6 @@ def run_filter(work_dir: WorkDir, settings: FilterSettings, *, ledger: str | Non
                purpose: dict[str, Any] | None = None, beam_args: list[str] | None = None,
                manifest_path: str | None = None) -> dict[str, Any]:
     """Check everything, run the pipeline, join the parts, write the manifest and the audit line."""
-    from pipeline.ledger import versions as ledgers
-    from pipeline.beam.graph import pipeline_options
 
     fmt = check_input(settings)
     folder = ledger_folder(work_dir, ledger)
@@ -317,7 +317,6 @@ def run_filter(work_dir: WorkDir, settings: FilterSettings, *, ledger: str | Non
 def _history_for(work_dir: WorkDir, ledger: str | None) -> str | None:
     if ledger:
         return None
-    from pipeline.ledger.history import history_folder
 
     folder = history_folder(work_dir)
     return str(folder) if folder.is_dir() else None

@@ -49,6 +49,11 @@ from transforms import ledger_join as ledger
 from transforms.join import MANIFEST, REPLY
 from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS
+from pipeline.fhir.config import FhirClientConfig
+from pipeline.privacy.keys import NO_KEY, open_key
+from transforms.write_consents import SpreadWrites, WriteConsents
+from transforms.provenance import ProvenanceSettings
+from pipeline.fhir.search import check_server
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -70,7 +75,6 @@ def join_path(folder: str, name: str) -> str:
 
 def fhir_config(opts: NdopOptions) -> Any:
     """The writer's client settings: options where given, the environment otherwise."""
-    from pipeline.fhir.config import FhirClientConfig
 
     overrides = {
         "base_url": opts.fhir_url,
@@ -89,7 +93,6 @@ STAGES = ("join", "consents", "write")
 
 def id_key(opts: NdopOptions) -> tuple[IdKey, KeySource]:
     """The Consent id key (read once here, to check it and learn its fingerprint) and the source workers read."""
-    from pipeline.privacy.keys import NO_KEY, open_key
 
     spec = opts.id_key_source or configured_source()
     if not spec:
@@ -145,7 +148,6 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     if until == "join":
         return outputs
     # Bundle-sized chunks, redistributed: the Consents are built and written by every worker, not one per shard.
-    from transforms.write_consents import SpreadWrites, WriteConsents
 
     spread = joined.to_write | "SpreadWrites" >> SpreadWrites(opts.max_writers)
     consents = spread | "BuildConsent" >> BuildConsent(opts.checked_at, key, opts.sample_validate)
@@ -172,7 +174,6 @@ def provenance_settings(opts: NdopOptions) -> Any:
     """The Provenance each bundle writes (transforms/provenance.py), or None with ``--no_provenance``."""
     if opts.no_provenance:
         return None
-    from transforms.provenance import ProvenanceSettings
 
     try:
         organisation = opts.provenance_org or os.environ.get("MESH_MAILBOX", "").strip().upper()
@@ -346,7 +347,6 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     options = pipeline_options(argv)
     opts = options.view_as(NdopOptions)
     check_inputs(opts)
-    from pipeline.fhir.search import check_server
 
     check_server(fhir_config(opts))
     key, source = id_key(opts)

@@ -80,7 +80,7 @@ class Reporter:
         if not force and self._last is not None and now - self._last < self.every:
             return False
         self._last = now
-        from pipeline.core.logs import progress_line
+        from pipeline.core.logs import progress_line  # deferred: loads numpy only when used
 
         progress_line(f"[{self.label}] {text}", self.stream)
         return True

@@ -23,6 +23,7 @@ from pipeline.core.clock import utcnow
 from pipeline.lifecycle.state import WorkDir
 from transforms.ledger_join import HISTORY_COLUMNS as COLUMNS
 from transforms.ledger_join import read_history
+from transforms.ledger_join import SCHEMA, ledger_files
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ def history_folder(work_dir: WorkDir) -> Path:
 
 
 def _read_ledger(folder: Path) -> pa.Table:
-    from transforms.ledger_join import SCHEMA, ledger_files
 
     schema = pa.schema([SCHEMA.field(name) for name in COLUMNS])
     tables = [pq.read_table(path, columns=COLUMNS) for path in ledger_files(str(folder))]

@@ -21,6 +21,7 @@ from pipeline.core.settings import days_setting
 from pipeline.core.clock import isoformat, parse_time, utcnow
 from pipeline.lifecycle.state import WorkDir
 from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
+from pipeline.ledger import versions as ledger
 
 DEFAULT_STALE_DAYS = 21.0
 STALE_ENV = "NDOP_STALE_DAYS"
@@ -40,8 +41,7 @@ def _epoch(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def ledger_summary(work_dir: WorkDir, days: float, now: datetime | None = None) -> dict[str, Any] | None:
     """Counts over the ledger in force (None when there is none yet). Reads two columns, never numbers."""
-    from pipeline.ledger import versions as ledger
-    from transforms.ledger_join import ledger_files
+    from transforms.ledger_join import ledger_files  # deferred: loads apache_beam only when used
 
     found = ledger.current(work_dir)
     if found is None:

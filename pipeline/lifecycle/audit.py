@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.core import nhs
 from pipeline.core.files import PRIVATE
+from pipeline.core.clock import isoformat, utcnow
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -59,7 +60,6 @@ def _who() -> dict[str, str]:
 
 def append(work_dir_root: str | os.PathLike[str], event: str, **fields: Any) -> dict[str, Any]:
     """Append one event (``command`` or ``state``) with ``fields``; returns what was written."""
-    from pipeline.core.clock import isoformat, utcnow
 
     record = {"at": isoformat(utcnow()), "event": event, **_who(), "pid": os.getpid(), **_clean(fields)}
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()

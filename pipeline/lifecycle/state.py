@@ -63,6 +63,7 @@ from typing import IO, Any, Iterator, Mapping, TypedDict
 from pipeline.core.clock import isoformat, utcnow
 from pipeline.core.errors import EXIT_BUSY, InputError, NdopError
 from pipeline.core.files import private_dir, write_json
+from pipeline.lifecycle import audit
 
 CREATED = "created"
 SENT = "sent"
@@ -403,7 +404,6 @@ class WorkDir:
 
     def audit_state(self, record: Mapping[str, Any], old: str | None) -> None:
         """One ``audit.jsonl`` line for a state change (pipeline/lifecycle/audit.py): ids, counts, never a number."""
-        from pipeline.lifecycle import audit
 
         audit.append(self.root, "state", **audit.state_fields(record, old))
 

@@ -71,7 +71,7 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
     # errors is suspect: changes computed from it would be fiction.
     if summary.get("changes") and not counts.get("integrity_errors"):
         report["changes"] = summary["changes"]
-    from pipeline.ledger.staleness import ledger_summary, stale_days
+    from pipeline.ledger.staleness import ledger_summary, stale_days  # deferred: loads numpy only when used
 
     ledger = ledger_summary(work_dir, stale_days())  # patients by status, stale, left the cohort
     if ledger is not None:
@@ -121,7 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "|" + "---:|" * len(CHANGE_LABELS),
             "| " + " | ".join(str(change.get(key, "-")) for key in CHANGE_LABELS) + " |",
         ]
-    from pipeline.ledger.staleness import format_summary
+    from pipeline.ledger.staleness import format_summary  # deferred: loads numpy only when used
 
     if report.get("ledger"):
         lines += ["", "## Ledger", ""]

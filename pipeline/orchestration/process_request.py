@@ -22,6 +22,9 @@ from pipeline.core.files import atomic_writer, private_dir, write_json
 from pipeline.beam.graph import SUMMARY, _is_local, failure_message, join_path, run
 from pipeline.core.clock import isoformat, utcnow
 from pipeline.lifecycle.state import ACCEPTED, PROCESSED, REPLIED, RequestRecord, WorkDir
+from transforms.read_inputs import PATIENT_ID_COLUMN
+from pipeline.orchestration.plausibility import swing_problem
+from pipeline.ledger.staleness import ledger_summary
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +49,6 @@ def has_patient_ids(manifest: Path) -> bool:
     """Whether the request's (local) manifest carries the optional ``patient_id`` column."""
     import pyarrow.parquet as pq
 
-    from transforms.read_inputs import PATIENT_ID_COLUMN
 
     return PATIENT_ID_COLUMN in pq.read_schema(manifest).names
 
@@ -108,8 +110,6 @@ def process_request(work_dir: WorkDir, request_id: str, fhir_url: str | None = N
 def _check_swing(work_dir: WorkDir, record: RequestRecord, allowed: float) -> None:
     """The plausibility gate (pipeline/orchestration/plausibility.py). A refused reply is set aside, not used: the
     request goes back to waiting for NDOP, so the next poll downloads the reply again while MESH holds it."""
-    from pipeline.orchestration.plausibility import swing_problem
-    from pipeline.ledger.staleness import ledger_summary
 
     sent = int(record.get("counts", {}).get("sent", 0))
     problem = swing_problem(ledger_summary(work_dir, 0), sent, int(record.get("reply_lines", 0)), allowed)

@@ -38,6 +38,9 @@ from pipeline.lifecycle.state import (
     RequestRecord,
     WorkDir,
 )
+from pipeline.core.logs import progress_line
+from pipeline.beam.progress import poll_sleeper
+from pipeline.ops.runlog import read_runs, typical_wait
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ class RunResult:
 
 
 def _stderr(line: str) -> None:
-    from pipeline.core.logs import progress_line  # a JSON log object under --log-format json
 
     progress_line(line)
 
@@ -175,8 +177,6 @@ class Runner:
 
     def _poll_sleep(self) -> Callable[[float], None]:
         """The poll loop's sleep, reporting the wait (elapsed, next poll, NDOP's usual time) on stderr."""
-        from pipeline.beam.progress import poll_sleeper
-        from pipeline.ops.runlog import read_runs, typical_wait
 
         return poll_sleeper(self.settings.wait, self.settings.interval, typical_wait(read_runs(self.work_dir)))
 
@@ -185,7 +185,7 @@ class Runner:
         counts go on the request's record (and so into its report); returns how many differ."""
         if not self.settings.verify_sample:
             return 0
-        from pipeline.ledger.verify import verify
+        from pipeline.ledger.verify import verify  # deferred: loads apache_beam only when used
 
         started = time.monotonic()
         config = FhirClientConfig.from_env(base_url=self.settings.fhir_url, **self.settings.fhir_env_overrides)

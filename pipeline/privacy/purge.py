@@ -48,6 +48,7 @@ from pipeline.mesh.config import DEFAULT_OVERDUE_AFTER as MESH_EXPIRY
 from pipeline.core.settings import days_setting
 from pipeline.core.clock import isoformat, parse_time, utcnow
 from pipeline.lifecycle.state import ACKNOWLEDGED, FAILED, FINAL, OPEN, PROCESSED, REPLIED, RequestRecord, WorkDir
+from pipeline.ledger import versions as ledger_dirs
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -198,7 +199,6 @@ def _buildings(work_dir: WorkDir, dry_run: bool) -> list[Leftover]:
 
 
 def _pendings(work_dir: WorkDir, records: dict[str, RequestRecord], dry_run: bool) -> list[Leftover]:
-    from pipeline.ledger import versions as ledger_dirs
 
     base = ledger_dirs.root(work_dir)
     found = sorted(base.glob(".pending-*")) if base.is_dir() else []
@@ -250,8 +250,7 @@ def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.ledger import versions as ledger_dirs
-    from transforms.ledger_join import epoch_seconds, ledger_files
+    from transforms.ledger_join import epoch_seconds, ledger_files  # deferred: loads apache_beam only when used
 
     found = ledger_dirs.current(work_dir)
     if found is None:
@@ -305,9 +304,8 @@ def _history(work_dir: WorkDir, cutoff: datetime, dry_run: bool) -> list[Leftove
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.ledger import versions as ledger_dirs
-    from pipeline.ledger.history import compact, history_folder
-    from transforms.ledger_join import ledger_files
+    from pipeline.ledger.history import compact, history_folder  # deferred: loads apache_beam only when used
+    from transforms.ledger_join import ledger_files  # deferred: loads apache_beam only when used
 
     found = ledger_dirs.current(work_dir)
     try:

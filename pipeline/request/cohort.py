@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import InputError, at, printable
 from pipeline.core.nhs import redact
+from pipeline.core.nhs import NHS_NUMBER_SYSTEM
 
 if TYPE_CHECKING:
     from pipeline.fhir.config import FhirClientConfig
@@ -179,9 +180,8 @@ def read_fhir_cohort(config: "FhirClientConfig", page_size: int = 1000) -> Cohor
     the search results, which is what a reject can point back to. Each Patient's id is kept beside its
     number: the Consent will reference ``Patient/<id>``.
     """
-    from pipeline.fhir.search import iter_search
-    from pipeline.fhir.sessions import open_session
-    from pipeline.core.nhs import NHS_NUMBER_SYSTEM
+    from pipeline.fhir.search import iter_search  # deferred: loads requests only when used
+    from pipeline.fhir.sessions import open_session  # deferred: loads requests only when used
 
     values: list[str] = []
     ids: list[str] = []
