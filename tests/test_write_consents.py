@@ -23,7 +23,8 @@ from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import summarise
 from tests.helpers import consent_id
 from transforms.build_consent import IDENTIFIER_SYSTEM, build_consent
-from transforms.write_consents import WriteConsents, answer_problem, build_bundle, read_entries
+from pipeline.fhir.answers import answer_problem, read_entries
+from transforms.write_consents import WriteConsents, build_bundle
 
 CHECKED_AT = "2024-11-26T10:00:00Z"
 
@@ -46,7 +47,7 @@ def run(consents: list[dict], config: FhirClientConfig, integrity: list[int] | N
     result = source | WriteConsents(config, integrity_errors=errors, **kwargs)
     _collect(result.main, "main", collected)
     _collect(result[WriteConsents.DEAD_LETTER], "dead", collected)
-    outcome = pipeline.orchestration.run()
+    outcome = pipeline.run()
     outcome.wait_until_finish()
     counters = {
         c.key.metric.name: c.committed

@@ -66,3 +66,39 @@ def response_reason(response: requests.Response) -> str:
 def encode(resource: Mapping[str, Any]) -> bytes:
     """Compact JSON for the wire (no spaces: bundles of 500 Consents are big enough)."""
     return json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def answer_problem(status: int, body: Any, bundle_type: str, sent: int) -> str | None:
+    """Why a bundle's answer does not say, entry by entry, what was stored; None when it does.
+
+    Only a 200 whose body is a ``batch-response`` (``transaction-response`` for a transaction) Bundle with exactly
+    one entry per entry sent, each with its own status, counts. A 201, 202 or 204 (a proxy or gateway that
+    accepted the request but is not the store), a body that is not such a Bundle, or a short one says nothing of
+    what the store holds: the bundle has failed (retried, then dead letters).
+    """
+    if status != 200:
+        return f"HTTP {status} is not a {bundle_type}-response (only a 200 with a Bundle says what was stored)"
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return "the answer to the bundle is not a FHIR Bundle"
+    if body.get("type") != f"{bundle_type}-response":
+        return f"the answer is a Bundle of type {body.get('type')!r}, not {bundle_type}-response"
+    entries = body.get("entry") or []
+    if len(entries) != sent:
+        return f"the {bundle_type}-response has {len(entries)} entries for {sent} sent"
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not status_code((entry.get("response") or {}).get("status")):
+            return f"entry {number} of the {bundle_type}-response has no status"
+    return None
+
+
+def read_entries(response_bundle: Mapping[str, Any], count: int) -> list[tuple[int, str]]:
+    """(status, reason) per entry of a batch/transaction-response (checked by :func:`answer_problem`), in request
+    order."""
+    entries = list(response_bundle.get("entry") or [])
+    results = []
+    for index in range(count):
+        response = entries[index].get("response") or {}
+        code = status_code(response.get("status"))
+        reason = outcome_text(response.get("outcome")) if code >= 300 or code == 0 else ""
+        results.append((code, reason or ("" if 200 <= code < 300 else f"HTTP {response.get('status')}")))
+    return results

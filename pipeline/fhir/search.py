@@ -3,12 +3,12 @@ followed only on the base URL's origin), a count, the server check, and posting 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from pipeline.fhir.answers import FHIR_JSON, FhirError, encode, response_reason
+from pipeline.fhir.answers import FHIR_JSON, FhirError, answer_problem, encode, response_reason
 from pipeline.fhir.config import FhirClientConfig, origin, url_without_query
 from pipeline.fhir.sessions import open_session
 
@@ -81,3 +81,20 @@ def search_total(session: requests.Session, base_url: str, resource_type: str, p
 def post_bundle(session: requests.Session, base_url: str, bundle: Mapping[str, Any]) -> requests.Response:
     """POST a batch/transaction Bundle to the base; retries are the session's."""
     return session.post(base_url, data=encode(bundle), headers={"Content-Type": FHIR_JSON})
+
+
+def post_batch(session: requests.Session, base_url: str, entries: Sequence[Mapping[str, Any]],
+               what: str) -> list[dict[str, Any]]:
+    """POST a ``batch`` Bundle of ``entries``; the answer's entries, one per entry sent, when the store answered
+    entry by entry (:func:`~pipeline.fhir.answers.answer_problem`), else one :class:`FhirError` line saying
+    ``what`` failed."""
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": list(entries)}
+    with post_bundle(session, base_url, bundle) as response:
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        problem = answer_problem(response.status_code, body, "batch", len(bundle["entry"]))
+    if problem is not None:
+        raise FhirError(f"{what} at {base_url} failed: {problem}")
+    return list(body["entry"])

@@ -2,7 +2,7 @@
 
 The ledger says what the store holds (pipeline/ledger/versions.py); a Consent deleted or changed in the store directly
 would otherwise be believed for up to ``--refresh-days``. Verify reads Consents back by id, in batch Bundles of
-GETs (a read answered entry by entry, checked like a write: transforms/write_consents.answer_problem), and compares
+GETs (a read answered entry by entry, checked like a write: pipeline/fhir/answers.answer_problem), and compares
 id, status and ``dateTime`` with the ledger's row. A mismatch is:
 
 - repaired now with ``--repair``: the ledger's Consent is written again (PUT by id, the same builder);
@@ -28,14 +28,14 @@ from pipeline.core import nhs
 from pipeline.core.errors import InputError, NdopError
 from pipeline.fhir.answers import status_code
 from pipeline.fhir.config import FhirClientConfig
-from pipeline.fhir.search import post_bundle
+from pipeline.fhir.search import post_batch
 from pipeline.fhir.sessions import open_session
 from pipeline.core.clock import isoformat, utcnow
 from pipeline.lifecycle.state import WorkDir
 from transforms.build_consent import build_consent
 from transforms.ledger_join import _status_codes, ledger_files
 from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
-from transforms.write_consents import answer_problem, build_bundle
+from transforms.write_consents import build_bundle
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -87,17 +87,9 @@ def read_consents(session: Any, base_url: str, ids: Sequence[str]) -> Iterator[t
     """(id, the stored Consent or None when the store has none), in batch Bundles of GETs by id."""
     for start in range(0, len(ids), READ_BATCH):
         batch = list(ids[start:start + READ_BATCH])
-        bundle = {"resourceType": "Bundle", "type": "batch",
-                  "entry": [{"request": {"method": "GET", "url": f"Consent/{cid}"}} for cid in batch]}
-        with post_bundle(session, base_url, bundle) as response:
-            try:
-                body: Any = response.json()
-            except ValueError:
-                body = None
-            problem = answer_problem(response.status_code, body, "batch", len(batch))
-            if problem is not None:
-                raise NdopError(f"verify: reading Consents back from {base_url} failed: {problem}")
-        for cid, entry in zip(batch, body["entry"]):
+        entries = post_batch(session, base_url, [{"request": {"method": "GET", "url": f"Consent/{cid}"}}
+                                                 for cid in batch], "reading Consents back")
+        for cid, entry in zip(batch, entries):
             code = status_code((entry.get("response") or {}).get("status"))
             if code in (404, 410):
                 yield cid, None
@@ -152,12 +144,9 @@ def _rewrite(session: Any, base_url: str, rows: list[dict[str, Any]]) -> int:
         batch = rows[start:start + READ_BATCH]
         consents = [build_consent(r["nhs_number"], r["status"], _when(r["written_at"]), consent_id=r["consent_id"])
                     for r in batch]
-        with post_bundle(session, base_url, build_bundle(consents, "batch", "id")) as response:
-            body: Any = response.json() if response.status_code == 200 else None
-            problem = answer_problem(response.status_code, body, "batch", len(batch))
-            if problem is not None:
-                raise NdopError(f"verify --repair: writing {len(batch)} Consents failed: {problem}")
-        stored += sum(200 <= status_code(e["response"].get("status")) < 300 for e in body["entry"])
+        entries = post_batch(session, base_url, build_bundle(consents, "batch", "id")["entry"],
+                             f"verify --repair: writing {len(batch)} Consents")
+        stored += sum(200 <= status_code(e["response"].get("status")) < 300 for e in entries)
     return stored
 
 

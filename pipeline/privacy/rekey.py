@@ -26,7 +26,8 @@ import pyarrow as pa
 from pipeline.ledger import versions as ledger_dirs
 from pipeline.core.errors import InputError, NdopError
 from pipeline.fhir.config import FhirClientConfig
-from pipeline.fhir.search import iter_search, post_bundle
+from pipeline.fhir.search import iter_search, post_batch
+from pipeline.fhir.answers import FhirError, read_entries
 from pipeline.fhir.sessions import open_session
 from pipeline.core.clock import utcnow
 from pipeline.lifecycle.state import WorkDir
@@ -34,7 +35,6 @@ from pipeline.ledger.verify import READ_BATCH, _when, ledger_rows, read_consents
 from transforms.build_consent import build_consent
 from transforms.consent_ids import IdKey
 from transforms.vocabulary import IDENTIFIER_SYSTEM
-from transforms.write_consents import answer_problem, read_entries
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,16 +63,11 @@ def _moved(stored: dict[str, Any], new_id: str) -> dict[str, Any]:
 
 
 def _post_checked(session: Any, base_url: str, entries: list[dict[str, Any]], what: str) -> list[tuple[int, str]]:
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
-    with post_bundle(session, base_url, bundle) as response:
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = None
-        problem = answer_problem(response.status_code, body, "batch", len(entries))
-    if problem is not None:
-        raise NdopError(f"rekey: {what} at {base_url} failed: {problem}; nothing lost, run `ndop rekey` again")
-    return read_entries(body, len(entries))
+    try:
+        answered = post_batch(session, base_url, entries, f"rekey: {what}")
+    except FhirError as err:
+        raise NdopError(f"{err}; nothing lost, run `ndop rekey` again") from None
+    return read_entries({"entry": answered}, len(entries))
 
 
 def _write_batch(session: Any, base_url: str, rows: Sequence[dict[str, Any]], result: RekeyResult) -> list[str]:
