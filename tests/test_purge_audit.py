@@ -127,7 +127,7 @@ def test_audit_lines_per_state_change_redacted_private_and_append_only(tmp_path,
 
 
 def test_concurrent_appends_never_interleave(tmp_path) -> None:
-    code = ("import sys; from pipeline import audit\n"
+    code = ("import sys; from pipeline.lifecycle import audit\n"
             "for i in range(200): audit.append(sys.argv[1], 'command', command='x' * 500, i=i)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT,
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}) for _ in range(4)]
