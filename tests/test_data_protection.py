@@ -3,6 +3,8 @@ runs with changes between them and a purge before the third; what is left holds 
 and reports remain, every Consent written is a Provenance target, and the audit log tells who ran what."""
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
@@ -46,6 +48,7 @@ def _provenances(fhir: str, request_ids: set[str]) -> list[dict]:
         return [p for p in iter_search(session, fhir, "Provenance", {"_count": "200"}) if request_of(p) in request_ids]
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_three_runs_with_a_purge_leave_no_number_and_every_consent_has_its_provenance(
         tmp_path, work_dir: WorkDir, mesh, fhir_server) -> None:
     numbers = nhs.synthetic_numbers(30, seed=9611).to_pylist()

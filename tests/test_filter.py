@@ -49,6 +49,7 @@ def _one_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_filter_applies_the_ledger_of_real_runs(tmp_path, work_dir, mesh, fhir_server) -> None:
     cohort = nhs.synthetic_numbers(60, seed=2310).to_pylist()
     outsider = nhs.synthetic_numbers(61, seed=2310).to_pylist()[-1]  # valid, never checked

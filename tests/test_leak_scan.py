@@ -5,6 +5,8 @@ secrets in use. Numbers belong only in the data files (``.dat``, manifest, rejec
 ``nhs_number`` field), all 0600."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import stat
 import subprocess
@@ -57,6 +59,7 @@ def _ndop(args: list[str], env: dict[str, str], cmdlines: set[str]) -> subproces
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_no_number_and_no_secret_leaks_anywhere(tmp_path, work_dir, mesh, fhir_auth_server) -> None:
     numbers = nhs.synthetic_numbers(30, seed=9801).to_pylist()
     typed = [f"{n[:3]} {n[3:6]} {n[6:]}" for n in numbers[:3]]  # as people type them

@@ -4,6 +4,8 @@ The end-to-end test runs ``ndop run`` against the real mesh-sandbox (playing NDO
 """
 from __future__ import annotations
 
+import pytest
+
 import io
 import json
 import logging
@@ -47,6 +49,7 @@ def assert_renders_offline(browser: Browser, page: Path, shot: Path, min_charts:
     return dom
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_runs_leave_a_run_log_pages_and_metrics_with_the_right_counts(tmp_path, work_dir, mesh, fhir_server) -> None:
     numbers = nhs.synthetic_numbers(40, seed=9701).to_pylist()
     cohort = tmp_path / "cohort.txt"

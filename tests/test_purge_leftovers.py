@@ -3,6 +3,8 @@ folders never swapped in, requests that never finish, and ledger rows of patient
 its own age rule, listed by ``--dry-run`` and counted in the audit log."""
 from __future__ import annotations
 
+import pytest
+
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +117,7 @@ def test_requests_that_never_finish_expire_after_the_mesh_expiry_and_grace(tmp_p
     assert status.returncode == 0 and "expired" in status.stdout, status.stdout + status.stderr
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, fhir_server) -> None:
     numbers = nhs.synthetic_numbers(30, seed=2106).to_pylist()
     stayed, leaving = numbers[:20], numbers[20:]

@@ -5,6 +5,8 @@ sent by hand from the NDOP mailbox, as a service that answers with an error page
 """
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import requests
@@ -83,6 +85,7 @@ def test_a_second_different_reply_stops_the_request_for_a_person(tmp_path, work_
         assert found.get("entry", []) == [], number
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_a_reply_that_swings_the_share_is_set_aside_downloaded_again_and_used_only_when_accepted(
         tmp_path, work_dir, mesh, fhir_server) -> None:
     """Issue 19 item 2: a reply cut short (nothing on the wire tells) reads as half the cohort opting out; against

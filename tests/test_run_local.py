@@ -16,6 +16,7 @@ from tests.helpers import cli_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_run_local_twice(tmp_path) -> None:
     def run_local(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["./run_local.sh", "--size", "300", "--state-dir", str(tmp_path / "state"), *args],

@@ -36,6 +36,7 @@ def test_an_answer_that_is_not_a_full_batch_response_counts_as_nothing_written(f
     assert counters["consents_failed"] == 6 and counters["consents_created"] == counters["consents_updated"] == 0
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_a_run_behind_a_gateway_answering_202_fails_and_acknowledges_nothing(tmp_path, work_dir, mesh,
                                                                              fhir_server) -> None:
     cohort = tmp_path / "cohort.txt"
@@ -86,6 +87,7 @@ def test_an_older_request_processed_late_never_overwrites_a_newer_answer(tmp_pat
     assert checked.pop() > datetime.fromisoformat(a["checked_at"].replace("Z", "+00:00"))
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_a_consent_the_store_always_refuses_does_not_stop_ndop_checks(tmp_path, work_dir, mesh,
                                                                       fhir_server) -> None:
     """Issue 19 item 4: what was stored is promoted; the refused patient is in the retry set (left out of the

@@ -2,6 +2,8 @@
 store directly) is found, queued for the next process step or repaired now."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import requests
@@ -13,6 +15,7 @@ from tests.test_run import ndop_run, statuses
 from tests.helpers import consent_id
 
 
+@pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
 def test_drift_is_found_queued_and_repaired(tmp_path, work_dir, mesh, fhir_server) -> None:
     numbers = nhs.synthetic_numbers(40, seed=9951).to_pylist()
     cohort = tmp_path / "cohort.txt"
