@@ -158,9 +158,10 @@ reference = "test notice"
     manifest = json.loads(Path(f"{exempt}.manifest.json").read_text())
     assert manifest["purpose"]["name"] == "surveillance" and manifest["kept_opted_out_by_exemption"] == removed
 
-    # The FHIR store as the source of truth agrees with the ledger.
+    # The FHIR store as the source of truth agrees with the ledger (on this cohort: other tests share the server).
     index = FhirSource(fhir_server, page_size=25).load(FhirSource(fhir_server).version())
-    assert {f"{n:010d}" for n, o in zip(index.numbers.tolist(), index.opted_out.tolist()) if o} == second
+    ours = set(cohort)
+    assert {f"{n:010d}" for n, o in zip(index.numbers.tolist(), index.opted_out.tolist()) if o} & ours == second
 
 
 def test_purposes_file_rules(tmp_path) -> None:
