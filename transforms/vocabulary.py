@@ -42,6 +42,8 @@ class Counter:
     PROVENANCES_WRITTEN = "provenances_written"
     PROVENANCE_TARGETS = "provenance_targets"
     PROVENANCES_FAILED = "provenances_failed"
+    CONSENTS_STAGED = "consents_staged"  # written to NDJSON for a bulk import (not yet stored)
+    PROVENANCES_STAGED = "provenances_staged"
 
 
 # summary.json "counts" key -> the counter it is read from.
@@ -69,6 +71,8 @@ SUMMARY_COUNTERS = {
     "provenances": Counter.PROVENANCES_WRITTEN,
     "provenance_targets": Counter.PROVENANCE_TARGETS,
     "provenances_failed": Counter.PROVENANCES_FAILED,
+    "staged": Counter.CONSENTS_STAGED,
+    "provenances_staged": Counter.PROVENANCES_STAGED,
 }
 
 

@@ -39,7 +39,9 @@ from pipeline.ledger import versions as ledger_dirs
 from pipeline.core.errors import EXIT_FAILED, EXIT_OK, InputError, NdopError
 from pipeline.core.faults import FAULT_ENV, fault_point
 from pipeline.core.files import write_json
-from pipeline.beam.options import LedgerOptions, NdopOptions
+from pipeline.beam import bulk_load
+from pipeline.beam.bulk_load import BulkLoad
+from pipeline.beam.options import BulkOptions, LedgerOptions, NdopOptions
 from pipeline.core.clock import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.consent_ids import IdKey, KeySource, configured_source
@@ -48,10 +50,11 @@ from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_r
 from transforms import ledger_join as ledger
 from transforms.join import MANIFEST, REPLY
 from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
-from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS
+from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS, Counter
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.privacy.keys import NO_KEY, open_key
 from transforms.write_consents import SpreadWrites, WriteConsents
+from transforms.write_ndjson import WriteNdjson
 from transforms.provenance import ProvenanceSettings
 from pipeline.fhir.search import check_server
 
@@ -111,12 +114,13 @@ def worker_hooks(runner: str) -> WorkerHooks:
 
 def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
                    ledger_opts: LedgerOptions | None = None, key: KeySource | None = None,
-                   hooks: WorkerHooks = NO_HOOKS) -> dict[str, Any]:
+                   hooks: WorkerHooks = NO_HOOKS, bulk: BulkLoad | None = None) -> dict[str, Any]:
     """Add the process graph to ``p``; returns its PCollections by name (tests and the bench use them).
 
     ``until`` stops the graph early for the bench: ``join`` (read, join, classify), ``consents``
     (and BuildConsent), ``write`` (the whole pipeline, with the dead-letter file). ``key``: where workers
-    read the Consent id key (default: :func:`id_key`).
+    read the Consent id key (default: :func:`id_key`). ``bulk``: a bulk first load (pipeline/beam/bulk_load.py):
+    the Consents and their Provenance go to NDJSON files for the store's import, not PUT.
     """
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}")
@@ -155,6 +159,12 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
     if until == "consents":
         return outputs
 
+    if bulk is not None:  # no PUTs: NDJSON files, which the launcher has the store import after the run
+        outputs["ndjson_files"] = consents | "WriteNdjson" >> WriteNdjson(
+            bulk.folder, opts.batch_size, integrity_errors=error_count, provenance=provenance_settings(opts))
+        errors | "WriteDeadLetters" >> WriteDeadLetters(join_path(opts.output_dir, DEAD_LETTERS))
+        outputs["dead_letters"] = errors
+        return outputs
     written = consents | "WriteConsents" >> WriteConsents(
         fhir_config(opts),
         batch_size=opts.batch_size,
@@ -353,6 +363,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     lopts = options.view_as(LedgerOptions)
     lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, key.fingerprint,
                                                lopts.full_refresh)
+    bulk = bulk_load.plan(opts, options.view_as(BulkOptions), first_load=not lopts.ledger_in or lopts.full_refresh)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):
@@ -366,7 +377,9 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     try:
         with _private_files(local):
             p = beam.Pipeline(options=options)
-            build_pipeline(p, opts, ledger_opts=lopts, key=source, hooks=worker_hooks(runner))
+            if bulk is not None:
+                bulk_load.prepare(bulk)
+            build_pipeline(p, opts, ledger_opts=lopts, key=source, hooks=worker_hooks(runner), bulk=bulk)
             # The total is what the ledger join decides to write (it reports it shard by shard), not the cohort.
             with progress.tracking_writes(None, enabled=runner in _LOCAL_RUNNERS):  # the write DoFn reports
                 result = p.run()
@@ -384,8 +397,16 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     if _is_local(dead_letters) and os.path.exists(dead_letters):
         os.chmod(dead_letters, 0o600)
     found = counters(result)
+    loaded = None
+    if bulk is not None and found is not None and not found.get(Counter.INTEGRITY_ERRORS):
+        loaded = bulk_load.import_staged(bulk, fhir_config(opts), found)  # the written counts: the store's report
     reasons = file_level_reasons(dead_letters) if found and found.get("integrity_errors") else []
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
+    if loaded is not None:
+        summary["bulk_import"] = loaded
+        if loaded["problem"]:
+            summary["problems"].insert(0, loaded["problem"])
+            summary["ok"] = False
     if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
         ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url, key.fingerprint)
     elif lopts.ledger_out and only_refused_entries(summary) and (refused := refused_by_the_store(dead_letters)):

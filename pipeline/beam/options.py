@@ -8,7 +8,8 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.fhir.config import AUTH_MODES
-from pipeline.core.settings import BATCH, SAMPLE, SHARDS, WHOLE_DAYS, WRITERS, number_option
+from pipeline.core.settings import (BATCH, IMPORT_WAIT, PATIENTS, SAMPLE, SHARDS, WHOLE_DAYS, WRITERS,
+                                    number_option)
 
 DEFAULT_SHARDS = 32
 DEFAULT_BATCH_SIZE = 500
@@ -78,9 +79,35 @@ class LedgerOptions(PipelineOptions):
                             help="write every Consent (e.g. after a store restore)")
 
 
+BULK_STORES = ("hapi",)  # the bulk import wired into the run (pipeline/beam/bulk_load.py)
+DEFAULT_BULK_MIN_PATIENTS = 100_000
+DEFAULT_BULK_TIMEOUT = 24 * 3600
+
+
+class BulkOptions(PipelineOptions):
+    """The bulk first load (pipeline/beam/bulk_load.py): NDJSON and the store's own import in place of PUTs."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 (Beam's signature)
+        parser.add_argument("--bulk_import", "--bulk-import", dest="bulk_import", choices=BULK_STORES, default=None,
+                            help="on a first load (no ledger, or --full_refresh) of at least --bulk_min_patients, "
+                                 "write the Consents and their Provenance as NDJSON and have the store import them "
+                                 "(hapi: HAPI's $import, fed from a loopback HTTP server this run starts)")
+        parser.add_argument("--bulk_min_patients", "--bulk-min-patients", dest="bulk_min_patients",
+                            type=number_option("--bulk_min_patients", PATIENTS), default=DEFAULT_BULK_MIN_PATIENTS,
+                            help="the smallest cohort (manifest rows) loaded in bulk; smaller ones are PUT")
+        parser.add_argument("--bulk_dir", "--bulk-dir", dest="bulk_dir", default=None,
+                            help="folder for the NDJSON files (default: <output_dir>/bulk); removed after the import")
+        parser.add_argument("--bulk_serve_host", "--bulk-serve-host", dest="bulk_serve_host", default="127.0.0.1",
+                            help="address the files are served on for the store to fetch (hapi); default loopback")
+        parser.add_argument("--bulk_timeout", "--bulk-timeout", dest="bulk_timeout",
+                            type=number_option("--bulk_timeout", IMPORT_WAIT), default=DEFAULT_BULK_TIMEOUT,
+                            help="seconds to wait for the store's import job")
+
+
 def check_pipeline_args(args: list[str]) -> None:
     """Parse the pipeline's own options out of ``args`` now, so a bad number is one line and exit 2 before anything
     is sent or written (Beam would otherwise find it inside the run)."""
     options = PipelineOptions(args)
-    for view in (NdopOptions, LedgerOptions):
+    for view in (NdopOptions, LedgerOptions, BulkOptions):
         options.view_as(view)

@@ -50,6 +50,8 @@ BATCH = Range(1, 100_000, "entries", whole=True)
 SHARDS = Range(1, 65_536, "shards", whole=True)
 SAMPLE = Range(0, 1_000_000, "Consents", whole=True)
 WRITERS = Range(0, 10_000, "writers", whole=True)  # concurrent FHIR writers; 0: as many as the runner runs
+PATIENTS = Range(0, 100_000_000, "patients", whole=True)  # a cohort size (England: about 60 million people)
+IMPORT_WAIT = Range(1, 7 * SECONDS_A_DAY, "seconds")  # a store's bulk import job
 
 
 def parse_number(value: str | float | int, name: str, allowed: Range) -> float:

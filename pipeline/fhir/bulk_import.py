@@ -15,20 +15,22 @@ faster. This module holds the store-facing half:
 
 The promise the ledger keeps: a load counts only when the store's own job report says every resource was stored
 (:func:`hapi_import_complete`); anything else is a failed load (the PUT writer, or a re-run, does it).
-Not yet wired into ``ndop process`` (see docs/distributed.md).
+The run's side (when to load in bulk, the counts from the report): pipeline/beam/bulk_load.py.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import urljoin
 
 import requests
 from apache_beam.io.filesystem import CompressionTypes
@@ -36,6 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.core.errors import NdopError
 from pipeline.fhir.answers import FHIR_JSON, outcome_text
+from pipeline.fhir.config import origin
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,24 +63,46 @@ def write_ndjson(resources: Iterable[Mapping[str, Any]], path: str) -> int:
     return count
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".ndjson": NDJSON}  # HAPI refuses octet-stream
+class _FilesHandler(BaseHTTPRequestHandler):
+    """GET of exactly the files named when the server started, under its secret path; nothing else (no listing)."""
 
-    def log_message(self, *args: Any) -> None:  # no request lines (file names only, but keep logs clean)
+    files: Mapping[str, Path] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.files.get(self.path)
+        if path is None or not path.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", NDJSON)  # HAPI refuses application/octet-stream
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        with path.open("rb") as handle:
+            shutil.copyfileobj(handle, self.wfile, 1 << 20)
+
+    def log_message(self, *args: Any) -> None:  # no request lines in the logs (the path holds the secret)
         pass
 
 
 class ServeFolder:
-    """``folder`` over HTTP on ``host`` (loopback by default) and a free port, while the ``with`` block runs."""
+    """The ``.ndjson`` files in ``folder`` over HTTP on ``host`` (loopback by default) and a free port, while the
+    ``with`` block runs.
+
+    The files hold NHS numbers, so only those files are served (no listing, no other path), each under a random
+    128-bit path segment made for this server: a URL is a capability only the store that is handed it can use.
+    """
 
     def __init__(self, folder: str | os.PathLike[str], host: str = "127.0.0.1") -> None:
         self.folder = Path(folder)
         self._host = host
-        self._server = ThreadingHTTPServer((host, 0), partial(_QuietHandler, directory=str(self.folder)))
+        self._secret = secrets.token_urlsafe(16)
+        files = {f"/{self._secret}/{path.name}": path for path in sorted(self.folder.glob("*.ndjson"))}
+        handler = type("_Handler", (_FilesHandler,), {"files": files})
+        self._server = ThreadingHTTPServer((host, 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def url(self, name: str) -> str:
-        return f"http://{self._host}:{self._server.server_port}/{name}"
+        return f"http://{self._host}:{self._server.server_port}/{self._secret}/{name}"
 
     def __enter__(self) -> "ServeFolder":
         self._thread.start()
@@ -102,11 +127,18 @@ def hapi_import_parameters(files: Mapping[str, Iterable[str]]) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What the store's job said when it ended: stored counts by source file, and any problem."""
+    """What the store's job said when it ended: stored counts by source file, and any problem.
+
+    ``created``: how many of the stored resources the store says it created (the rest it updated)."""
 
     stored: dict[str, int]
     problem: str | None
     report: str
+    created: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.stored.values())
 
 
 def hapi_import_complete(report: str, expected: Mapping[str, int]) -> ImportResult:
@@ -119,6 +151,7 @@ def hapi_import_complete(report: str, expected: Mapping[str, int]) -> ImportResu
     """
     stored: dict[str, int] = {}
     other: dict[str, int] = {}
+    created = 0
     try:
         outcome = json.loads(report)
         diagnostics = str((outcome.get("issue") or [{}])[0].get("diagnostics") or "")
@@ -133,14 +166,16 @@ def hapi_import_complete(report: str, expected: Mapping[str, int]) -> ImportResu
             stored.setdefault(source, 0)
         elif line.startswith("* ") and source is not None and ":" in line:
             kind, _, count = line[2:].rpartition(":")
-            target = stored if kind.strip().startswith("SUCCESSFUL") else other
+            kind = kind.strip()
+            target = stored if kind.startswith("SUCCESSFUL") else other
             target[source] = target.get(source, 0) + int(count)
+            created += int(count) if target is stored and kind.endswith("CREATE") else 0
     problem = None
     if other:
         problem = f"the store reports outcomes other than stored: {other}"
     elif stored != dict(expected):
         problem = f"the store reports {sum(stored.values())} stored of {sum(expected.values())} sent ({stored})"
-    return ImportResult(stored, problem, report[:2000])
+    return ImportResult(stored, problem, report[:2000], created)
 
 
 class HapiImport:
@@ -161,6 +196,10 @@ class HapiImport:
         if response.status_code != 202 or not location:
             raise NdopError(f"$import not accepted: HTTP {response.status_code} "
                             f"{outcome_text(_json(response)) or response.text[:200]}")
+        location = urljoin(self._base + "/", location)
+        if origin(location) != origin(self._base):  # our credentials go only to the store's own origin
+            raise NdopError(f"$import: the store's job status URL is on {origin(location)}, not the FHIR base "
+                            f"URL's origin {origin(self._base)}")
         return location
 
     def wait(self, poll_url: str, expected: Mapping[str, int]) -> ImportResult:
