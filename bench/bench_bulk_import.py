@@ -66,7 +66,7 @@ def main() -> None:
             with ServeFolder(load) as served, requests.Session() as session:
                 job = HapiImport(session, server.base_url, poll_seconds=1.0, timeout=3600)
                 urls = [served.url(name) for name in names]
-                result = job.wait(job.start({"Consent": urls}),
+                result = job.wait(job.start({"Consent": urls}, served.credential),
                                   {url: len(consents[i * step:(i + 1) * step]) for i, url in enumerate(urls)})
             bulk_seconds = time.perf_counter() - started
             assert result.problem is None, result.problem

@@ -96,7 +96,7 @@ def test_hapi_imports_every_consent_and_says_so(tmp_path, hapi_server):
     with ServeFolder(folder) as served, requests.Session() as session:
         job = HapiImport(session, hapi_server, poll_seconds=0.5, timeout=600)
         urls = [served.url("Consent-0.ndjson"), served.url("Consent-1.ndjson")]
-        result = job.wait(job.start({"Consent": urls}), {urls[0]: 70, urls[1]: 50})
+        result = job.wait(job.start({"Consent": urls}, served.credential), {urls[0]: 70, urls[1]: 50})
     assert result.problem is None, result.report
     assert result.stored == {urls[0]: 70, urls[1]: 50}
     assert hapi_import_complete(result.report, {urls[0]: 70, urls[1]: 51}).problem  # one short would not count

@@ -104,12 +104,16 @@ def test_the_files_are_served_only_by_name_under_a_secret_path(tmp_path):
     (tmp_path / "notes.txt").write_text("not served")
     with ServeFolder(tmp_path) as served:
         url = served.url("Consent-00000-of-00001.ndjson")
-        answer = requests.get(url, timeout=10)
+        auth = tuple(served.credential.split(":", 1))
+        answer = requests.get(url, auth=auth, timeout=10)
         assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/fhir+ndjson"
+        assert answer.text == '{"resourceType":"Consent"}\n'
+        assert requests.get(url, timeout=10).status_code == 401  # no credential
+        assert requests.get(url, auth=("ndop-sync", "guess"), timeout=10).status_code == 401
         root = url.rsplit("/", 2)[0]
         for other in (f"{root}/", f"{root}/Consent-00000-of-00001.ndjson", url.rsplit("/", 1)[0] + "/",
                       url.rsplit("/", 1)[0] + "/notes.txt"):
-            assert requests.get(other, timeout=10).status_code == 404, other
+            assert requests.get(other, auth=auth, timeout=10).status_code == 404, other
 
 
 def _run(folder: Path, fhir_url: str, *extra: str) -> dict:

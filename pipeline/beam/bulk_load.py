@@ -163,7 +163,7 @@ def _run_job(job: HapiImport, served: ServeFolder, kind: str, files: dict[str, i
     urls = {served.url(name): count for name, count in files.items()}
     _LOGGER.info("bulk import: %d %s resources in %d files, the store's job started", sum(files.values()), kind,
                  len(files))
-    result = job.wait(job.start({kind: list(urls)}), urls)
+    result = job.wait(job.start({kind: list(urls)}, served.credential), urls)
     _LOGGER.info("bulk import: the store reports %d of %d %s resources stored%s", result.total, sum(files.values()),
                  kind, f" ({result.problem})" if result.problem else "")
     return result

@@ -19,6 +19,8 @@ The run's side (when to load in bulk, the counts from the report): pipeline/beam
 """
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import logging
 import os
@@ -67,8 +69,12 @@ class _FilesHandler(BaseHTTPRequestHandler):
     """GET of exactly the files named when the server started, under its secret path; nothing else (no listing)."""
 
     files: Mapping[str, Path] = {}
+    authorization = ""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if not hmac.compare_digest(self.headers.get("Authorization", ""), self.authorization):
+            self.send_error(401)
+            return
         path = self.files.get(self.path)
         if path is None or not path.is_file():
             self.send_error(404)
@@ -89,15 +95,18 @@ class ServeFolder:
     ``with`` block runs.
 
     The files hold NHS numbers, so only those files are served (no listing, no other path), each under a random
-    128-bit path segment made for this server: a URL is a capability only the store that is handed it can use.
+    128-bit path segment made for this server, and only to a client that sends :attr:`credential` (HTTP Basic, made
+    for this server too): the store is handed both with the job (HAPI's ``storageDetail.credentialHttpBasic``).
     """
 
     def __init__(self, folder: str | os.PathLike[str], host: str = "127.0.0.1") -> None:
         self.folder = Path(folder)
         self._host = host
         self._secret = secrets.token_urlsafe(16)
+        self.credential = f"ndop-sync:{secrets.token_urlsafe(24)}"
         files = {f"/{self._secret}/{path.name}": path for path in sorted(self.folder.glob("*.ndjson"))}
-        handler = type("_Handler", (_FilesHandler,), {"files": files})
+        authorization = "Basic " + base64.b64encode(self.credential.encode()).decode()
+        handler = type("_Handler", (_FilesHandler,), {"files": files, "authorization": authorization})
         self._server = ThreadingHTTPServer((host, 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -113,14 +122,18 @@ class ServeFolder:
         self._server.server_close()
 
 
-def hapi_import_parameters(files: Mapping[str, Iterable[str]]) -> dict[str, Any]:
-    """HAPI's ``$import`` manifest: ``{resource type: [NDJSON URL, ...]}`` as a ``Parameters`` resource."""
+def hapi_import_parameters(files: Mapping[str, Iterable[str]], credential: str | None = None) -> dict[str, Any]:
+    """HAPI's ``$import`` manifest: ``{resource type: [NDJSON URL, ...]}`` as a ``Parameters`` resource;
+    ``credential`` (``user:password``): what HAPI sends, as HTTP Basic, to fetch the files."""
     inputs = [{"name": "input", "part": [{"name": "type", "valueCode": kind}, {"name": "url", "valueUri": url}]}
               for kind, urls in files.items() for url in urls]
     return {"resourceType": "Parameters", "parameter": [
         {"name": "inputFormat", "valueCode": NDJSON},
         {"name": "inputSource", "valueUri": "https://ndop-sync.invalid/first-load"},
-        {"name": "storageDetail", "part": [{"name": "type", "valueCode": "https"}]},
+        {"name": "storageDetail", "part": [
+            {"name": "type", "valueCode": "https"},
+            *([{"name": "credentialHttpBasic", "valueString": credential}] if credential else []),
+        ]},
         *inputs,
     ]}
 
@@ -188,9 +201,11 @@ class HapiImport:
         self._poll = poll_seconds
         self._timeout = timeout
 
-    def start(self, files: Mapping[str, Iterable[str]]) -> str:
-        """POST ``$import``; the poll URL (``Content-Location``) of the accepted job."""
-        response = self._session.post(f"{self._base}/$import", data=json.dumps(hapi_import_parameters(files)),
+    def start(self, files: Mapping[str, Iterable[str]], credential: str | None = None) -> str:
+        """POST ``$import``; the poll URL (``Content-Location``) of the accepted job. ``credential``: the file
+        server's (:attr:`ServeFolder.credential`)."""
+        manifest = hapi_import_parameters(files, credential)
+        response = self._session.post(f"{self._base}/$import", data=json.dumps(manifest),
                                       headers={"Content-Type": FHIR_JSON, "Prefer": "respond-async"})
         location = response.headers.get("Content-Location")
         if response.status_code != 202 or not location:
