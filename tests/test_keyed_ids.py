@@ -285,6 +285,34 @@ def _old_store(work_dir: WorkDir, fhir_url: str, cohort: list[str], opted_out: s
     return provenance["id"]
 
 
+def test_rekey_reads_a_batchs_old_and_new_ids_in_one_bundle(fhir_server) -> None:
+    """pipeline/privacy/rekey._write_batch on sekmet: one batch Bundle of GETs (the old ids, then the new ones,
+    answers split by position), then one of PUTs; each patient's case comes out right."""
+    from pipeline.privacy.rekey import RekeyResult, _write_batch
+
+    old_only, new_only, both, neither = cohort = nhs.synthetic_numbers(4, seed=21011).to_pylist()
+    rows = [{"consent_id": unkeyed_consent_id(n), "new_id": TEST_KEY.consent_id(n), "nhs_number": n,
+             "status": OPTED_OUT, "written_at": 1_764_482_400} for n in cohort]
+    posted: list[int] = []
+    with open_session(FhirClientConfig.from_env(env={}, base_url=fhir_server, auth="none")) as session:
+        for number, cid in ((old_only, unkeyed_consent_id(old_only)), (new_only, TEST_KEY.consent_id(new_only)),
+                            (both, unkeyed_consent_id(both)), (both, TEST_KEY.consent_id(both))):
+            put = session.put(f"{fhir_server}/Consent/{cid}", json=build_consent(number, NOT_OPTED_OUT, CHECKED_AT,
+                                                                                 consent_id=cid))
+            assert put.status_code in (200, 201), put.text
+        session.hooks["response"].append(
+            lambda r, *a, **k: posted.append(len(json.loads(r.request.body)["entry"])) if r.request.method == "POST"
+            else None)
+        result = RekeyResult()
+        to_delete = _write_batch(session, fhir_server, rows, result)
+    assert posted == [8, 2]  # 4 old + 4 new ids read in one Bundle; old_only moved, neither restored, in one
+    assert sorted(to_delete) == sorted(unkeyed_consent_id(n) for n in (old_only, both))
+    assert (result.already, result.restored, result.failed) == (1, 1, [])
+    status = {n: requests.get(f"{fhir_server}/Consent/{TEST_KEY.consent_id(n)}", timeout=30).json()["status"]
+              for n in (old_only, neither)}
+    assert status == {old_only: NOT_OPTED_OUT, neither: OPTED_OUT}  # the stored one moved; the lost one rebuilt
+
+
 def test_rekey_moves_an_old_store_once_resumably(tmp_path, fhir_store) -> None:
     work_dir = WorkDir(tmp_path / "work")
     cohort = nhs.synthetic_numbers(60, seed=21004 + len(fhir_store) % 7).to_pylist()
