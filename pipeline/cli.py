@@ -336,9 +336,17 @@ def _check_run_settings(args: argparse.Namespace) -> None:
 def _check_key(args: argparse.Namespace) -> None:
     """The Consent id key (pipeline/privacy/keys.py), before a request is sent or a Consent written."""
     from pipeline.fhir.config import ENV_URL
-    from pipeline.privacy.keys import check_key_available
+    from pipeline.privacy.keys import open_key, resolve_key_source
 
-    check_key_available(args.fhir_url or os.environ.get(ENV_URL))
+    option = None
+    if args.extra_args:  # ndop process/run: a --id_key_source for the pipeline
+        from pipeline.beam.options import id_key_option
+
+        option = id_key_option(args.extra_args)
+    url = args.fhir_url or os.environ.get(ENV_URL)
+    spec = resolve_key_source(option, WorkDir(args.work_dir).root, url, create=False)
+    if spec is not None:  # None: the work dir's own key, made when the command writes
+        open_key(spec)
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -498,12 +506,12 @@ def _rekey(sub: argparse._SubParsersAction) -> None:
 
 def _run_rekey(args: argparse.Namespace) -> int:
     from pipeline.fhir.config import FhirClientConfig
-    from pipeline.privacy.keys import key_source_spec, open_key
+    from pipeline.privacy.keys import open_key, resolve_key_source
     from pipeline.privacy.rekey import rekey
 
     config = FhirClientConfig.from_env(base_url=args.fhir_url)
     work_dir = WorkDir(args.work_dir)
-    key, _ = open_key(key_source_spec(config.base_url, work_dir.root))
+    key, _ = open_key(resolve_key_source(None, work_dir.root, config.base_url, create=True))
     result = rekey(work_dir, config, key)
     c = result.counts()
     print(f"rekey to key {key.fingerprint}: {c['patients']} patients; {c['moved']} moved, {c['already']} already "

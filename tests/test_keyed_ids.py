@@ -118,6 +118,53 @@ def test_without_a_key_a_remote_store_is_refused_before_anything_is_sent(tmp_pat
         assert not (tmp_path / "w").exists()  # nothing built, nothing sent
 
 
+def test_one_resolver_names_the_key_source_in_order(tmp_path, monkeypatch) -> None:
+    """pipeline/privacy/keys.resolve_key_source, what every command uses: the option, then NDOP_ID_KEY_SOURCE,
+    NDOP_ID_KEY_FILE, NDOP_ID_KEY, then the work dir's own key (loopback FHIR only, made only with create)."""
+    from pipeline.core.errors import InputError
+    from pipeline.privacy.keys import resolve_key_source
+
+    local, remote, work = "http://127.0.0.1:8092/fhir", "https://fhir.example.org/fhir", tmp_path / "w"
+    work.mkdir()
+    for name in ("NDOP_ID_KEY_SOURCE", "NDOP_ID_KEY_FILE", "NDOP_ID_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NDOP_ID_KEY", "7e57" * 16)
+    assert resolve_key_source(None, work, remote, create=True) == "env:NDOP_ID_KEY"
+    monkeypatch.setenv("NDOP_ID_KEY_FILE", "k.key")
+    assert resolve_key_source(None, work, remote, create=True) == f"file:{os.path.abspath('k.key')}"
+    monkeypatch.setenv("NDOP_ID_KEY_SOURCE", "env:WORKER_KEY")
+    assert resolve_key_source(None, None, None, create=False) == "env:WORKER_KEY"
+    assert resolve_key_source("file:/run/secrets/k", work, local, create=True) == "file:/run/secrets/k"
+    for name in ("NDOP_ID_KEY_SOURCE", "NDOP_ID_KEY_FILE", "NDOP_ID_KEY"):
+        monkeypatch.delenv(name)
+    assert resolve_key_source(None, work, local, create=False) is None  # the work dir's, not made by a check
+    assert not (work / "id.key").exists()
+    for url, folder in ((remote, work), (None, work), (local, None)):  # never the work dir's key for a remote store
+        with pytest.raises(InputError, match="make one with `ndop keygen"):
+            resolve_key_source(None, folder, url, create=True)
+    assert not (work / "id.key").exists()
+    made = resolve_key_source(None, work, local, create=True)
+    assert made == f"file:{(work / 'id.key').resolve()}" and stat.S_IMODE((work / "id.key").stat().st_mode) == 0o600
+    assert resolve_key_source(None, work, local, create=False) == made  # made once, then the same key
+
+
+def test_the_key_check_reads_the_pipeline_option_and_the_work_dirs_key(tmp_path) -> None:
+    """Before anything is sent: ``--id_key_source`` among the pipeline arguments counts (it used to be ignored, so
+    a remote store with the key only there was refused), and a work dir key that is not private is refused."""
+    env = {"NDOP_ID_KEY_FILE": "", "FHIR_URL": "https://fhir.example.org/fhir", "WORKER_KEY": "7e57" * 16}
+    done = cli("process", "--request-id", "R1", "--no-ack", "--id_key_source=env:WORKER_KEY",
+               "--work-dir", str(tmp_path / "w"), env=env)
+    assert done.returncode == 2 and "ndop keygen" not in done.stderr and "R1" in done.stderr, done.stderr
+    work = tmp_path / "w2"
+    work.mkdir(mode=0o700)
+    (work / "id.key").write_text(generate_key())
+    os.chmod(work / "id.key", 0o644)
+    done = cli("run", "--cohort", str(tmp_path / "cohort.txt"), "--work-dir", str(work),
+               env={"NDOP_ID_KEY_FILE": "", "FHIR_URL": "http://127.0.0.1:9/fhir"})
+    assert done.returncode == 2 and "must be private" in done.stderr, done.stderr
+    assert not (work / "requests").exists()  # nothing built, nothing sent
+
+
 # -- a real run: the ids it wrote, attacked ---------------------------------------------------------------
 
 
@@ -236,6 +283,34 @@ def _old_store(work_dir: WorkDir, fhir_url: str, cohort: list[str], opted_out: s
                                       "counts": {"ledger_rows": len(cohort)}}, fhir_url, None)
     ledger_dirs.promote(work_dir, "OLD1")
     return provenance["id"]
+
+
+def test_rekey_reads_a_batchs_old_and_new_ids_in_one_bundle(fhir_server) -> None:
+    """pipeline/privacy/rekey._write_batch on sekmet: one batch Bundle of GETs (the old ids, then the new ones,
+    answers split by position), then one of PUTs; each patient's case comes out right."""
+    from pipeline.privacy.rekey import RekeyResult, _write_batch
+
+    old_only, new_only, both, neither = cohort = nhs.synthetic_numbers(4, seed=21011).to_pylist()
+    rows = [{"consent_id": unkeyed_consent_id(n), "new_id": TEST_KEY.consent_id(n), "nhs_number": n,
+             "status": OPTED_OUT, "written_at": 1_764_482_400} for n in cohort]
+    posted: list[int] = []
+    with open_session(FhirClientConfig.from_env(env={}, base_url=fhir_server, auth="none")) as session:
+        for number, cid in ((old_only, unkeyed_consent_id(old_only)), (new_only, TEST_KEY.consent_id(new_only)),
+                            (both, unkeyed_consent_id(both)), (both, TEST_KEY.consent_id(both))):
+            put = session.put(f"{fhir_server}/Consent/{cid}", json=build_consent(number, NOT_OPTED_OUT, CHECKED_AT,
+                                                                                 consent_id=cid))
+            assert put.status_code in (200, 201), put.text
+        session.hooks["response"].append(
+            lambda r, *a, **k: posted.append(len(json.loads(r.request.body)["entry"])) if r.request.method == "POST"
+            else None)
+        result = RekeyResult()
+        to_delete = _write_batch(session, fhir_server, rows, result)
+    assert posted == [8, 2]  # 4 old + 4 new ids read in one Bundle; old_only moved, neither restored, in one
+    assert sorted(to_delete) == sorted(unkeyed_consent_id(n) for n in (old_only, both))
+    assert (result.already, result.restored, result.failed) == (1, 1, [])
+    status = {n: requests.get(f"{fhir_server}/Consent/{TEST_KEY.consent_id(n)}", timeout=30).json()["status"]
+              for n in (old_only, neither)}
+    assert status == {old_only: NOT_OPTED_OUT, neither: OPTED_OUT}  # the stored one moved; the lost one rebuilt
 
 
 def test_rekey_moves_an_old_store_once_resumably(tmp_path, fhir_store) -> None:

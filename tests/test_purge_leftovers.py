@@ -118,7 +118,7 @@ def test_requests_that_never_finish_expire_after_the_mesh_expiry_and_grace(tmp_p
 
 
 @pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)
-def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, fhir_server) -> None:
+def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, fhir_server, monkeypatch) -> None:
     numbers = nhs.synthetic_numbers(30, seed=2106).to_pylist()
     stayed, leaving = numbers[:20], numbers[20:]
     everyone, remaining = tmp_path / "everyone.txt", tmp_path / "remaining.txt"
@@ -144,9 +144,18 @@ def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, f
 
     assert ledger_numbers() == set(numbers)  # who left is kept in the ledger, untouched
     assert purge_leftovers(work_dir, 30, dry_run=True) == []  # left just now: within 30 days
-    [dry] = purge_leftovers(work_dir, 0, dry_run=True)
-    assert (dry.kind, dry.rows) == ("left-cohort", 10) and ledger_numbers() == set(numbers)
-    assert format_purge([], True, [dry])[0].endswith("would remove 10 ledger rows")
+    # a dry run lists what the purge removes: the rows of who left, and then their change-log rows (the history
+    # keeps a last status only for patients still in the ledger); one read of the ledger gives both
+    read, read_table = [], pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: read.append(str(path)) or read_table(path, *a, **k))
+    dry = purge_leftovers(work_dir, 0, dry_run=True)
+    monkeypatch.undo()
+    assert [(d.kind, d.rows) for d in dry] == [("left-cohort", 10), ("history", 10)], dry
+    folder = ledger_dirs.current(work_dir).resolve()  # type: ignore[union-attr]
+    parts = sorted(str(p) for p in folder.glob("*.parquet"))
+    assert sorted(p for p in read if Path(p).resolve().parent == folder) == parts  # each part read once
+    assert ledger_numbers() == set(numbers)
+    assert format_purge([], True, dry)[0].endswith("would remove 10 ledger rows")
 
     # a replied request answered before these rows were checked still waits: nothing of them may go
     waiting = _request(tmp_path, work_dir, "waiting.txt")
@@ -156,6 +165,7 @@ def test_ledger_rows_of_patients_who_left_the_cohort(tmp_path, work_dir, mesh, f
 
     done = cli("purge", "--work-dir", str(work_dir.root), "--older-than", "0")
     assert done.returncode == 0 and "removed 10 ledger rows" in done.stdout, done.stdout + done.stderr
+    assert "history ledger/history" in done.stdout and "removed 10 history rows" in done.stdout, done.stdout
     assert ledger_numbers() == set(stayed)
     assert not numbers_in_ledger_dir() & set(leaving)  # no earlier ledger version keeps them either
     meta = ledger_dirs.read_meta(str(ledger_dirs.current(work_dir).resolve()))  # type: ignore[union-attr]

@@ -44,7 +44,7 @@ from pipeline.beam.bulk_load import BulkLoad
 from pipeline.beam.options import BulkOptions, LedgerOptions, NdopOptions
 from pipeline.core.clock import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
-from transforms.consent_ids import IdKey, KeySource, configured_source
+from transforms.consent_ids import IdKey, KeySource
 from transforms.hooks import NO_HOOKS, WorkerHooks
 from transforms.dead_letters import DEAD_LETTERS, WriteDeadLetters, file_level_reasons
 from transforms import ledger_join as ledger
@@ -52,7 +52,7 @@ from transforms.join import MANIFEST, REPLY
 from transforms.read_inputs import ReadManifest, ReadPatientIds, ReadReply
 from transforms.vocabulary import LEDGER_COUNTERS, METRICS_NAMESPACE, SUMMARY_COUNTERS, Counter
 from pipeline.fhir.config import FhirClientConfig
-from pipeline.privacy.keys import NO_KEY, open_key
+from pipeline.privacy.keys import open_key, resolve_key_source
 from transforms.write_consents import SpreadWrites, WriteConsents
 from transforms.write_ndjson import WriteNdjson
 from transforms.provenance import ProvenanceSettings
@@ -95,12 +95,10 @@ STAGES = ("join", "consents", "write")
 
 
 def id_key(opts: NdopOptions) -> tuple[IdKey, KeySource]:
-    """The Consent id key (read once here, to check it and learn its fingerprint) and the source workers read."""
-
-    spec = opts.id_key_source or configured_source()
-    if not spec:
-        raise InputError(NO_KEY)
-    return open_key(spec)
+    """The Consent id key (read once here, to check it and learn its fingerprint) and the source workers read:
+    ``--id_key_source``, else the environment's (pipeline/privacy/keys.py); never a work dir's key, which the
+    launcher (``ndop process``) names with ``--id_key_source`` when it is the one."""
+    return open_key(resolve_key_source(opts.id_key_source, None, opts.fhir_url, create=False))
 
 
 def worker_hooks(runner: str) -> WorkerHooks:

@@ -5,6 +5,8 @@ environment) by :class:`pipeline.fhir.config.FhirClientConfig`; only their paths
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.fhir.config import AUTH_MODES
@@ -111,3 +113,8 @@ def check_pipeline_args(args: list[str]) -> None:
     options = PipelineOptions(args)
     for view in (NdopOptions, LedgerOptions, BulkOptions):
         options.view_as(view)
+
+
+def id_key_option(args: Sequence[str]) -> str | None:
+    """The ``--id_key_source`` among a command's pipeline arguments, as Beam parses it (None: not given)."""
+    return NdopOptions(list(args)).id_key_source if args else None

@@ -83,10 +83,12 @@ def ledger_rows(work_dir: WorkDir, sample: int | None = None, seed: int | None =
                                                 table.column("consent_id").to_pylist())]
 
 
-def read_consents(session: Any, base_url: str, ids: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    """(id, the stored Consent or None when the store has none), in batch Bundles of GETs by id."""
-    for start in range(0, len(ids), READ_BATCH):
-        batch = list(ids[start:start + READ_BATCH])
+def read_consents(session: Any, base_url: str, ids: Sequence[str],
+                  per_bundle: int = READ_BATCH) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(id, the stored Consent or None when the store has none), in order, in batch Bundles of ``per_bundle``
+    GETs by id."""
+    for start in range(0, len(ids), per_bundle):
+        batch = list(ids[start:start + per_bundle])
         entries = post_batch(session, base_url, [{"request": {"method": "GET", "url": f"Consent/{cid}"}}
                                                  for cid in batch], "reading Consents back")
         for cid, entry in zip(batch, entries):

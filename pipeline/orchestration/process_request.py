@@ -17,7 +17,8 @@ from pipeline.ledger import versions as ledger_dirs
 from pipeline.ledger import history as ledger_history
 from pipeline.core.errors import InputError, NdopError
 from pipeline.fhir.config import ENV_URL
-from pipeline.privacy.keys import key_source_spec
+from pipeline.privacy.keys import resolve_key_source
+from pipeline.beam.options import id_key_option
 from pipeline.core.files import atomic_writer, private_dir, write_json
 from pipeline.beam.graph import SUMMARY, _is_local, failure_message, join_path, run
 from pipeline.core.clock import isoformat, utcnow
@@ -160,8 +161,9 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
     ]
     if fhir_url:
         argv.append(f"--fhir_url={fhir_url}")
-    if not any(a.startswith(("--id_key_source", "--id-key-source")) for a in beam_args):
-        argv.append(f"--id_key_source={key_source_spec(fhir_url or os.environ.get(ENV_URL), work_dir.root)}")
+    if id_key_option(beam_args) is None:  # the environment's source, else the work dir's own (loopback, made here)
+        spec = resolve_key_source(None, work_dir.root, fhir_url or os.environ.get(ENV_URL), create=True)
+        argv.append(f"--id_key_source={spec}")
     if has_patient_ids(folder / files.get("manifest", "manifest.parquet")):
         argv.append("--patient_ids")
     argv += ledger_dirs.pipeline_args(work_dir, request_id, stage_dir)  # the work dir's ledger in, a pending one out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal, overload
 
 from pipeline.core.errors import InputError
 from pipeline.core.settings import is_loopback_url
@@ -29,29 +30,40 @@ NO_KEY = (f"no Consent id key: make one with `ndop keygen --out FILE` (keep it s
           f"{KEY_FILE_ENV}=FILE; ids written without a key would give every patient's NHS number away")
 
 
-def key_source_spec(fhir_url: str | None, work_dir_root: Path | None) -> str:
-    """The key source this command uses: the environment's, else (a loopback FHIR server only) the work dir's."""
-    spec = configured_source()
+@overload
+def resolve_key_source(option: str | None, work_dir_root: None, fhir_url: str | None, *, create: bool) -> str: ...
+@overload
+def resolve_key_source(option: str | None, work_dir_root: Path | None, fhir_url: str | None, *,
+                       create: Literal[True]) -> str: ...
+@overload
+def resolve_key_source(option: str | None, work_dir_root: Path | None, fhir_url: str | None, *,
+                       create: bool) -> str | None: ...
+def resolve_key_source(option: str | None, work_dir_root: Path | None, fhir_url: str | None, *,
+                       create: bool) -> str | None:
+    """Which Consent id key source this command uses, the one rule for every command, in this order:
+
+    1. ``option`` (``--id_key_source``), when given;
+    2. the environment: ``NDOP_ID_KEY_SOURCE``, else ``NDOP_ID_KEY_FILE``, else ``NDOP_ID_KEY``;
+    3. the work dir's own key (``<work dir>/id.key``), only with a work dir and a FHIR server on this machine
+       (loopback): made when missing if ``create``; without ``create`` a missing one is None (the command that
+       writes will make it);
+    4. otherwise one line naming ``ndop keygen`` (exit 2): ids without a key would give the numbers away.
+
+    Only the source is named here; :func:`open_key` reads it.
+    """
+    spec = option or configured_source()
     if spec:
         return spec
     if fhir_url and work_dir_root is not None and is_loopback_url(fhir_url):
         path = work_dir_root / WORK_DIR_KEY
         if not path.exists():
+            if not create:
+                return None
             key = write_key_file(path)
             _LOGGER.info("no %s set: made the work dir's own Consent id key %s (fingerprint %s); fine for a FHIR "
                          "server on this machine only", KEY_FILE_ENV, path, key.fingerprint)
         return f"file:{path.resolve()}"
     raise InputError(NO_KEY)
-
-
-def check_key_available(fhir_url: str | None) -> None:
-    """Before anything is built or sent: the key the environment names can be read, or there is none and the
-    FHIR server is on this machine (the work dir's own key will do); otherwise one line, exit 2."""
-    spec = configured_source()
-    if spec:
-        open_key(spec)
-    elif fhir_url and not is_loopback_url(fhir_url):
-        raise InputError(NO_KEY)
 
 
 def open_key(spec: str) -> tuple[IdKey, KeySource]:

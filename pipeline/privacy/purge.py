@@ -40,7 +40,7 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.lifecycle import audit
 from pipeline.core.errors import InputError
@@ -243,27 +243,25 @@ def _unfinished(work_dir: WorkDir, records: dict[str, RequestRecord], now: datet
     return items
 
 
-def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: datetime,
-                 dry_run: bool) -> list[Leftover]:
-    """Ledger rows of patients a processed request older than ``cutoff`` no longer held (see the docstring)."""
+def _left_rule(folder: Path, records: dict[str, RequestRecord], cutoff: datetime) -> Callable[[Any], Any] | None:
+    """Which of a ledger part's rows are of patients who left the cohort before ``cutoff`` (see the docstring): a
+    function of a table with ``checked_at`` giving a boolean array; None when no row can have left (no processed
+    check yet, or the ledger's description cannot be read: the next run refuses it in one line)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from transforms.ledger_join import epoch_seconds, ledger_files  # deferred: loads apache_beam only when used
+    from transforms.ledger_join import epoch_seconds  # deferred: loads apache_beam only when used
 
-    found = ledger_dirs.current(work_dir)
-    if found is None:
-        return []
-    folder = found.resolve()
     try:
         meta = ledger_dirs.read_meta(str(folder))
-    except InputError as err:  # the next run refuses it in one line; the other leftovers still go
+    except InputError as err:  # the other leftovers (and the history) still go
         _LOGGER.warning("ledger rows of patients who left the cohort not purged: %s", err)
-        return []
+        return None
     checks = sorted({epoch_seconds(r["checked_at"]) for r in records.values()
                      if r.get("state") in (PROCESSED, ACKNOWLEDGED) and r.get("checked_at")}
                     | ({epoch_seconds(meta["checked_at"])} if meta.get("checked_at") else set()))
+    if not checks:
+        return None
     waiting = [epoch_seconds(r["checked_at"]) for r in records.values()
                if r.get("state") == REPLIED and r.get("checked_at")]
     check_times = np.array(checks, np.int64)
@@ -280,41 +278,56 @@ def _left_cohort(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: d
             gone &= checked <= oldest_waiting
         return gone
 
-    if not len(check_times):
-        return []
-    try:
-        rows = sum(int(left(pq.read_table(path, columns=["checked_at"])).sum()) for path in ledger_files(str(folder)))
-    except (OSError, ValueError, KeyError) as err:  # a damaged part: the next run refuses the ledger in one line
-        _LOGGER.warning("ledger rows of patients who left the cohort not purged: %s: %s", folder, type(err).__name__)
-        return []
-    if not rows:
-        return []
-    item = Leftover("left-cohort", str(folder.relative_to(work_dir.root.resolve())),
-                    f"patients who left the cohort before {isoformat(cutoff)} (the retention period)", rows=rows)
-    if not dry_run:
-        item.rows = ledger_dirs.rewrite_current(work_dir, f"purge-{utcnow():%Y%m%dT%H%M%S}",
-                                                lambda table: table.filter(pa.array(~left(table))),
-                                                keep_previous=False)
-        _audit_leftover(work_dir, item)
-    return [item]
+    return left
 
 
-def _history(work_dir: WorkDir, cutoff: datetime, dry_run: bool) -> list[Leftover]:
-    """The ledger history's rows older than the retention period (pipeline/ledger/history.py: ``compact``)."""
+def _ledger_leftovers(work_dir: WorkDir, records: dict[str, RequestRecord], cutoff: datetime,
+                      dry_run: bool) -> list[Leftover]:
+    """The current ledger, read once (each part's ``nhs_number`` and ``checked_at``), gives both ledger leftovers:
+    the rows of patients who left the cohort, and the numbers still held once they go, which the history's
+    compaction keeps a last status for (so a dry run lists what the purge removes)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.ledger.history import compact, history_folder  # deferred: loads apache_beam only when used
     from transforms.ledger_join import ledger_files  # deferred: loads apache_beam only when used
 
     found = ledger_dirs.current(work_dir)
+    if found is None:
+        return _history(work_dir, cutoff, pa.array([], pa.int64()), dry_run)
+    folder = found.resolve()
+    left = _left_rule(folder, records, cutoff)
+    held, gone = [], 0
     try:
-        tables = [pq.read_table(p, columns=["nhs_number"]) for p in ledger_files(str(found.resolve()))] if found else []
+        for path in ledger_files(str(folder)):  # one part at a time: only the numbers still held are kept
+            part = pq.read_table(path, columns=["nhs_number", "checked_at"] if left else ["nhs_number"])
+            stays = ~left(part) if left else np.ones(part.num_rows, bool)
+            gone += part.num_rows - int(stays.sum())
+            held.append(part.column("nhs_number").filter(pa.array(stays)))
     except (OSError, ValueError, KeyError) as err:  # a damaged part: the next run refuses the ledger in one line
-        _LOGGER.warning("ledger history not purged: the ledger cannot be read (%s)", type(err).__name__)
+        _LOGGER.warning("ledger rows of patients who left the cohort and the ledger history not purged: the ledger "
+                        "%s cannot be read (%s)", folder, type(err).__name__)
         return []
-    numbers = pa.concat_tables(tables).column("nhs_number").combine_chunks() if tables else pa.array([], pa.int64())
-    dropped, files = compact(work_dir, int(cutoff.timestamp()), numbers, dry_run=dry_run)
+    items = []
+    if gone and left is not None:
+        item = Leftover("left-cohort", str(folder.relative_to(work_dir.root.resolve())),
+                        f"patients who left the cohort before {isoformat(cutoff)} (the retention period)", rows=gone)
+        if not dry_run:
+            item.rows = ledger_dirs.rewrite_current(work_dir, f"purge-{utcnow():%Y%m%dT%H%M%S}",
+                                                    lambda table: table.filter(pa.array(~left(table))),
+                                                    keep_previous=False)
+            _audit_leftover(work_dir, item)
+        items.append(item)
+    numbers = pa.chunked_array([c for h in held for c in h.chunks], pa.int64()).combine_chunks()
+    return items + _history(work_dir, cutoff, numbers, dry_run)
+
+
+def _history(work_dir: WorkDir, cutoff: datetime, in_ledger: Any, dry_run: bool) -> list[Leftover]:
+    """The ledger history's rows older than the retention period (pipeline/ledger/history.py: ``compact``);
+    ``in_ledger``: the numbers the ledger still holds."""
+    from pipeline.ledger.history import compact, history_folder  # deferred: loads apache_beam only when used
+
+    dropped, files = compact(work_dir, int(cutoff.timestamp()), in_ledger, dry_run=dry_run)
     if not dropped:
         return []
     item = Leftover("history", str(history_folder(work_dir).relative_to(work_dir.root)),
@@ -334,8 +347,7 @@ def purge_leftovers(work_dir: WorkDir, older_than_days: float, *, dry_run: bool 
         records = {r["request_id"]: r for r in work_dir.all()}
         items = _buildings(work_dir, dry_run) + _pendings(work_dir, records, dry_run)
         items += _unfinished(work_dir, records, now, grace_days(grace), dry_run)
-        items += _left_cohort(work_dir, records, now - timedelta(days=older_than_days), dry_run)
-        items += _history(work_dir, now - timedelta(days=older_than_days), dry_run)
+        items += _ledger_leftovers(work_dir, records, now - timedelta(days=older_than_days), dry_run)
     return items
 
 

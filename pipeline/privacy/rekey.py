@@ -3,7 +3,8 @@
 A store written with the old unkeyed ids (UUIDv5 of the NHS number: reversible) or under another key is moved
 patient by patient, from the ledger, which holds every Consent's id:
 
-1. read the old and the new id back (batch Bundles of GETs, answered entry by entry, as ``ndop verify`` reads);
+1. read the old and the new ids back, both in one batch Bundle of GETs per batch of patients (answered entry by
+   entry, as ``ndop verify`` reads);
 2. PUT the Consent under its new id (the stored Consent with its id and identifier changed, so nothing else moves;
    rebuilt from the ledger if the store has lost it: counted as restored), each entry's answer checked;
 3. rewrite every Provenance whose target names an old id (a store may refuse to delete what is still referenced);
@@ -73,8 +74,9 @@ def _post_checked(session: Any, base_url: str, entries: list[dict[str, Any]], wh
 def _write_batch(session: Any, base_url: str, rows: Sequence[dict[str, Any]], result: RekeyResult) -> list[str]:
     """Store each patient's Consent under its new id; returns the old ids still in the store whose patient's new
     id is stored (to delete once the Provenances point at the new ids)."""
-    olds = dict(read_consents(session, base_url, [r["consent_id"] for r in rows]))
-    news = dict(read_consents(session, base_url, [r["new_id"] for r in rows]))
+    ids = [r["consent_id"] for r in rows] + [r["new_id"] for r in rows]
+    stored = list(read_consents(session, base_url, ids, per_bundle=max(len(ids), 1)))  # one Bundle: old, then new
+    olds, news = dict(stored[:len(rows)]), dict(stored[len(rows):])
     writes: list[tuple[dict[str, Any], dict[str, Any], bool]] = []
     stored_new = set()
     for row in rows:
