@@ -23,6 +23,7 @@ from dev.hapi_server import HapiServer
 from pipeline.beam.graph import run
 from pipeline.core import nhs
 from pipeline.request import datfile
+from bench.generate import bench_key
 
 CHECKED_AT = "2026-03-01T10:00:00Z"
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     n = args.patients
+    bench_key()  # the Consent id key (NDOP_ID_KEY when none is set)
     numbers = nhs.synthetic_numbers(2 * n * args.runs, seed=8801).to_pylist()
     puts, bulk = [], []
     with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:

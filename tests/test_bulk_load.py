@@ -23,10 +23,11 @@ from pipeline.beam.graph import run
 from pipeline.beam.options import BulkOptions, NdopOptions
 from pipeline.core import nhs
 from pipeline.core.errors import InputError
-from pipeline.fhir.bulk_import import ServeFolder
+from pipeline.fhir.bulk_import import GoogleImport, ServeFolder
 from pipeline.request import datfile
 from tests.beam_util import local_pipeline
 from tests.fixtures.fhir_proxy import FaultProxy
+from tests.fixtures.http_stub import Reply, Seen, StubServer
 from tests.helpers import consent_id
 from transforms.build_consent import build_consent
 from transforms.provenance import ProvenanceSettings
@@ -156,3 +157,45 @@ def test_a_first_load_in_bulk_is_counted_from_hapis_report(tmp_path, hapi_server
     assert not (tmp_path / "short" / "ledger" / "ledger.json").exists()  # not promoted
     assert not (tmp_path / "short" / "bulk").exists()
     assert stat.S_IMODE((tmp_path / "short").stat().st_mode) == 0o700
+
+
+STORE = "projects/p/locations/europe-west2/datasets/d/fhirStores/s"
+
+
+def test_google_bulk_needs_cloud_storage_and_a_cloud_healthcare_store(tmp_path):
+    _inputs(tmp_path, _numbers(10, seed=9906), set())
+    google = ("--bulk_import=google", "--bulk_min_patients=1")
+    with pytest.raises(InputError, match="gs://"):
+        bulk_load.plan(*_options(tmp_path, *google), first_load=True,
+                       fhir_url=f"https://healthcare.googleapis.com/v1/{STORE}/fhir")
+    with pytest.raises(InputError, match="Cloud Healthcare FHIR base URL"):
+        bulk_load.plan(*_options(tmp_path, *google, "--bulk_dir=gs://b/ndop/bulk"), first_load=True,
+                       fhir_url="https://fhir.example.nhs.uk/R4")
+    load = bulk_load.plan(*_options(tmp_path, *google, "--bulk_dir=gs://b/ndop/bulk"), first_load=True,
+                          fhir_url=f"https://healthcare.googleapis.com/v1/{STORE}/fhir")
+    assert load is not None and (load.store, load.folder) == ("google", "gs://b/ndop/bulk")
+
+
+def test_google_import_is_started_and_its_operation_read_to_the_end():
+    """Offline: a loopback stand-in for the Cloud Healthcare API (the request and operation shapes of its REST
+    reference); the import counts only when the finished operation's counter says every resource succeeded."""
+    operation = "projects/p/locations/europe-west2/datasets/d/operations/42"
+
+    def api(index: int, seen: Seen) -> Reply:
+        if seen.method == "POST":
+            return Reply(200, {"name": operation})
+        if index < 3:
+            return Reply(200, {"name": operation, "metadata": {"counter": {"success": "4"}}})
+        return Reply(200, {"name": operation, "done": True, "metadata": {"counter": {"success": str(success)}}})
+
+    for success, problem in ((10, None), (9, "imported 9 of 10")):
+        with StubServer(api) as stub, requests.Session() as session:
+            root = stub.url.removesuffix("/fhir")
+            job = GoogleImport(session, f"{root}/{STORE}/fhir", poll_seconds=0.01)
+            result = job.wait(job.start("gs://b/ndop/bulk/Consent-*.ndjson"), "gs://b/ndop/bulk/Consent-*", 10)
+        posted = stub.seen[0]
+        assert (posted.method, posted.path) == ("POST", f"/{STORE}:import")
+        assert posted.json() == {"contentStructure": "RESOURCE",
+                                 "gcsSource": {"uri": "gs://b/ndop/bulk/Consent-*.ndjson"}}
+        assert {(s.method, s.path) for s in stub.seen[1:]} == {("GET", f"/{operation}")} and len(stub.seen) == 4
+        assert result.total == success and (result.problem is None if problem is None else problem in result.problem)

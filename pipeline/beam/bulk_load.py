@@ -17,11 +17,12 @@ to the store under a secret path while its job runs, and removed when the import
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 import requests
@@ -32,7 +33,7 @@ from pipeline.beam.options import BulkOptions, NdopOptions
 from pipeline.core import nhs
 from pipeline.core.errors import InputError, NdopError
 from pipeline.core.files import private_dir
-from pipeline.fhir.bulk_import import HapiImport, ImportResult, ServeFolder
+from pipeline.fhir.bulk_import import GoogleImport, HapiImport, ImportResult, ServeFolder, google_store
 from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.sessions import open_session
 from transforms.vocabulary import Counter
@@ -41,6 +42,7 @@ from transforms.write_ndjson import CONSENT_FILES, PROVENANCE_FILES, SUFFIX
 _LOGGER = logging.getLogger(__name__)
 
 BULK_FOLDER = "bulk"
+GOOGLE = "google"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def manifest_rows(path: str) -> int:
         return int(pq.read_metadata(handle).num_rows)
 
 
-def plan(opts: NdopOptions, bulk: BulkOptions, first_load: bool) -> BulkLoad | None:
+def plan(opts: NdopOptions, bulk: BulkOptions, first_load: bool, fhir_url: str = "") -> BulkLoad | None:
     """The bulk load this run does, or None (PUTs): only with ``--bulk_import``, on a first load, for a cohort of at
     least ``--bulk_min_patients``. Settings that cannot work are refused (exit 2) before anything runs."""
     if not bulk.bulk_import:
@@ -75,18 +77,29 @@ def plan(opts: NdopOptions, bulk: BulkOptions, first_load: bool) -> BulkLoad | N
     if opts.upsert != "id":
         raise InputError("--bulk_import needs --upsert id: the store imports each Consent under its own id")
     folder = bulk.bulk_dir or FileSystems.join(opts.output_dir, BULK_FOLDER)
-    if "://" in folder:
+    if bulk.bulk_import == GOOGLE:
+        if not folder.startswith("gs://"):
+            raise InputError(f"--bulk_import google: the Cloud Healthcare API imports from Cloud Storage, so the "
+                             f"NDJSON folder must be gs://... (--bulk_dir, or an --output_dir on gs://), not {folder}")
+        try:
+            google_store(fhir_url)
+        except ValueError as err:
+            raise InputError(f"--bulk_import google: {err}") from None
+    elif "://" in folder:
         raise InputError(f"--bulk_import {bulk.bulk_import} serves the NDJSON from this machine: --bulk_dir must be "
                          f"a local folder, not {folder}")
+    else:
+        folder = os.path.abspath(folder)
     _LOGGER.info("bulk import: a first load of %d patients, as NDJSON imported by the store (%s)", rows,
                  bulk.bulk_import)
-    return BulkLoad(bulk.bulk_import, os.path.abspath(folder), bulk.bulk_serve_host, float(bulk.bulk_timeout))
+    return BulkLoad(bulk.bulk_import, folder, bulk.bulk_serve_host, float(bulk.bulk_timeout))
 
 
 def prepare(load: BulkLoad) -> None:
-    """An empty private folder for the files: a crashed run's files are never imported."""
+    """An empty (and, when local, private) folder for the files: a crashed run's files are never imported."""
     _remove_files(load)
-    private_dir(load.folder)
+    if "://" not in load.folder:
+        private_dir(load.folder)
 
 
 def _remove_files(load: BulkLoad) -> None:
@@ -126,8 +139,9 @@ def import_staged(load: BulkLoad, config: FhirClientConfig, found: dict[str, int
             return section
         if not consents:
             return section
-        with ServeFolder(load.folder, load.serve_host) as served, open_session(config) as session:
-            return _import(load, config, session, served, consents, provenances, found, section)
+        with contextlib.ExitStack() as stack:
+            session = stack.enter_context(open_session(config))
+            return _import(_importer(load, config, session, stack), consents, provenances, found, section)
     except (NdopError, requests.RequestException) as err:
         section["problem"] = f"bulk import: {nhs.redact(str(err))[:300]}"
         return section
@@ -136,12 +150,32 @@ def import_staged(load: BulkLoad, config: FhirClientConfig, found: dict[str, int
         _remove_files(load)
 
 
-def _import(load: BulkLoad, config: FhirClientConfig, session: requests.Session, served: ServeFolder,
-            consents: dict[str, int], provenances: dict[str, int], found: dict[str, int],
+Importer = Callable[[str, dict[str, int]], ImportResult]  # (resource type, {file name: resources}) -> report
+
+
+def _importer(load: BulkLoad, config: FhirClientConfig, session: requests.Session,
+              stack: contextlib.ExitStack) -> Importer:
+    """The store's import of one resource type's files, run to its end."""
+    if load.store == GOOGLE:
+        google = GoogleImport(session, config.base_url, timeout=load.timeout)
+
+        def from_cloud_storage(kind: str, files: dict[str, int]) -> ImportResult:
+            uri = FileSystems.join(load.folder, f"{kind}-*{SUFFIX}")
+            return google.wait(google.start(uri), uri, sum(files.values()))
+        return from_cloud_storage
+    served = stack.enter_context(ServeFolder(load.folder, load.serve_host))
+    hapi = HapiImport(session, config.base_url, timeout=load.timeout)
+
+    def over_http(kind: str, files: dict[str, int]) -> ImportResult:
+        urls = {served.url(name): count for name, count in files.items()}
+        return hapi.wait(hapi.start({kind: list(urls)}, served.credential), urls)
+    return over_http
+
+
+def _import(importer: Importer, consents: dict[str, int], provenances: dict[str, int], found: dict[str, int],
             section: dict[str, Any]) -> dict[str, Any]:
     """The Consents' job, then (once every one is stored) the Provenance's."""
-    job = HapiImport(session, config.base_url, timeout=load.timeout)
-    result = _run_job(job, served, CONSENT_FILES, consents)
+    result = _run_job(importer, CONSENT_FILES, consents)
     found[Counter.CONSENTS_CREATED] = result.created
     found[Counter.CONSENTS_UPDATED] = result.total - result.created
     section["consents_stored"] = result.total
@@ -150,7 +184,7 @@ def _import(load: BulkLoad, config: FhirClientConfig, session: requests.Session,
         found[Counter.PROVENANCES_FAILED] = sum(provenances.values())
         return section
     if provenances:
-        result = _run_job(job, served, PROVENANCE_FILES, provenances)
+        result = _run_job(importer, PROVENANCE_FILES, provenances)
         found[Counter.PROVENANCES_WRITTEN] = result.total
         found[Counter.PROVENANCES_FAILED] = sum(provenances.values()) - result.total
         section["provenances_stored"] = result.total
@@ -159,11 +193,10 @@ def _import(load: BulkLoad, config: FhirClientConfig, session: requests.Session,
     return section
 
 
-def _run_job(job: HapiImport, served: ServeFolder, kind: str, files: dict[str, int]) -> ImportResult:
-    urls = {served.url(name): count for name, count in files.items()}
+def _run_job(importer: Importer, kind: str, files: dict[str, int]) -> ImportResult:
     _LOGGER.info("bulk import: %d %s resources in %d files, the store's job started", sum(files.values()), kind,
                  len(files))
-    result = job.wait(job.start({kind: list(urls)}, served.credential), urls)
+    result = importer(kind, files)
     _LOGGER.info("bulk import: the store reports %d of %d %s resources stored%s", result.total, sum(files.values()),
                  kind, f" ({result.problem})" if result.problem else "")
     return result

@@ -361,7 +361,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     lopts = options.view_as(LedgerOptions)
     lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, key.fingerprint,
                                                lopts.full_refresh)
-    bulk = bulk_load.plan(opts, options.view_as(BulkOptions), first_load=not lopts.ledger_in or lopts.full_refresh)
+    bulk = bulk_load.plan(opts, options.view_as(BulkOptions), first_load=not lopts.ledger_in or lopts.full_refresh,
+                          fhir_url=fhir_config(opts).base_url)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):

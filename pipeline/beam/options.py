@@ -81,7 +81,7 @@ class LedgerOptions(PipelineOptions):
                             help="write every Consent (e.g. after a store restore)")
 
 
-BULK_STORES = ("hapi",)  # the bulk import wired into the run (pipeline/beam/bulk_load.py)
+BULK_STORES = ("hapi", "google")  # the bulk import wired into the run (pipeline/beam/bulk_load.py)
 DEFAULT_BULK_MIN_PATIENTS = 100_000
 DEFAULT_BULK_TIMEOUT = 24 * 3600
 
@@ -94,7 +94,8 @@ class BulkOptions(PipelineOptions):
         parser.add_argument("--bulk_import", "--bulk-import", dest="bulk_import", choices=BULK_STORES, default=None,
                             help="on a first load (no ledger, or --full_refresh) of at least --bulk_min_patients, "
                                  "write the Consents and their Provenance as NDJSON and have the store import them "
-                                 "(hapi: HAPI's $import, fed from a loopback HTTP server this run starts)")
+                                 "(hapi: HAPI's $import, fed from a loopback HTTP server this run starts; google: "
+                                 "Cloud Healthcare's import from the gs:// folder the pipeline wrote)")
         parser.add_argument("--bulk_min_patients", "--bulk-min-patients", dest="bulk_min_patients",
                             type=number_option("--bulk_min_patients", PATIENTS), default=DEFAULT_BULK_MIN_PATIENTS,
                             help="the smallest cohort (manifest rows) loaded in bulk; smaller ones are PUT")

@@ -240,7 +240,22 @@ def _json(response: requests.Response) -> Any:
         return None
 
 
-def google_import_request(fhir_store: str, gcs_uri: str) -> tuple[str, dict[str, Any]]:
+GOOGLE_API_ROOT = "https://healthcare.googleapis.com/v1"
+
+
+def google_store(fhir_url: str) -> tuple[str, str]:
+    """``(API root, FHIR store name)`` of a Cloud Healthcare FHIR base URL
+    (``https://healthcare.googleapis.com/v1/projects/P/locations/L/datasets/D/fhirStores/S/fhir``)."""
+    root, found, rest = fhir_url.rstrip("/").partition("/projects/")
+    store = f"projects/{rest}".removesuffix("/fhir")
+    if not found or not rest.endswith("/fhir") or "/fhirStores/" not in store or store.count("/") != 7:
+        raise ValueError(f"not a Cloud Healthcare FHIR base URL (.../projects/P/locations/L/datasets/D/fhirStores/S"
+                         f"/fhir): {fhir_url}")
+    return root, store
+
+
+def google_import_request(fhir_store: str, gcs_uri: str, api_root: str = GOOGLE_API_ROOT
+                          ) -> tuple[str, dict[str, Any]]:
     """The Cloud Healthcare API's import: ``(URL to POST, body)`` for NDJSON resources under ``gcs_uri``
     (e.g. ``gs://bucket/ndop/load/*.ndjson``) into ``fhir_store``
     (``projects/P/locations/L/datasets/D/fhirStores/S``). The answer is a long-running operation; its
@@ -249,8 +264,49 @@ def google_import_request(fhir_store: str, gcs_uri: str) -> tuple[str, dict[str,
         raise ValueError(f"not a FHIR store name: {fhir_store!r}")
     if not gcs_uri.startswith("gs://"):
         raise ValueError(f"the Cloud Healthcare API imports from Cloud Storage (gs://), not {gcs_uri!r}")
-    return (f"https://healthcare.googleapis.com/v1/{fhir_store}:import",
+    return (f"{api_root}/{fhir_store}:import",
             {"contentStructure": "RESOURCE", "gcsSource": {"uri": gcs_uri}})
+
+
+class GoogleImport:
+    """Cloud Healthcare's ``fhirStores.import`` from Cloud Storage: start it, poll its long-running operation.
+
+    The store reads the files itself (its service agent needs read access to the bucket) and imports each resource
+    under its id, creating or replacing it; the operation counts successes and failures, not which were created."""
+
+    def __init__(self, session: requests.Session, fhir_url: str, poll_seconds: float = 5.0,
+                 timeout: float = IMPORT_TIMEOUT) -> None:
+        self._session = session
+        self._root, self._store = google_store(fhir_url)
+        self._poll = poll_seconds
+        self._timeout = timeout
+
+    def start(self, gcs_uri: str) -> str:
+        """POST the import; the URL of its long-running operation."""
+        url, body = google_import_request(self._store, gcs_uri, self._root)
+        response = self._session.post(url, json=body)
+        name = str((_json(response) or {}).get("name") or "")
+        if response.status_code != 200 or not name.startswith(self._store.rsplit("/fhirStores/", 1)[0]):
+            raise NdopError(f"the Cloud Healthcare import was not accepted: HTTP {response.status_code} "
+                            f"{response.text[:200]}")
+        return f"{self._root}/{name}"
+
+    def wait(self, operation_url: str, source: str, expected: int) -> ImportResult:
+        """Poll the operation until it is done; what it says it stored from ``source`` (``expected`` resources)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            response = self._session.get(operation_url)
+            operation = _json(response)
+            if response.status_code != 200 or not isinstance(operation, dict):
+                return ImportResult({}, f"the import operation could not be read: HTTP {response.status_code} "
+                                        f"{response.text[:300]}", response.text[:2000])
+            if operation.get("done"):
+                counter = (operation.get("metadata") or {}).get("counter") or {}
+                return ImportResult({source: int(counter.get("success", 0))},
+                                    google_import_complete(operation, expected), json.dumps(operation)[:2000])
+            if time.monotonic() > deadline:
+                return ImportResult({}, f"the import operation did not end within {self._timeout:.0f} s", "")
+            time.sleep(self._poll)
 
 
 def google_import_complete(operation: Mapping[str, Any], expected: int) -> str | None:
