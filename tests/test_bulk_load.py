@@ -199,3 +199,14 @@ def test_google_import_is_started_and_its_operation_read_to_the_end():
                                  "gcsSource": {"uri": "gs://b/ndop/bulk/Consent-*.ndjson"}}
         assert {(s.method, s.path) for s in stub.seen[1:]} == {("GET", f"/{operation}")} and len(stub.seen) == 4
         assert result.total == success and (result.problem is None if problem is None else problem in result.problem)
+
+
+def test_a_reply_with_integrity_errors_imports_nothing_and_leaves_no_files(tmp_path, fhir_server):
+    numbers = _numbers(60, seed=9907)
+    _inputs(tmp_path, numbers[:55], set())
+    reply = (tmp_path / "reply.dat").read_bytes()
+    (tmp_path / "reply.dat").write_bytes(reply + datfile.encode(pa.array(numbers[55:], pa.string()), "crlf"))
+    summary = _run(tmp_path, fhir_server)  # five numbers NDOP was never asked about: the reply is suspect
+    assert not summary["ok"] and summary["problems"][0].startswith("5 integrity errors")
+    assert summary["counts"]["written"] == 0 and summary["counts"]["staged"] == 0 and "bulk_import" not in summary
+    assert not (tmp_path / "bulk").exists() and not (tmp_path / "ledger" / "ledger.json").exists()

@@ -97,12 +97,13 @@ def plan(opts: NdopOptions, bulk: BulkOptions, first_load: bool, fhir_url: str =
 
 def prepare(load: BulkLoad) -> None:
     """An empty (and, when local, private) folder for the files: a crashed run's files are never imported."""
-    _remove_files(load)
+    discard(load)
     if "://" not in load.folder:
         private_dir(load.folder)
 
 
-def _remove_files(load: BulkLoad) -> None:
+def discard(load: BulkLoad) -> None:
+    """Remove the folder and its files (NHS numbers): after the import, or when none can be run."""
     if FileSystems.exists(load.folder):
         FileSystems.delete([load.folder])
 
@@ -147,7 +148,7 @@ def import_staged(load: BulkLoad, config: FhirClientConfig, found: dict[str, int
         return section
     finally:
         section["seconds"] = round(time.monotonic() - started, 1)
-        _remove_files(load)
+        discard(load)
 
 
 Importer = Callable[[str, dict[str, int]], ImportResult]  # (resource type, {file name: resources}) -> report

@@ -388,9 +388,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             if runner not in _LOCAL_RUNNERS and runner not in _PORTABLE_RUNNERS:
                 progress.follow_job(result, None, lambda r: _written(counters(r) or {}))
             result.wait_until_finish()
-    except NdopError:
-        raise
     except Exception as err:  # the runner wraps worker errors; say the one line that matters
+        if bulk is not None:  # no import follows a failed pipeline: its files (NHS numbers) go now
+            bulk_load.discard(bulk)
+        if isinstance(err, NdopError):
+            raise
         _LOGGER.debug("pipeline failed", exc_info=True)
         raise NdopError(f"process {opts.request_id or opts.reply}: pipeline failed: {_root_message(err)}") from err
     if _is_local(dead_letters) and os.path.exists(dead_letters):
@@ -399,6 +401,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     loaded = None
     if bulk is not None and found is not None and not found.get(Counter.INTEGRITY_ERRORS):
         loaded = bulk_load.import_staged(bulk, fhir_config(opts), found)  # the written counts: the store's report
+    elif bulk is not None:  # nothing may be imported: the files go
+        bulk_load.discard(bulk)
     reasons = file_level_reasons(dead_letters) if found and found.get("integrity_errors") else []
     summary = summarise(found, opts, started, time.monotonic() - clock, dead_letters, reasons)
     if loaded is not None:
