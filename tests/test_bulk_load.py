@@ -28,7 +28,10 @@ from pipeline.request import datfile
 from tests.beam_util import local_pipeline
 from tests.fixtures.fhir_proxy import FaultProxy
 from tests.fixtures.http_stub import Reply, Seen, StubServer
-from tests.helpers import consent_id
+from pipeline.ledger import versions as ledger_dirs
+from pipeline.lifecycle.state import PROCESSED
+from tests.helpers import cli, consent_id
+from tests.test_process_pipeline import _replied_request
 from transforms.build_consent import build_consent
 from transforms.provenance import ProvenanceSettings
 from transforms.write_ndjson import WriteNdjson
@@ -126,24 +129,31 @@ def _run(folder: Path, fhir_url: str, *extra: str) -> dict:
 
 
 @pytest.mark.hapi
-def test_a_first_load_in_bulk_is_counted_from_hapis_report(tmp_path, hapi_server):
+def test_a_first_load_in_bulk_is_counted_from_hapis_report(tmp_path, work_dir, hapi_server):
     numbers = _numbers(90, seed=9904)
     opted_out = set(numbers[::4])
-    _inputs(tmp_path / "good", numbers, opted_out)
-    summary = _run(tmp_path / "good", hapi_server)
-    assert summary["ok"], summary["problems"]
+    rid = "X26ABC1-241126-0090"
+    _replied_request(work_dir, rid, numbers, [n for n in numbers if n not in opted_out])
+    done = cli("process", "--work-dir", str(work_dir.root), "--request-id", rid, "--fhir-url", hapi_server,
+               "--no-ack", "--bulk-import", "hapi", "--bulk-min-patients", "50", "--batch_size=40", "--shards=2")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((work_dir.request_dir(rid) / "summary.json").read_text())
     c, load = summary["counts"], summary["bulk_import"]
     assert (c["created"], c["written"], c["to_write"], c["bundles_posted"]) == (90, 90, 90, 0)
     assert (load["consents_staged"], load["consents_stored"], load["provenances_stored"]) == (90, 90, 3)
     assert c["provenances"] == 3 and c["provenances_failed"] == 0
-    assert (tmp_path / "good" / "ledger" / "ledger.json").exists()  # promoted: every Consent stored
-    assert not (tmp_path / "good" / "bulk").exists()  # the NDJSON (NHS numbers) is gone
+    assert work_dir.load(rid)["state"] == PROCESSED
+    assert ledger_dirs.current(work_dir) is not None  # promoted: every Consent stored
+    assert not (work_dir.request_dir(rid) / "bulk").exists()  # the NDJSON (NHS numbers) is gone
     for number in numbers[:3] + numbers[-2:]:
         stored = requests.get(f"{hapi_server}/Consent/{consent_id(number)}", timeout=30).json()
         assert stored["status"] == ("active" if number in opted_out else "inactive")
         found = requests.get(f"{hapi_server}/Provenance", params={"target": f"Consent/{consent_id(number)}"},
                              timeout=30).json()
         assert found.get("total", len(found.get("entry", []))) == 1
+    assert cli("report", "--work-dir", str(work_dir.root), "--request-id", rid).returncode == 0
+    assert ("Loaded in bulk by the store's own import (hapi): 90 of 90 Consents and 3 of 3 Provenance stored"
+            in (work_dir.request_dir(rid) / "report.md").read_text())
 
     # Believe no peer: HAPI's finished-job report, altered in flight to say one Consent fewer, fails the run.
     numbers = _numbers(90, seed=9905)

@@ -65,6 +65,8 @@ def build_report(work_dir: WorkDir, record: Mapping[str, Any]) -> dict[str, Any]
         "dead_letters": summary.get("dead_letters") if not summary.get("ok", True) else None,
         "stage_seconds": _stage_seconds(record),
     }
+    if summary.get("bulk_import"):  # a first load the store imported (pipeline/beam/bulk_load.py)
+        report["bulk_import"] = summary["bulk_import"]
     if record.get("verified"):  # ndop run --verify-sample: Consents read back and compared with the ledger
         report["verified"] = record["verified"]
     # Counted by the pipeline's ledger join, not re-derived from earlier requests. A reply with integrity
@@ -113,6 +115,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {results.get('written', '-')} | {(report.get('changes') or {}).get('unchanged', '-')} "
             f"| {results.get('failed', '-')} | {results.get('integrity_errors', '-')} |",
         ]
+    bulk = report.get("bulk_import")
+    if bulk:
+        lines += ["", f"Loaded in bulk by the store's own import ({bulk.get('store')}): "
+                      f"{bulk.get('consents_stored', 0)} of {bulk.get('consents_staged', 0)} Consents and "
+                      f"{bulk.get('provenances_stored', 0)} of {bulk.get('provenances_staged', 0)} Provenance stored, "
+                      f"as its report says, in {bulk.get('seconds', '-')} s."]
     change = report.get("changes")
     if change:
         lines += [
