@@ -151,6 +151,35 @@ def test_composites_join_decide_write_and_read_back(tmp_path) -> None:
     assert rows[people[0]]["request_id"] == "R1" and rows[people[2]]["status"] == "active"
 
 
+
+def _by_number(table: pa.Table) -> list[dict]:
+    return sorted(ledger._conform(table).to_pylist(), key=lambda row: row["nhs_number"])
+
+
+def test_a_one_shard_ledger_file_moves_as_its_path_and_reads_back_the_same(tmp_path) -> None:
+    """Issue 24 (a): a file WriteLedgerShards wrote (one shard's rows, read with the same --shards) goes through the
+    join as its path, not its rows; a file spanning shards still moves as Arrow blocks. Either way the shard's rows
+    read back are the file's."""
+    people = _numbers(60, seed=9805)
+    rows = ledger.decide(_classified(people, set(people[::4])), ledger.empty_ledger(), _at(0), "R1", TEST_KEY,
+                         refresh_days=0).ledger
+    keys = shards.shard_of(rows.column("nhs_number").to_numpy(), 3)
+    one = tmp_path / "part-00001.parquet"
+    pq.write_table(rows.filter(pa.array(keys == 1)), one, row_group_size=7)  # several row groups, one shard
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(rows, mixed, row_group_size=25)
+
+    read = ledger.ReadLedgerFileFn(3)
+    [(shard, block)] = list(read.process(str(one)))
+    assert shard == 1 and len(block) < 200 and block.startswith(ledger.file_block(""))
+    assert _by_number(ledger.from_bytes([block])) == _by_number(rows.filter(pa.array(keys == 1)))
+
+    blocks = list(read.process(str(mixed)))
+    assert {s for s, _ in blocks} == {0, 1, 2} and not any(b.startswith(ledger.file_block("")) for _, b in blocks)
+    for s in range(3):
+        got = ledger.from_bytes([b for k, b in blocks if k == s])
+        assert _by_number(got) == _by_number(rows.filter(pa.array(keys == s)))
+
 # -- the pipeline against the real FHIR server -----------------------------------------------------------
 
 

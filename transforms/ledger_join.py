@@ -271,14 +271,52 @@ def _conform(table: pa.Table) -> pa.Table:
 # -- the table as Beam elements ---------------------------------------------------------------------------
 
 
+_FILE_BLOCK = b"ndop-ledger-file\n"  # a block naming a ledger file whose rows are all one shard's (not Arrow IPC)
+
+
+def file_block(path: str) -> bytes:
+    """The block that stands for a whole ledger file holding one shard's rows: its path, read where it is decided."""
+    return _FILE_BLOCK + path.encode("utf-8")
+
+
+def read_ledger_file(path: str) -> pa.Table:
+    """One ledger Parquet file's rows, in :data:`SCHEMA`."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return _conform(pq.read_table(handle, columns=SCHEMA.names))
+
+
 def from_bytes(blocks: Sequence[bytes]) -> pa.Table:
-    tables = [pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
+    """A shard's ledger rows from its blocks: Arrow IPC streams, or :func:`file_block` names of whole files."""
+    tables = [read_ledger_file(block[len(_FILE_BLOCK):].decode("utf-8")) if block.startswith(_FILE_BLOCK)
+              else pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
     tables = [_conform(t) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else empty_ledger()
 
 
+def _one_shard(parquet: pq.ParquetFile, shards: int) -> int | None:
+    """The shard every row of the file belongs to, or None when its rows span shards (or it has none).
+
+    Reads only the ``nhs_number`` column, row group by row group, and stops at the first other shard."""
+    shard = None
+    for group in range(parquet.num_row_groups):
+        keys = shardlib.shard_of(parquet.read_row_group(group, columns=["nhs_number"]).column("nhs_number")
+                                 .to_numpy(), shards)
+        if not len(keys):
+            continue
+        if shard is None:
+            shard = int(keys[0])
+        if bool((keys != shard).any()):
+            return None
+    return shard
+
+
 class ReadLedgerFileFn(beam.DoFn):
-    """One ledger Parquet file, row group by row group, into ``(shard, Arrow IPC bytes)``."""
+    """One ledger Parquet file into ``(shard, block)``.
+
+    A file whose rows are all one shard's (what :class:`WriteLedgerShards` writes, read again with the same
+    ``--shards``) moves as one :func:`file_block`, its path: DecideShard reads it, so the runner never buffers a
+    10M-row ledger. Any other file moves row group by row group as ``(shard, Arrow IPC bytes)``.
+    """
 
     def __init__(self, shards: int) -> None:
         self._shards = shards
@@ -289,9 +327,13 @@ class ReadLedgerFileFn(beam.DoFn):
             missing = set(SCHEMA.names) - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"{path}: not a ledger file (no column {', '.join(sorted(missing))})")
-            for group in range(parquet.num_row_groups):
-                table = _conform(parquet.read_row_group(group, columns=SCHEMA.names))
-                yield from shardlib.split_table_by_shard(table, self._shards)
+            shard = _one_shard(parquet, self._shards)
+            if shard is not None:  # (no early ``return`` in a generator: apache/beam#22969)
+                yield shard, file_block(path)
+            else:
+                for group in range(parquet.num_row_groups):
+                    table = _conform(parquet.read_row_group(group, columns=SCHEMA.names))
+                    yield from shardlib.split_table_by_shard(table, self._shards)
 
 
 def ledger_files(folder: str) -> list[str]:
