@@ -374,15 +374,19 @@ class DecideShardFn(ClassifyShardFn):
     :data:`PATIENT_IDS` input ``(status, int64 array, Patient ids)``), each at
     most ``chunk_size`` long (one FHIR bundle's worth), so a runner can spread one shard's writes over many
     workers after a ``Reshuffle`` (pipeline/beam/graph.py) and a retried work item rewrites one chunk, not a shard;
-    :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes; :attr:`INTEGRITY_ERRORS` as join.py's.
+    :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes, or, with ``ledger_out``, written here to the
+    shard's file in that folder and named by a :func:`file_block` (so the runner does not hold a 10M-row ledger
+    until :class:`WriteLedgerShards` may keep it); :attr:`INTEGRITY_ERRORS` as join.py's.
     """
 
     LEDGER = LEDGER
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int,
-                 full_refresh: bool, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
+                 full_refresh: bool, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS,
+                 ledger_out: str | None = None) -> None:
         super().__init__()
         self._hooks = hooks
+        self._ledger_out = ledger_out
         self._key_source = key
         self._chunk_size = chunk_size
         self._checked_at = checked_at
@@ -411,7 +415,11 @@ class DecideShardFn(ClassifyShardFn):
             for chunk in shardlib.chunks(numbers, self._chunk_size):
                 yield (status, chunk) if ids is None else (status, chunk, ids[start : start + len(chunk)])
                 start += len(chunk)
-        if decision.ledger.num_rows:
+        if decision.ledger.num_rows and self._ledger_out:
+            path = part_path(self._ledger_out, shard)
+            write_ledger_file(path, decision.ledger)
+            yield pvalue.TaggedOutput(self.LEDGER, (shard, file_block(path)))
+        elif decision.ledger.num_rows:
             yield pvalue.TaggedOutput(self.LEDGER, (shard, shardlib.table_to_bytes(decision.ledger)))
 
 
@@ -426,15 +434,19 @@ class JoinWithLedger(beam.PTransform):
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int = DEFAULT_REFRESH_DAYS,
-                 full_refresh: bool = False, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
-        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard)."""
+                 full_refresh: bool = False, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS,
+                 ledger_out: str | None = None) -> None:
+        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard). ``ledger_out``: the
+        folder :class:`WriteLedgerShards` writes the new ledger to; each shard's file is then written as the shard
+        is decided (and removed by WriteLedgerShards when the run has integrity errors)."""
         super().__init__()
         if refresh_days < 0:
             raise ValueError("refresh_days must be 0 or more")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size, hooks)
+        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size, hooks,
+                                 ledger_out)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
         assert set(inputs) - {PATIENT_IDS} == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
@@ -445,8 +457,23 @@ class JoinWithLedger(beam.PTransform):
         )
 
 
+def part_path(folder: str, shard: int) -> str:
+    """A shard's file in a new ledger folder."""
+    return FileSystems.join(folder, f"part-{shard:05d}.parquet")
+
+
+def write_ledger_file(path: str, table: pa.Table) -> None:
+    """One shard's new ledger rows as a Parquet file (a retry rewrites the same file)."""
+    with FileSystems.create(path, mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        pq.write_table(table, handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+
+
 class WriteLedgerShardFn(beam.DoFn):
-    """One shard's new ledger rows into ``<folder>/part-<shard>.parquet`` (a retry rewrites the same file)."""
+    """One shard's new ledger rows into ``<folder>/part-<shard>.parquet`` (a retry rewrites the same file).
+
+    A :func:`file_block` naming that very file (DecideShard wrote it) is kept as it is, or removed when the run has
+    integrity errors."""
 
     def __init__(self, folder: str) -> None:
         self._folder = folder
@@ -454,12 +481,14 @@ class WriteLedgerShardFn(beam.DoFn):
     def process(self, element: tuple[int, bytes], integrity_errors: int = 0) -> Iterator[str]:
         # With integrity errors nothing was written to the store: no ledger either. (No early ``return`` in a
         # generator: Beam warns about ``yield`` beside ``return``, apache/beam#22969.)
-        if not integrity_errors:
-            shard, block = element
-            path = FileSystems.join(self._folder, f"part-{shard:05d}.parquet")
-            with FileSystems.create(path, mime_type="application/octet-stream",
-                                    compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                pq.write_table(from_bytes([block]), handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        shard, block = element
+        path = part_path(self._folder, shard)
+        written = block == file_block(path)
+        if integrity_errors and written and FileSystems.exists(path):
+            FileSystems.delete([path])
+        elif not integrity_errors:
+            if not written:
+                write_ledger_file(path, from_bytes([block]))
             yield path
 
 
