@@ -22,9 +22,12 @@ A Consent is refreshed when it was written before the patient's latest slot. So 
 Consents are refreshed on any day from the first day after a full load on, a second run on the same
 day refreshes nobody twice, and no written ``dateTime`` lags the last check by ``N`` days or more.
 
-In the pipeline (:class:`JoinWithLedger`) the previous ledger arrives as Arrow record batches
-serialised to ``bytes`` per shard, beside the manifest and reply blocks, so a 10M-row ledger moves as
-a few hundred elements, never as per-patient Python objects.
+In the pipeline (:class:`JoinWithLedger`) the previous ledger arrives per shard beside the manifest and reply
+blocks, never as per-patient Python objects: a file whose rows are all one shard's (what the run before wrote,
+with the same ``--shards``) as its path, read by the worker deciding that shard; any other file as Arrow record
+batches serialised to ``bytes``. With ``ledger_out`` each shard's new ledger file is written as the shard is
+decided. So the runner's buffers hold neither the old nor the new 10M-row ledger (issue 24: the 10M daily
+decision's peak went from 2.6-2.9 GB to 1.3-1.4 GB, docs/benchmarks.md).
 """
 from __future__ import annotations
 
