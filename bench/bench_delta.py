@@ -55,6 +55,7 @@ def prepare(patients: int, changed: int, shards: int) -> dict[str, Path]:
     from transforms import shards as shardlib
     from transforms.join import classify
 
+    bench_key()  # puts a key into NDOP_ID_KEY for the trial processes, also when every input is cached
     folder = OUT / f"delta-{patients}"
     manifest, reply0 = generate(folder, patients)
     reply1, ledger0 = folder / f"reply-day1-{changed}.dat", folder / f"ledger-day0-{shards}"

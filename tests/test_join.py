@@ -11,7 +11,7 @@ from pipeline.core import nhs
 from tests.beam_util import local_pipeline
 from transforms import shards
 from tests.helpers import key_source_for_tests
-from transforms.join import MANIFEST, REASON_REPLY_ONLY, REPLY, classify
+from transforms.join import MANIFEST, REASON_REPLY_ONLY, REPLY, classify, unique_sorted
 from transforms.ledger_join import LEDGER, JoinWithLedger
 from transforms.vocabulary import NOT_OPTED_OUT, OPTED_OUT
 
@@ -30,6 +30,15 @@ def test_classify_every_case():
     assert sorted(shards.to_strings(result.not_opted_out)) == sorted([a, c])
     assert shards.to_strings(result.reply_only) == [d]
     assert (result.requested, result.replied, result.manifest_duplicates, result.reply_duplicates) == (3, 3, 1, 1)
+
+
+def test_unique_sorted_is_np_unique():
+    rng = np.random.default_rng(24)
+    cases = [np.zeros(0, np.int64), np.array([7], np.int64), np.array([5, 5, 5], np.int64),
+             rng.integers(9_000_000_000, 9_000_000_200, 1000, dtype=np.int64), _ints(nhs.synthetic_numbers(50, seed=5))]
+    for numbers in cases:
+        got = unique_sorted(numbers)
+        assert got.dtype == numbers.dtype and np.array_equal(got, np.unique(numbers))
 
 
 def test_classify_empty_reply_means_everyone_opted_out():

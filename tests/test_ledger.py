@@ -151,6 +151,68 @@ def test_composites_join_decide_write_and_read_back(tmp_path) -> None:
     assert rows[people[0]]["request_id"] == "R1" and rows[people[2]]["status"] == "active"
 
 
+
+def _by_number(table: pa.Table) -> list[dict]:
+    return sorted(ledger._conform(table).to_pylist(), key=lambda row: row["nhs_number"])
+
+
+def test_a_one_shard_ledger_file_moves_as_its_path_and_reads_back_the_same(tmp_path) -> None:
+    """Issue 24 (a): a file WriteLedgerShards wrote (one shard's rows, read with the same --shards) goes through the
+    join as its path, not its rows; a file spanning shards still moves as Arrow blocks. Either way the shard's rows
+    read back are the file's."""
+    people = _numbers(60, seed=9805)
+    rows = ledger.decide(_classified(people, set(people[::4])), ledger.empty_ledger(), _at(0), "R1", TEST_KEY,
+                         refresh_days=0).ledger
+    keys = shards.shard_of(rows.column("nhs_number").to_numpy(), 3)
+    one = tmp_path / "part-00001.parquet"
+    pq.write_table(rows.filter(pa.array(keys == 1)), one, row_group_size=7)  # several row groups, one shard
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(rows, mixed, row_group_size=25)
+
+    read = ledger.ReadLedgerFileFn(3)
+    [(shard, block)] = list(read.process(str(one)))
+    assert shard == 1 and len(block) < 200 and block.startswith(ledger.file_block(""))
+    assert _by_number(ledger.from_bytes([block])) == _by_number(rows.filter(pa.array(keys == 1)))
+
+    blocks = list(read.process(str(mixed)))
+    assert {s for s, _ in blocks} == {0, 1, 2} and not any(b.startswith(ledger.file_block("")) for _, b in blocks)
+    for s in range(3):
+        got = ledger.from_bytes([b for k, b in blocks if k == s])
+        assert _by_number(got) == _by_number(rows.filter(pa.array(keys == s)))
+
+def test_decide_writes_each_shards_ledger_file_and_an_integrity_error_removes_them(tmp_path) -> None:
+    """Issue 24 (a): with ``ledger_out`` DecideShard writes each shard's file as it decides it (the runner never
+    holds the new ledger); WriteLedgerShards keeps those files, or removes them all when the run has integrity
+    errors (nothing was written to the store: no ledger either)."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tests.beam_util import local_pipeline
+
+    people = _numbers(12, seed=9806)
+    manifest = shards.to_int64(pa.array(people[:10], pa.string()))
+    parts = sorted(set(shards.shard_of(manifest, 3).tolist()))
+    for errors in (False, True):
+        reply = people[2:10] + (people[11:] if errors else [])  # people[11] is not in the request
+        out = tmp_path / f"out-{errors}"
+        with local_pipeline() as p:
+            joined = {
+                "manifest": p | "M" >> beam.Create(list(shards.split_by_shard(manifest, 3))),
+                "reply": p | "R" >> beam.Create(list(shards.split_by_shard(
+                    shards.to_int64(pa.array(reply, pa.string())), 3))),
+                ledger.LEDGER: p | "L" >> ledger.ReadLedger(None, 3),
+            } | ledger.JoinWithLedger(_at(0), "R1", key_source_for_tests(), refresh_days=0, ledger_out=str(out))
+            count = joined[ledger.JoinWithLedger.INTEGRITY_ERRORS] | beam.combiners.Count.Globally()
+            files = joined[ledger.LEDGER] | ledger.WriteLedgerShards(str(out), count)
+            assert_that(files, equal_to([] if errors else [ledger.part_path(str(out), s) for s in parts]))
+        if errors:
+            assert not list(out.glob("*.parquet"))
+        else:
+            rows = _ledger_rows(out)
+            assert len(list(out.glob("*.parquet"))) == len(parts) and sorted(rows) == sorted(people[:10])
+            assert {n for n, r in rows.items() if r["status"] == "active"} == set(people[:2])
+
+
 # -- the pipeline against the real FHIR server -----------------------------------------------------------
 
 

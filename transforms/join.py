@@ -42,10 +42,19 @@ class Classified:
     reply_duplicates: int
 
 
+def unique_sorted(numbers: np.ndarray) -> np.ndarray:
+    """``np.unique(numbers)`` (the distinct values, sorted) by one sort: numpy 2.4's ``np.unique`` hashes before it
+    sorts, about 15x slower on a 10M cohort's shard of int64 (0.37 s against 0.025 s for 312k numbers)."""
+    ordered = np.sort(numbers)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
 def classify(manifest: np.ndarray, reply: np.ndarray) -> Classified:
     """Classify one shard's numbers: the whole NDOP rule, without Beam."""
-    requested = np.unique(manifest)
-    replied = np.unique(reply)
+    requested = unique_sorted(manifest)
+    replied = unique_sorted(reply)
     answered = np.isin(requested, replied, assume_unique=True)
     return Classified(
         opted_out=requested[~answered],

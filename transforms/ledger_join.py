@@ -22,9 +22,12 @@ A Consent is refreshed when it was written before the patient's latest slot. So 
 Consents are refreshed on any day from the first day after a full load on, a second run on the same
 day refreshes nobody twice, and no written ``dateTime`` lags the last check by ``N`` days or more.
 
-In the pipeline (:class:`JoinWithLedger`) the previous ledger arrives as Arrow record batches
-serialised to ``bytes`` per shard, beside the manifest and reply blocks, so a 10M-row ledger moves as
-a few hundred elements, never as per-patient Python objects.
+In the pipeline (:class:`JoinWithLedger`) the previous ledger arrives per shard beside the manifest and reply
+blocks, never as per-patient Python objects: a file whose rows are all one shard's (what the run before wrote,
+with the same ``--shards``) as its path, read by the worker deciding that shard; any other file as Arrow record
+batches serialised to ``bytes``. With ``ledger_out`` each shard's new ledger file is written as the shard is
+decided. So the runner's buffers hold neither the old nor the new 10M-row ledger (issue 24: the 10M daily
+decision's peak went from 2.6-2.9 GB to 1.3-1.4 GB, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -271,14 +274,52 @@ def _conform(table: pa.Table) -> pa.Table:
 # -- the table as Beam elements ---------------------------------------------------------------------------
 
 
+_FILE_BLOCK = b"ndop-ledger-file\n"  # a block naming a ledger file whose rows are all one shard's (not Arrow IPC)
+
+
+def file_block(path: str) -> bytes:
+    """The block that stands for a whole ledger file holding one shard's rows: its path, read where it is decided."""
+    return _FILE_BLOCK + path.encode("utf-8")
+
+
+def read_ledger_file(path: str) -> pa.Table:
+    """One ledger Parquet file's rows, in :data:`SCHEMA`."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return _conform(pq.read_table(handle, columns=SCHEMA.names))
+
+
 def from_bytes(blocks: Sequence[bytes]) -> pa.Table:
-    tables = [pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
+    """A shard's ledger rows from its blocks: Arrow IPC streams, or :func:`file_block` names of whole files."""
+    tables = [read_ledger_file(block[len(_FILE_BLOCK):].decode("utf-8")) if block.startswith(_FILE_BLOCK)
+              else pa.ipc.open_stream(pa.py_buffer(block)).read_all() for block in blocks]
     tables = [_conform(t) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else empty_ledger()
 
 
+def _one_shard(parquet: pq.ParquetFile, shards: int) -> int | None:
+    """The shard every row of the file belongs to, or None when its rows span shards (or it has none).
+
+    Reads only the ``nhs_number`` column, row group by row group, and stops at the first other shard."""
+    shard = None
+    for group in range(parquet.num_row_groups):
+        keys = shardlib.shard_of(parquet.read_row_group(group, columns=["nhs_number"]).column("nhs_number")
+                                 .to_numpy(), shards)
+        if not len(keys):
+            continue
+        if shard is None:
+            shard = int(keys[0])
+        if bool((keys != shard).any()):
+            return None
+    return shard
+
+
 class ReadLedgerFileFn(beam.DoFn):
-    """One ledger Parquet file, row group by row group, into ``(shard, Arrow IPC bytes)``."""
+    """One ledger Parquet file into ``(shard, block)``.
+
+    A file whose rows are all one shard's (what :class:`WriteLedgerShards` writes, read again with the same
+    ``--shards``) moves as one :func:`file_block`, its path: DecideShard reads it, so the runner never buffers a
+    10M-row ledger. Any other file moves row group by row group as ``(shard, Arrow IPC bytes)``.
+    """
 
     def __init__(self, shards: int) -> None:
         self._shards = shards
@@ -289,9 +330,13 @@ class ReadLedgerFileFn(beam.DoFn):
             missing = set(SCHEMA.names) - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"{path}: not a ledger file (no column {', '.join(sorted(missing))})")
-            for group in range(parquet.num_row_groups):
-                table = _conform(parquet.read_row_group(group, columns=SCHEMA.names))
-                yield from shardlib.split_table_by_shard(table, self._shards)
+            shard = _one_shard(parquet, self._shards)
+            if shard is not None:  # (no early ``return`` in a generator: apache/beam#22969)
+                yield shard, file_block(path)
+            else:
+                for group in range(parquet.num_row_groups):
+                    table = _conform(parquet.read_row_group(group, columns=SCHEMA.names))
+                    yield from shardlib.split_table_by_shard(table, self._shards)
 
 
 def ledger_files(folder: str) -> list[str]:
@@ -332,15 +377,19 @@ class DecideShardFn(ClassifyShardFn):
     :data:`PATIENT_IDS` input ``(status, int64 array, Patient ids)``), each at
     most ``chunk_size`` long (one FHIR bundle's worth), so a runner can spread one shard's writes over many
     workers after a ``Reshuffle`` (pipeline/beam/graph.py) and a retried work item rewrites one chunk, not a shard;
-    :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes; :attr:`INTEGRITY_ERRORS` as join.py's.
+    :attr:`LEDGER`: the shard's new ledger rows as Arrow IPC bytes, or, with ``ledger_out``, written here to the
+    shard's file in that folder and named by a :func:`file_block` (so the runner does not hold a 10M-row ledger
+    until :class:`WriteLedgerShards` may keep it); :attr:`INTEGRITY_ERRORS` as join.py's.
     """
 
     LEDGER = LEDGER
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int,
-                 full_refresh: bool, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
+                 full_refresh: bool, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS,
+                 ledger_out: str | None = None) -> None:
         super().__init__()
         self._hooks = hooks
+        self._ledger_out = ledger_out
         self._key_source = key
         self._chunk_size = chunk_size
         self._checked_at = checked_at
@@ -369,7 +418,11 @@ class DecideShardFn(ClassifyShardFn):
             for chunk in shardlib.chunks(numbers, self._chunk_size):
                 yield (status, chunk) if ids is None else (status, chunk, ids[start : start + len(chunk)])
                 start += len(chunk)
-        if decision.ledger.num_rows:
+        if decision.ledger.num_rows and self._ledger_out:
+            path = part_path(self._ledger_out, shard)
+            write_ledger_file(path, decision.ledger)
+            yield pvalue.TaggedOutput(self.LEDGER, (shard, file_block(path)))
+        elif decision.ledger.num_rows:
             yield pvalue.TaggedOutput(self.LEDGER, (shard, shardlib.table_to_bytes(decision.ledger)))
 
 
@@ -384,15 +437,19 @@ class JoinWithLedger(beam.PTransform):
     INTEGRITY_ERRORS = ClassifyShardFn.INTEGRITY_ERRORS
 
     def __init__(self, checked_at: str, request_id: str, key: KeySource, refresh_days: int = DEFAULT_REFRESH_DAYS,
-                 full_refresh: bool = False, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS) -> None:
-        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard)."""
+                 full_refresh: bool = False, chunk_size: int | None = None, hooks: WorkerHooks = NO_HOOKS,
+                 ledger_out: str | None = None) -> None:
+        """``chunk_size``: the longest ``to_write`` array (None: one per status and shard). ``ledger_out``: the
+        folder :class:`WriteLedgerShards` writes the new ledger to; each shard's file is then written as the shard
+        is decided (and removed by WriteLedgerShards when the run has integrity errors)."""
         super().__init__()
         if refresh_days < 0:
             raise ValueError("refresh_days must be 0 or more")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         epoch_seconds(checked_at)
-        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size, hooks)
+        self._fn = DecideShardFn(checked_at, request_id, key, refresh_days, full_refresh, chunk_size, hooks,
+                                 ledger_out)
 
     def expand(self, inputs: dict[str, pvalue.PCollection]) -> pvalue.DoOutputsTuple:
         assert set(inputs) - {PATIENT_IDS} == {MANIFEST, REPLY, LEDGER}, sorted(inputs)
@@ -403,8 +460,23 @@ class JoinWithLedger(beam.PTransform):
         )
 
 
+def part_path(folder: str, shard: int) -> str:
+    """A shard's file in a new ledger folder."""
+    return FileSystems.join(folder, f"part-{shard:05d}.parquet")
+
+
+def write_ledger_file(path: str, table: pa.Table) -> None:
+    """One shard's new ledger rows as a Parquet file (a retry rewrites the same file)."""
+    with FileSystems.create(path, mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        pq.write_table(table, handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+
+
 class WriteLedgerShardFn(beam.DoFn):
-    """One shard's new ledger rows into ``<folder>/part-<shard>.parquet`` (a retry rewrites the same file)."""
+    """One shard's new ledger rows into ``<folder>/part-<shard>.parquet`` (a retry rewrites the same file).
+
+    A :func:`file_block` naming that very file (DecideShard wrote it) is kept as it is, or removed when the run has
+    integrity errors."""
 
     def __init__(self, folder: str) -> None:
         self._folder = folder
@@ -412,12 +484,14 @@ class WriteLedgerShardFn(beam.DoFn):
     def process(self, element: tuple[int, bytes], integrity_errors: int = 0) -> Iterator[str]:
         # With integrity errors nothing was written to the store: no ledger either. (No early ``return`` in a
         # generator: Beam warns about ``yield`` beside ``return``, apache/beam#22969.)
-        if not integrity_errors:
-            shard, block = element
-            path = FileSystems.join(self._folder, f"part-{shard:05d}.parquet")
-            with FileSystems.create(path, mime_type="application/octet-stream",
-                                    compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                pq.write_table(from_bytes([block]), handle, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        shard, block = element
+        path = part_path(self._folder, shard)
+        written = block == file_block(path)
+        if integrity_errors and written and FileSystems.exists(path):
+            FileSystems.delete([path])
+        elif not integrity_errors:
+            if not written:
+                write_ledger_file(path, from_bytes([block]))
             yield path
 
 

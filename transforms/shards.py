@@ -78,8 +78,8 @@ def table_to_bytes(table: pa.Table) -> bytes:
     """An Arrow table (a ledger shard, Patient ids) as one zstd-compressed Arrow IPC stream (bytes: Beam's cheapest
     coder).
 
-    Compressed, a 10M-row ledger moves through the runner's buffers in about a third of its Arrow size,
-    which is what keeps the three-way join of a 10M cohort under 3 GiB.
+    Compressed, a ledger shard moves through the runner's buffers in about a third of its Arrow size. (A ledger
+    file that is one shard's moves as its path instead: transforms/ledger_join.py.)
     """
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=_IPC) as writer:

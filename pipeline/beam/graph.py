@@ -132,7 +132,7 @@ def build_pipeline(p: beam.Pipeline, opts: NdopOptions, *, until: str = "write",
         inputs[ledger.PATIENT_IDS] = p | "ReadPatientIds" >> ReadPatientIds(opts.manifest, opts.shards)
     joined = inputs | "JoinWithLedger" >> (
         ledger.JoinWithLedger(opts.checked_at, opts.request_id, key, lopts.refresh_days, lopts.full_refresh,
-                              chunk_size=opts.batch_size, hooks=hooks))
+                              chunk_size=opts.batch_size, hooks=hooks, ledger_out=lopts.ledger_out))
     errors = (
         reply[ReadReply.INTEGRITY_ERRORS],
         joined[ledger.JoinWithLedger.INTEGRITY_ERRORS],
