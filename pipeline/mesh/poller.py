@@ -127,7 +127,8 @@ class Poller:
                     finally:
                         message.close()
             except UnreadableMessage as err:  # skipped this cycle; never saved, never acknowledged
-                _LOGGER.warning("message %s skipped: %s", message_id, err)
+                _LOGGER.warning("MESH message %s skipped (not saved, not acknowledged; tried again next poll): %s",
+                                message_id, err)
                 report.unreadable[message_id] = str(err)  # tried again next cycle: our reply may come whole
                 continue
             if kept:
