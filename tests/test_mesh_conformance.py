@@ -3,10 +3,12 @@ rule, where the code keeps it, and its test: those not here live in tests/test_m
 and tests/test_run_crash.py)."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,11 @@ from pipeline.core import nhs
 from pipeline.mesh.config import MIN_POLL_INTERVAL
 from pipeline.mesh.driver import MeshDriver
 from pipeline.mesh.poller import REPLY_FILE
-from pipeline.mesh.transport import UnreadableMessage, content_check, workflow_filter
+from pipeline.mesh.transport import GzipStreams, UnreadableMessage, content_check, workflow_filter
 from pipeline.request.build import RequestSettings, build_request
 from pipeline.lifecycle.state import ACCEPTED, FAILED, REPLIED, WorkDir
 from tests.fixtures.mesh import OUR_MAILBOX, Mesh
-from tests.fixtures.mesh_proxy import MeshFaultProxy
+from tests.fixtures.mesh_proxy import MeshFaultProxy, gzip_cut_at_line
 from tests.helpers import cli
 
 INBOX = f"/messageexchange/{OUR_MAILBOX}/inbox"
@@ -301,3 +303,22 @@ def test_what_a_content_checksum_header_asks_for() -> None:
             wrong.verify()
     for unknown in ("crc32:1234abcd", "sha256:" + "ab" * 16, "a note, not a digest", "abc"):
         assert content_check(unknown) is None, unknown  # cannot be checked: logged, read as if absent
+
+
+def test_gzip_streams_split_anywhere_decode_and_a_cut_one_is_never_complete() -> None:
+    plain = b"".join(b"%010d,\r\n" % n for n in range(2_000))
+    one = gzip.compress(plain)
+    per_chunk = gzip.compress(plain[:7_000]) + gzip.compress(plain[7_000:])  # mesh-client's way: a stream a chunk
+    for stream in (one, per_chunk):
+        for size in (1, 7, 1_000, len(stream)):  # pieces splitting the stream anywhere, headers and trailers too
+            reader = GzipStreams()
+            decoded = b"".join(reader.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+            assert decoded == plain and reader.complete, size
+    cut = GzipStreams()
+    assert cut.feed(gzip_cut_at_line(plain)) == plain[:plain.rfind(b"\n", 0, len(plain) // 2) + 1]
+    assert not cut.complete  # whole lines, and still not the whole message
+    assert not GzipStreams().complete  # no stream at all is not an (empty) message either
+    damaged = bytearray(one)
+    damaged[-6] ^= 0xFF  # the trailer's CRC-32
+    with pytest.raises(zlib.error):
+        GzipStreams().feed(bytes(damaged))
