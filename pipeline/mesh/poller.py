@@ -325,6 +325,7 @@ class Poller:
             for aside in decision.set_aside:
                 if aside.get("message_id"):
                     self.transport.acknowledge(aside["message_id"])
+            self.transport.hook("after-resolve-acknowledge")  # crash tests: set aside in MESH, not yet recorded
             if decision.use == USE_SECOND:
                 os.replace(side_file, reply_file)
             at = isoformat(utcnow())
