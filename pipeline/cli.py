@@ -174,6 +174,31 @@ def _run_poll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolve_reply(sub: argparse._SubParsersAction) -> None:
+    from pipeline.lifecycle.state import REPLY_CHOICES
+
+    p = sub.add_parser("resolve-reply", parents=[common_options(), _mesh_options()],
+                       help="say which of two different replies to a request is NDOP's (only for a request stopped "
+                            "by a second reply); the other is acknowledged in MESH unused, and the decision audited")
+    p.add_argument("--request-id", required=True, help="the request stopped by a second, different reply")
+    p.add_argument("--use", required=True, choices=REPLY_CHOICES,
+                   help="first: the reply already saved (reply.dat); second: the reply left in the MESH inbox")
+    p.add_argument("--message-id", default=None, help="with --use second: which second reply, when more than one")
+    p.set_defaults(handler=_run_resolve_reply)
+
+
+def _run_resolve_reply(args: argparse.Namespace) -> int:
+    from pipeline.lifecycle.state import decide_second_reply
+
+    decide_second_reply(WorkDir(args.work_dir).load(check_request_id(args.request_id)), args.use, args.message_id)
+    with _mesh_driver(args) as driver:  # bad input is refused above, before MESH is asked anything
+        record, decision = driver.resolve_second_reply(args.request_id, args.use, args.message_id)
+    aside = ", ".join(a["message_id"] for a in decision.set_aside if a.get("message_id"))
+    print(f"request {record['request_id']}: the {decision.use} reply (MESH message {decision.keep['message_id']}) "
+          f"is NDOP's answer; acknowledged unused: {aside}; `ndop process` or `ndop run` carries it on")
+    return EXIT_OK
+
+
 def _status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", parents=[common_options()], help="one line per request: state, counts, ages")
     p.add_argument("--overdue-days", type=number_option("--overdue-days", DAYS), default=None, metavar="N",
@@ -579,7 +604,7 @@ def _run_filter(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _request, _send, _poll, _process, _run, _status, _report, _purge, _verify, _filter, _keygen, _rekey,
+    _request, _send, _poll, _resolve_reply, _process, _run, _status, _report, _purge, _verify, _filter, _keygen, _rekey,
 ]
 
 

@@ -557,3 +557,43 @@ def _wait_for_inbox(mesh: Mesh, count: int, timeout: float = 10) -> None:
     while len(mesh.inbox()) < count:
         assert time.monotonic() < deadline, "the NDOP stand-in did not answer"
         time.sleep(0.05)
+
+
+def test_resolve_reply_killed_after_setting_the_first_aside_finishes_when_run_again(
+        mesh: Mesh, work_dir: WorkDir, tmp_path: Path) -> None:
+    """``ndop resolve-reply --use second`` stopped after the saved reply was acknowledged in MESH, before the record
+    changed (the order in pipeline/lifecycle/state.py): the request is still stopped, its reply file untouched, and
+    the same command again finishes the job (the message already gone is fine)."""
+    mesh.plugin(mode="silent")
+    record = make_request(work_dir, tmp_path, seed=31)
+    rid = record["request_id"]
+    numbers = numbers_of(record, work_dir)
+    first, second = (b"".join(f"{n},\r\n".encode() for n in numbers[skip:]) for skip in (0, 3))
+    with MeshDriver(mesh.config(), work_dir) as driver:
+        driver.send()
+        ids = []
+        for body in (first, second):
+            with mesh.client(NDOP_MAILBOX) as ndop_client:
+                ids.append(ndop_client.send_message(OUR_MAILBOX, body, workflow_id="SPINE_NTT_UPHOLDING",
+                                                    local_id=record["local_id"], subject=record["subject"]))
+            driver.poll()
+        assert work_dir.load(rid)["second_replies"][0]["message_id"] == ids[1]
+
+        def crash(point: str) -> None:
+            if point == "after-resolve-acknowledge":
+                raise SystemExit("killed")
+
+        driver.fault_hook = crash
+        with pytest.raises(SystemExit):
+            driver.resolve_second_reply(rid, "second")
+        stopped = work_dir.load(rid)
+        assert stopped["reply_message_id"] == ids[0] and stopped["second_replies"] and mesh.inbox() == [ids[1]]
+        assert (work_dir.request_dir(rid) / "reply.dat").read_bytes() == first
+        driver.fault_hook = None
+        resolved, decision = driver.resolve_second_reply(rid, "second")
+    assert resolved["reply_message_id"] == ids[1] and resolved["second_replies"] == [] and decision.use == "second"
+    assert resolved["reply_lines"] == len(numbers) - 3
+    assert resolved["reply_sha256"] == hashlib.sha256(second).hexdigest()
+    assert (work_dir.request_dir(rid) / "reply.dat").read_bytes() == second
+    assert not list(work_dir.request_dir(rid).glob(".reply.dat*"))  # no side file left
+    assert mesh.inbox() == [ids[1]]  # acknowledged only once its Consents are stored

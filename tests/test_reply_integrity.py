@@ -8,14 +8,17 @@ from __future__ import annotations
 import pytest
 
 import json
+import re
 
 import requests
 
 from pipeline.core import nhs
-from pipeline.lifecycle.state import REPLIED
+from pipeline.lifecycle import audit
+from pipeline.core.errors import InputError
+from pipeline.lifecycle.state import REPLIED, decide_second_reply
 from pipeline.orchestration.plausibility import swing_problem
 from tests.helpers import cli
-from tests.test_run import ndop_run
+from tests.test_run import ndop_run, statuses
 
 SYSTEM = nhs.NHS_NUMBER_SYSTEM
 
@@ -83,6 +86,114 @@ def test_a_second_different_reply_stops_the_request_for_a_person(tmp_path, work_
         found = requests.get(f"{fhir_server}/Consent", params={"patient:identifier": f"{SYSTEM}|{number}"},
                              timeout=30).json()
         assert found.get("entry", []) == [], number
+
+
+def stopped_by_a_second_reply(tmp_path, work_dir, mesh, fhir_server, seed: int, first: bytes, second: bytes,
+                              first_subject: str | None = None):
+    """A request whose saved reply is ``first`` and a second, different reply ``second`` came after it (every
+    ``ndop poll`` then exits 1): (numbers, env, request id, first's MESH id, second's MESH id)."""
+    numbers, env, record = waiting_request(tmp_path, work_dir, mesh, fhir_server, seed=seed)
+    messages = []
+    for body, subject in ((first, first_subject or record["subject"]), (second, record["subject"])):
+        with mesh.client("X26HC065") as ndop:
+            messages.append(ndop.send_message("X26ABC1", body(numbers) if callable(body) else body,
+                                              workflow_id="SPINE_NTT_UPHOLDING", local_id=record["local_id"],
+                                              subject=subject))
+        polled = cli("poll", "--work-dir", str(work_dir.root), env=env)
+        assert polled.returncode == (0 if len(messages) == 1 else 1), polled.stdout + polled.stderr
+    assert work_dir.load(record["request_id"])["second_replies"][0]["message_id"] == messages[1]
+    return numbers, env, record["request_id"], messages[0], messages[1]
+
+
+def resolve(work_dir, env, *args: str):
+    return cli("resolve-reply", "--work-dir", str(work_dir.root), *args, env=env)
+
+
+def decisions(work_dir) -> list[dict]:
+    return [e for e in audit.read_events(work_dir.root) if e["event"] == "decision"]
+
+
+def test_a_person_resolves_a_second_reply_by_using_it(tmp_path, work_dir, mesh, fhir_server) -> None:
+    """The follow-up to issue 19 item 6: a job notice taken for the reply, then NDOP's real reply; the person says
+    the second is NDOP's. It is downloaded and saved as the reply, the notice is acknowledged unused, the decision
+    is audited, and the next ``ndop run`` writes the real answer and acknowledges it."""
+    def answer(numbers: list[str]) -> bytes:
+        return "".join(f"{n},\r\n" for n in numbers[2:]).encode()  # the first two opted out
+
+    numbers, env, rid, notice, real = stopped_by_a_second_reply(
+        tmp_path, work_dir, mesh, fhir_server, 9904, b'{"status": "pending", "stages": []}', answer, "PENDING")
+    assert work_dir.load(rid)["reply_message_id"] == notice and sorted(mesh.inbox()) == sorted([notice, real])
+    done = resolve(work_dir, env, "--request-id", rid, "--use", "second")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"the second reply (MESH message {real}) is NDOP's answer; acknowledged unused: {notice}" in done.stdout
+    saved = work_dir.load(rid)
+    assert saved["state"] == REPLIED and saved["reply_message_id"] == real and saved["second_replies"] == []
+    assert saved["reply_lines"] == len(numbers) - 2
+    assert (work_dir.request_dir(rid) / "reply.dat").read_bytes() == answer(numbers)
+    assert mesh.inbox() == [real]  # the notice taken for the reply: acknowledged unused
+    [decision] = decisions(work_dir)
+    assert decision["request_id"] == rid and decision["use"] == "second" and decision["kept"]["message_id"] == real
+    assert [a["message_id"] for a in decision["set_aside"]] == [notice] and decision["user"]
+    assert not any(n in (work_dir.root / "audit.jsonl").read_text() for n in numbers)
+
+    ran = ndop_run(work_dir, env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert work_dir.load(rid)["state"] == "acknowledged" and mesh.inbox() == []
+    found = statuses(fhir_server, numbers)
+    assert [found[n] for n in numbers] == [["active"]] * 2 + [["inactive"]] * (len(numbers) - 2)
+
+
+def test_a_person_resolves_a_second_reply_by_keeping_the_first(tmp_path, work_dir, mesh, fhir_server) -> None:
+    """The saved reply is NDOP's: the second is acknowledged unused and polls stop reporting it; the request keeps
+    the reply it had (``ndop process`` then takes it like any other: the test above runs it)."""
+    def reply(numbers: list[str]) -> bytes:
+        return "".join(f"{n},\r\n" for n in numbers).encode()
+
+    def other(numbers: list[str]) -> bytes:
+        return "".join(f"{n},\r\n" for n in numbers[1:]).encode()
+
+    numbers, env, rid, first, second = stopped_by_a_second_reply(tmp_path, work_dir, mesh, fhir_server, 9905,
+                                                                 reply, other)
+    refused = resolve(work_dir, env, "--request-id", rid, "--use", "first", "--message-id", second)
+    assert refused.returncode == 2 and "--use first sets every second reply aside" in refused.stderr, refused.stderr
+    assert len(decisions(work_dir)) == 0 and sorted(mesh.inbox()) == sorted([first, second])
+
+    done = resolve(work_dir, env, "--request-id", rid, "--use", "first")
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = work_dir.load(rid)
+    assert saved["state"] == REPLIED and saved["reply_message_id"] == first and saved["second_replies"] == []
+    assert [r["use"] for r in saved["resolved_replies"]] == ["first"]
+    assert (work_dir.request_dir(rid) / "reply.dat").read_bytes() == reply(numbers)
+    assert mesh.inbox() == [first]  # the second acknowledged unused
+    assert [d["set_aside"][0]["message_id"] for d in decisions(work_dir)] == [second]
+    polled = cli("poll", "--work-dir", str(work_dir.root), env=env)
+    assert polled.returncode == 0, polled.stdout + polled.stderr  # nothing left for a person
+
+
+def test_the_resolve_rule() -> None:
+    """Which requests ``ndop resolve-reply`` takes, and what each choice keeps and sets aside."""
+    first = {"message_id": "M1", "sha256": "a" * 64}
+    seconds = [{"message_id": "M2", "sha256": "b" * 64, "at": "t"}, {"message_id": "M3", "sha256": "c" * 64, "at": "t"}]
+    stopped = {"request_id": "R", "state": REPLIED, "reply_message_id": "M1", "reply_sha256": "a" * 64,
+               "second_replies": seconds[:1]}
+    kept = decide_second_reply(stopped, "first")
+    assert kept.keep == first and kept.set_aside == (seconds[0],)
+    used = decide_second_reply(stopped, "second")
+    assert used.keep == seconds[0] and used.set_aside == (first,)
+    two = {**stopped, "second_replies": seconds}
+    with pytest.raises(InputError, match="name the one to use with --message-id"):
+        decide_second_reply(two, "second")
+    assert decide_second_reply(two, "second", "M3").set_aside == (first, seconds[0])
+    assert decide_second_reply(two, "first").set_aside == tuple(seconds)
+    for record, use, message_id, why in [
+            ({**stopped, "second_replies": []}, "first", None, "no second reply waiting"),
+            ({**stopped, "state": "processed"}, "first", None, "'processed' with no second reply waiting"),
+            ({**stopped, "state": "accepted"}, "second", None, "only for a replied request stopped"),
+            (stopped, "both", None, "--use must be first or second"),
+            (stopped, "second", "M1", "'M1' is not one of its second replies"),
+            (stopped, "first", "M2", "--use first sets every second reply aside")]:
+        with pytest.raises(InputError, match=re.escape(why)):
+            decide_second_reply(record, use, message_id)
 
 
 @pytest.mark.slow  # stage 2 of the test command (run_tests.sh --all)

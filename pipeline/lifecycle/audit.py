@@ -1,4 +1,5 @@
-"""The audit log: ``WORK/audit.jsonl``, one JSON line per command run and per request state change.
+"""The audit log: ``WORK/audit.jsonl``, one JSON line per command run, per request state change and per decision a
+person makes about a request (``ndop resolve-reply``).
 
 Who ran what, when, and what it changed, for a data protection officer: UTC time, OS user, host,
 command, request id, old and new state, counts, MESH message ids, FHIR base URL. Never an NHS number and
@@ -35,7 +36,7 @@ def audit_path(work_dir_root: str | os.PathLike[str]) -> Path:
 
 # Keys whose values are ids this tool or MESH made (``X26ABC1-021226-0001``): kept as they are when they look
 # like one (letters among the digits), since the number-masking rule would hide their date and sequence.
-_ID_KEYS = frozenset({"request_id", "message_id", "ctl_message_id", "reply_message_id"})
+_ID_KEYS = frozenset({"request_id", "message_id", "ctl_message_id", "reply_message_id", "sha256"})
 _ID_SHAPE = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9][A-Za-z0-9_-]{0,99}", re.ASCII)
 
 
@@ -102,6 +103,13 @@ def state_fields(record: Mapping[str, Any], old: str | None) -> dict[str, Any]:
         fields["processed"] = {k: processed[k] for k in ("opted_out", "not_opted_out", "written", "failed",
                                                           "provenances", "provenance_targets") if k in processed}
     return fields
+
+
+def decision_event(work_dir_root: str | os.PathLike[str], request_id: str, decision: Mapping[str, Any]) -> dict[
+        str, Any]:
+    """A person's decision about a request (``ndop resolve-reply``: which reply is NDOP's), with the MESH message
+    ids and SHA-256 digests it kept and set aside."""
+    return append(work_dir_root, "decision", request_id=request_id, **decision)
 
 
 def command_event(work_dir_root: str | os.PathLike[str], command: str, exit_status: int, *,

@@ -42,6 +42,10 @@ process killed anywhere leaves the record of the last completed write, and the n
   state write leaves it, and the next run looks at the inbox instead of acknowledging a second time
   (a reply no longer there was acknowledged). A poll that meets the reply of a ``processed`` request
   acknowledges it too.
+- **resolve-reply may repeat** (a person's decision about a second, different reply: :func:`decide_second_reply`):
+  a second reply chosen is downloaded whole to a side file first, the messages set aside are then acknowledged
+  (one already gone is fine), and only then is the reply file replaced and the record changed. A crash before
+  that leaves the request stopped as it was (its chosen reply still in the inbox), and the same command finishes.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ import threading
 import time
 import types
 import typing
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, TypedDict
@@ -148,6 +153,7 @@ class RequestRecord(TypedDict, total=False):
     checked_at: str
     duplicate_replies: list[str]
     second_replies: list[dict[str, str]]  # different replies after the answer: never used, left for a person
+    resolved_replies: list[dict[str, Any]]  # a person's decisions about them (`ndop resolve-reply`)
     verified: dict[str, Any]  # ndop run --verify-sample: counts of Consents read back (pipeline/ledger/verify.py)
     refused_replies: list[dict[str, Any]]  # replies the plausibility gate set aside (downloaded again next poll)
     # process and acknowledge
@@ -194,6 +200,52 @@ def marker(name: str, value: Any) -> dict[str, Any]:
 def initial_state(at: datetime) -> dict[str, Any]:
     """The state fields of a new record."""
     return {"state": CREATED, "history": [{"state": CREATED, "at": isoformat(at)}]}
+
+
+USE_FIRST, USE_SECOND = "first", "second"
+REPLY_CHOICES = (USE_FIRST, USE_SECOND)
+
+
+@dataclass(frozen=True)
+class ReplyDecision:
+    """A person's answer to "which reply is NDOP's?" for a request stopped by a second, different reply: ``keep``
+    becomes (or stays) the request's reply; every message in ``set_aside`` is acknowledged in MESH unused."""
+
+    request_id: str
+    use: str
+    keep: dict[str, str]  # message_id, sha256
+    set_aside: tuple[dict[str, str], ...]
+
+    def record(self, at: str) -> dict[str, Any]:
+        return {"at": at, "use": self.use, "kept": self.keep, "set_aside": list(self.set_aside)}
+
+
+def decide_second_reply(record: Mapping[str, Any], use: str, message_id: str | None = None) -> ReplyDecision:
+    """The one rule for ``ndop resolve-reply``: only a ``replied`` request that a second, different reply stopped
+    (``second_replies``, recorded by the poll; ``ndop process`` refuses it) may be resolved. ``first`` keeps the
+    saved reply and sets every second one aside; ``second`` uses the second reply (``message_id`` names which
+    when more than one came) and sets aside the saved one and any other. Anything else is bad input."""
+    rid = str(record.get("request_id"))
+    seconds: list[dict[str, str]] = list(record.get("second_replies") or [])
+    if record.get("state") != REPLIED or not seconds:
+        raise InputError(f"request {rid} is {record.get('state')!r} with no second reply waiting: resolve-reply is "
+                         "only for a replied request stopped by a second, different reply")
+    if use not in REPLY_CHOICES:
+        raise InputError(f"--use must be {' or '.join(REPLY_CHOICES)}, not {use!r}")
+    ids = [str(s.get("message_id")) for s in seconds]
+    if message_id is not None and message_id not in ids:
+        raise InputError(f"request {rid}: MESH message {message_id!r} is not one of its second replies "
+                         f"({', '.join(ids)})")
+    first = {"message_id": str(record.get("reply_message_id") or ""), "sha256": str(record.get("reply_sha256") or "")}
+    if use == USE_FIRST:
+        if message_id is not None:
+            raise InputError("--message-id names the second reply to use; --use first sets every second reply aside")
+        return ReplyDecision(rid, use, first, tuple(seconds))
+    if message_id is None and len(seconds) > 1:
+        raise InputError(f"request {rid} has {len(seconds)} second replies ({', '.join(ids)}): name the one to use "
+                         "with --message-id")
+    chosen = seconds[ids.index(message_id)] if message_id is not None else seconds[0]
+    return ReplyDecision(rid, use, chosen, (first, *[s for s in seconds if s is not chosen]))
 
 
 class DamagedRecord(InputError):

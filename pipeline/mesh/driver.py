@@ -23,7 +23,7 @@ from pipeline.mesh.poller import PollReport, Poller
 from pipeline.mesh.sender import SendResult, Sender
 from pipeline.mesh.transport import FaultHook, MeshTransport
 from pipeline.mesh.config import MIN_POLL_INTERVAL, MeshConfig
-from pipeline.lifecycle.state import RequestRecord, WorkDir
+from pipeline.lifecycle.state import ReplyDecision, RequestRecord, WorkDir
 
 __all__ = ["MeshDriver", "PollReport", "SendResult"]
 
@@ -76,3 +76,7 @@ class MeshDriver:
 
     def acknowledge(self, request_id: str) -> RequestRecord:
         return self.poller.acknowledge(request_id)
+
+    def resolve_second_reply(self, request_id: str, use: str,
+                             message_id: str | None = None) -> tuple[RequestRecord, ReplyDecision]:
+        return self.poller.resolve_second_reply(request_id, use, message_id)

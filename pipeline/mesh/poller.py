@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,10 +35,14 @@ from pipeline.lifecycle.state import (
     PROCESSED,
     REJECTED,
     REPLIED,
+    ReplyDecision,
     RequestRecord,
+    USE_SECOND,
     WorkDir,
+    decide_second_reply,
     marker,
 )
+from pipeline.lifecycle import audit
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,7 +71,8 @@ class PollReport:
     def problems(self) -> list[tuple[str, str]]:
         return self.rejected + self.failed + [
             (rid, f"a second, different reply (MESH message {mid}) came after its answer: left in the inbox for "
-                  f"a person to decide (docs/guarantees.md)") for rid, mid in self.second_replies]
+                  f"a person to decide (`ndop resolve-reply`, docs/guarantees.md)")
+            for rid, mid in self.second_replies]
 
 
 class Poller:
@@ -127,7 +133,8 @@ class Poller:
                     finally:
                         message.close()
             except UnreadableMessage as err:  # skipped this cycle; never saved, never acknowledged
-                _LOGGER.warning("message %s skipped: %s", message_id, err)
+                _LOGGER.warning("MESH message %s skipped (not saved, not acknowledged; tried again next poll): %s",
+                                message_id, err)
                 report.unreadable[message_id] = str(err)  # tried again next cycle: our reply may come whole
                 continue
             if kept:
@@ -285,6 +292,50 @@ class Poller:
         if size and last != b"\n":
             lines += 1
         return size, lines, digest.hexdigest()
+
+    def resolve_second_reply(self, request_id: str, use: str, message_id: str | None = None) -> tuple[
+            RequestRecord, ReplyDecision]:
+        """``ndop resolve-reply``: act on a person's decision (:func:`decide_second_reply`, the rule; the order, crash
+        by crash: pipeline/lifecycle/state.py). A second reply used is downloaded whole and must be the message the
+        poll recorded (its SHA-256); every message set aside is acknowledged in MESH; the decision is audited."""
+        with self.work_dir.lock():
+            record = self.work_dir.load(request_id)
+            decision = decide_second_reply(record, use, message_id)
+            self.transport.ensure_handshake()
+            folder = self.work_dir.request_dir(request_id)
+            reply_file = folder / record.get("files", {}).get("reply", REPLY_FILE)
+            side_file = folder / f".{REPLY_FILE}.chosen"
+            changes: dict[str, Any] = {}
+            if decision.use == USE_SECOND:
+                chosen = decision.keep["message_id"]
+                with mesh_errors(self.config, f"download message {chosen}"):
+                    message = self.transport.download(chosen)
+                    try:
+                        size, lines, digest = self._save_reply(message, message.read(HEAD_BYTES), side_file)
+                        mesh_time, workflow = _mesh_time(message), message.workflow_id
+                    finally:
+                        message.close()
+                if decision.keep.get("sha256") and digest != decision.keep["sha256"]:
+                    side_file.unlink(missing_ok=True)
+                    raise NdopError(f"request {request_id}: MESH message {chosen} is not the second reply the poll "
+                                    f"recorded (SHA-256 {digest[:12]}..., recorded {decision.keep['sha256'][:12]}...)")
+                now = isoformat(utcnow())
+                changes = dict(reply_message_id=chosen, reply_bytes=size, reply_sha256=digest, reply_lines=lines,
+                               replied_at=now, checked_at=mesh_time or now, reply_workflow_id=workflow)
+            for aside in decision.set_aside:
+                if aside.get("message_id"):
+                    self.transport.acknowledge(aside["message_id"])
+            self.transport.hook("after-resolve-acknowledge")  # crash tests: set aside in MESH, not yet recorded
+            if decision.use == USE_SECOND:
+                os.replace(side_file, reply_file)
+            at = isoformat(utcnow())
+            record = self.work_dir.update(request_id, expect=REPLIED, second_replies=[], resolved_replies=[
+                *record.get("resolved_replies", []), decision.record(at)], **changes)
+            audit.decision_event(self.work_dir.root, request_id, decision.record(at))
+            _LOGGER.info("request %s: the %s reply (MESH message %s) is NDOP's answer; set aside: %s", request_id,
+                         decision.use, decision.keep["message_id"],
+                         ", ".join(a["message_id"] for a in decision.set_aside if a.get("message_id")))
+            return record, decision
 
     def acknowledge(self, request_id: str) -> RequestRecord:
         """Acknowledge a processed request's reply in MESH (deleting it there); idempotent, and once.

@@ -7,10 +7,13 @@ a refused one (:class:`NotSent` / :class:`MaybeSent`), acknowledge. What to do w
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -179,14 +182,19 @@ class VerifiedMessage:
 
     mesh-client's ``Message`` gives the headers; its own reader takes a short read as the end of a chunk, so a body
     cut short in transit would pass as the whole message. Here every chunk is read from its own response: each
-    must bring its full Content-Length (urllib3 checks while streaming), the chunks must be ``1:N`` .. ``N:N``, and
-    each gzip stream (MESH compresses chunk by chunk) must reach its end. Anything less raises, and
+    must bring its full Content-Length (urllib3 checks while streaming), and the chunks must be ``1:N`` .. ``N:N``.
+    A gzip-compressed message (every chunk ``Content-Encoding: gzip``) is read as one series of gzip streams across
+    its chunks, so both a stream per chunk (mesh-client's way) and one stream split across chunks decode, and the
+    last stream must reach its end (its trailer's CRC and length checked by zlib) when the last chunk does: a
+    stream cut anywhere, even at a line break with no Content-Length to tell, is caught. When the sender set
+    ``mex-content-checksum`` (:func:`content_check`), the decoded content must match it. Anything less raises, and
     :class:`mesh_errors` turns that into :class:`UnreadableMessage`.
     """
 
     def __init__(self, client: MeshClient, message_id: str) -> None:
         self._first = client.retrieve_message_chunk(message_id, 1)
         self._meta = Message(message_id, self._first, client)
+        self._check = content_check(self._first.headers.get("Mex-Content-Checksum"))
         self._blocks = self._chunks(client, message_id)
         self._buffer = b""
 
@@ -195,6 +203,7 @@ class VerifiedMessage:
 
     def _chunks(self, client: MeshClient, message_id: str) -> Iterator[bytes]:
         total = int((self._first.headers.get("Mex-Chunk-Range") or "1:1").split(":")[1])
+        gunzip: GzipStreams | None = None
         for number in range(1, total + 1):
             response = self._first if number == 1 else client.retrieve_message_chunk(message_id, number)
             with response:
@@ -202,13 +211,22 @@ class VerifiedMessage:
                 if found != f"{number}:{total}":
                     raise UnreadableMessage(f"chunk {number} of {total} came as chunk {found}")
                 gzipped = (response.headers.get("Content-Encoding") or "").lower() == "gzip"
-                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+                if number == 1:
+                    gunzip = GzipStreams() if gzipped else None
+                elif gzipped != (gunzip is not None):
+                    raise UnreadableMessage(f"chunk {number} of {total} is {'' if gzipped else 'not '}gzip-compressed "
+                                            f"and chunk 1 {'is not' if gzipped else 'is'}")
                 for raw in response.raw.stream(READ_BLOCK, decode_content=False):
-                    yield inflate.decompress(raw) if inflate is not None else raw
-                if inflate is not None:
-                    yield inflate.flush()
-                    if not inflate.eof:
-                        raise UnreadableMessage(f"the gzip stream of chunk {number} of {total} ends early")
+                    yield self._checked(gunzip.feed(raw) if gunzip is not None else raw)
+        if gunzip is not None and not gunzip.complete:
+            raise UnreadableMessage(f"its gzip stream ends early (at the end of chunk {total} of {total})")
+        if self._check is not None:
+            self._check.verify()
+
+    def _checked(self, block: bytes) -> bytes:
+        if self._check is not None:
+            self._check.update(block)
+        return block
 
     def read(self, size: int = -1) -> bytes:
         while size < 0 or len(self._buffer) < size:
@@ -222,6 +240,83 @@ class VerifiedMessage:
 
     def close(self) -> None:
         self._first.close()
+
+
+class GzipStreams:
+    """Decompress a series of gzip streams (RFC 1952 members) fed in pieces that may split a stream anywhere.
+
+    ``complete`` is true only between streams, after at least one: a stream cut short, whatever its last
+    byte, is never complete; a corrupt one raises ``zlib.error`` (its CRC-32 and length are checked at its end).
+    """
+
+    def __init__(self) -> None:
+        self._inflate: Any = None  # the stream being read; None between streams
+        self._streams = 0
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._inflate is None:
+                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out.append(self._inflate.decompress(data))
+            if not self._inflate.eof:
+                break
+            data, self._inflate = self._inflate.unused_data, None
+            self._streams += 1
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._inflate is None and self._streams > 0
+
+
+_CHECKSUM_ALGORITHMS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
+_CHECKSUM_FORM = re.compile(r"^(?:(md5|sha-?1|sha-?256|sha-?512)\s*[:/-]?\s*)?([0-9a-f]+)$", re.IGNORECASE)
+
+
+@dataclass
+class ContentCheck:
+    """A message's ``mex-content-checksum`` (the sender's, of the content before MESH's own compression), checked
+    against the decoded content as it is read."""
+
+    algorithm: str
+    expected: str
+    header: str
+    digest: Any = None
+
+    def __post_init__(self) -> None:
+        self.digest = hashlib.new(self.algorithm)
+
+    def update(self, block: bytes) -> None:
+        self.digest.update(block)
+
+    def verify(self) -> None:
+        if self.digest.hexdigest() != self.expected:
+            raise UnreadableMessage(
+                f"its content does not match its mex-content-checksum ({self.algorithm} {self.expected[:12]}..., "
+                f"content {self.digest.hexdigest()[:12]}...)")
+
+
+def content_check(header: str | None) -> ContentCheck | None:
+    """The check a ``mex-content-checksum`` value asks for, or None when the sender set none.
+
+    The header is free text set by the sender (MESH only stores it; mesh-sandbox allows letters, digits, spaces and
+    ``:-/``). A hex digest, optionally named (``md5:``, ``sha256:``, ``SHA-256 ``...), is checked: the algorithm is
+    the one named, or the one whose digest has that many hex digits (32: MD5, as the MESH client's ``DataChecksum``;
+    40: SHA-1; 64: SHA-256; 128: SHA-512). Any other form cannot be checked: logged, and the message read as if it
+    had none.
+    """
+    if not header or not header.strip():
+        return None
+    found = _CHECKSUM_FORM.match(header.strip())
+    named = (found.group(1) or "").lower().replace("-", "") if found else ""
+    digits = found.group(2).lower() if found else ""
+    algorithm = named or next((name for name, size in _CHECKSUM_ALGORITHMS.items() if size == len(digits)), "")
+    if not algorithm or _CHECKSUM_ALGORITHMS[algorithm] != len(digits):
+        _LOGGER.warning("mex-content-checksum %r is not a digest this tool can check: the content is read without it",
+                        header[:100])
+        return None
+    return ContentCheck(algorithm, digits, header)
 
 
 _BODY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, zlib.error, EOFError)

@@ -136,7 +136,8 @@ def _process_locked(work_dir: WorkDir, request_id: str, fhir_url: str | None, be
     if record.get("second_replies"):
         second = record["second_replies"][-1]
         raise NdopError(f"request {request_id}: a second, different reply (MESH message {second.get('message_id')}) "
-                        "came for it; which answer is NDOP's is for a person to decide (docs/guarantees.md)")
+                        "came for it; which answer is NDOP's is for a person to decide: `ndop resolve-reply "
+                        f"--request-id {request_id} --use first|second` (docs/guarantees.md)")
     if not record.get("checked_at"):
         raise NdopError(f"request {request_id}: the record has no checked_at (when NDOP answered)")
     if swing is not None:
