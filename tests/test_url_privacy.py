@@ -119,18 +119,23 @@ TOKEN = ACCEPTED_TOKENS[4]
 FAMILY = "PagingOrigin21"
 
 
-@pytest.fixture(scope="module")
-def patients(fhir_auth_server) -> list[str]:
-    """25 Patients in the sekmet that wants a bearer token (three pages of 10)."""
-    numbers = nhs.synthetic_numbers(25, seed=2104).to_pylist()
+def _put_patients(base_url: str, family: str, seed: int, headers: dict[str, str] | None = None) -> list[str]:
+    """25 Patients of ``family`` (three pages of 10), put straight into the server at ``base_url``."""
+    numbers = nhs.synthetic_numbers(25, seed=seed).to_pylist()
     for i, number in enumerate(numbers):
         response = requests.put(
-            f"{fhir_auth_server.base_url}/Patient/origin21-{i}", timeout=30,
-            json={"resourceType": "Patient", "id": f"origin21-{i}", "name": [{"family": FAMILY}],
+            f"{base_url}/Patient/{family.lower()}-{i}", timeout=30,
+            json={"resourceType": "Patient", "id": f"{family.lower()}-{i}", "name": [{"family": family}],
                   "identifier": [{"system": nhs.NHS_NUMBER_SYSTEM, "value": number}]},
-            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"})
+            headers={"Content-Type": "application/fhir+json", **(headers or {})})
         assert response.status_code in (200, 201), response.text
     return numbers
+
+
+@pytest.fixture(scope="module")
+def patients(fhir_auth_server) -> list[str]:
+    """25 Patients in the sekmet that wants a bearer token."""
+    return _put_patients(fhir_auth_server.base_url, FAMILY, 2104, {"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_origin_is_scheme_host_and_port() -> None:
@@ -184,16 +189,8 @@ BASIC_FAMILY = "PagingOriginBasic"
 
 @pytest.fixture(scope="module")
 def basic_patients(fhir_server) -> list[str]:
-    """25 Patients in the open sekmet, reached through a FaultProxy that takes only HTTP Basic (three pages of 10)."""
-    numbers = nhs.synthetic_numbers(25, seed=2105).to_pylist()
-    for i, number in enumerate(numbers):
-        response = requests.put(
-            f"{fhir_server}/Patient/origin21b-{i}", timeout=30,
-            json={"resourceType": "Patient", "id": f"origin21b-{i}", "name": [{"family": BASIC_FAMILY}],
-                  "identifier": [{"system": nhs.NHS_NUMBER_SYSTEM, "value": number}]},
-            headers={"Content-Type": "application/fhir+json"})
-        assert response.status_code in (200, 201), response.text
-    return numbers
+    """25 Patients in the open sekmet, reached through a FaultProxy that takes only HTTP Basic."""
+    return _put_patients(fhir_server, BASIC_FAMILY, 2105)
 
 
 def test_basic_next_links_on_the_base_origin_are_followed_and_a_foreign_one_gets_no_header(
