@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.core.errors import EXIT_FAILED, EXIT_OK, EXIT_WAITING, InputError, NdopError, OneLineNdopErrors, printable
 from pipeline.core.files import check_folder
@@ -75,9 +75,41 @@ def _run_request(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fhir_url_option(p: argparse.ArgumentParser, what: str = "FHIR R4 base URL") -> None:
-    """``--fhir-url``, the same on every command that talks to (or checks against) the FHIR store."""
+def _fhir_url_option(p: argparse.ArgumentParser, what: str = "FHIR R4 base URL", *, session: bool = True) -> None:
+    """``--fhir-url``, the same on every command that talks to (or checks against) the FHIR store; ``session``: the
+    command talks to it, so also ``--fhir-username`` (HTTP Basic; its password only from a file or the
+    environment)."""
     p.add_argument("--fhir-url", default=None, help=f"{what} (default: env FHIR_URL)")
+    if session:
+        p.add_argument("--fhir-username", default=None, metavar="NAME",
+                       help="HTTP Basic user name for FHIR_AUTH=basic (default: env FHIR_USERNAME); the password "
+                            "only from FHIR_PASSWORD_FILE (0600) or FHIR_PASSWORD")
+
+
+def _fhir_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The FHIR client settings given as options of an ``ndop`` command (the environment gives the rest)."""
+    return {"username": args.fhir_username} if args.fhir_username else {}
+
+
+def _fhir_pipeline_args(args: argparse.Namespace) -> list[str]:
+    """The same, as the process pipeline's options (after the command's own: they win)."""
+    return [f"--fhir_username={args.fhir_username}"] if args.fhir_username else []
+
+
+def _check_fhir_auth(args: argparse.Namespace) -> None:
+    """The FHIR auth settings (option, pipeline option or environment), before anything is built, sent or written:
+    a basic without a user name or password source, or over plain http to another machine, is one line, exit 2.
+    Only when a FHIR URL is set (a command that never reaches the store needs none)."""
+    from pipeline.fhir.config import ENV_URL, FhirClientConfig
+
+    overrides: dict[str, Any] = {}
+    if args.extra_args:  # ndop process/run: --fhir_* options for the pipeline
+        from pipeline.beam.options import NdopOptions, fhir_overrides
+
+        overrides = fhir_overrides(NdopOptions(list(args.extra_args)))
+    overrides.update({k: v for k, v in (("base_url", args.fhir_url), *_fhir_overrides(args).items()) if v})
+    if overrides.get("base_url") or os.environ.get(ENV_URL):
+        FhirClientConfig.from_env(**overrides)
 
 
 def _stage_dir_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -294,7 +326,7 @@ def _run_process(args: argparse.Namespace) -> int:
 
     check_request_id(args.request_id)
 
-    args.extra_args = [*args.extra_args, *_ledger_args(args)]
+    args.extra_args = [*args.extra_args, *_ledger_args(args), *_fhir_pipeline_args(args)]
     if args.no_ack:
         record = process_request(WorkDir(args.work_dir), args.request_id, args.fhir_url, args.extra_args,
                                  stage_dir=args.stage_dir, swing=_swing(args))
@@ -386,8 +418,8 @@ def _run_run(args: argparse.Namespace) -> int:
                                 column=args.column, format=args.format,
                                 patient_id_column=args.patient_id_column),
         wait=args.wait, interval=args.interval, new_request=args.new_request, fhir_url=args.fhir_url,
-        beam_args=[*args.extra_args, *_ledger_args(args)], stage_dir=args.stage_dir, swing=_swing(args),
-        verify_sample=args.verify_sample,
+        beam_args=[*args.extra_args, *_ledger_args(args), *_fhir_pipeline_args(args)], stage_dir=args.stage_dir,
+        swing=_swing(args), verify_sample=args.verify_sample, fhir_env_overrides=_fhir_overrides(args),
     )
     from pipeline.ops.metrics import metrics_file
     from pipeline.privacy.purge import retention_days
@@ -487,8 +519,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     from pipeline.fhir.config import FhirClientConfig
     from pipeline.ledger.verify import verify
 
-    result = verify(WorkDir(args.work_dir), FhirClientConfig.from_env(base_url=args.fhir_url), sample=args.sample,
-                    repair=args.repair)
+    result = verify(WorkDir(args.work_dir), FhirClientConfig.from_env(base_url=args.fhir_url, **_fhir_overrides(args)),
+                    sample=args.sample, repair=args.repair)
     c = result.counts()
     print(f"verified {c['checked']} Consents: {c['mismatches']} differ from the ledger ({c['missing']} missing, "
           f"{c['status']} status, {c['dateTime']} dateTime); {c['repaired']} repaired, {c['queued']} queued for "
@@ -534,7 +566,7 @@ def _run_rekey(args: argparse.Namespace) -> int:
     from pipeline.privacy.keys import open_key, resolve_key_source
     from pipeline.privacy.rekey import rekey
 
-    config = FhirClientConfig.from_env(base_url=args.fhir_url)
+    config = FhirClientConfig.from_env(base_url=args.fhir_url, **_fhir_overrides(args))
     work_dir = WorkDir(args.work_dir)
     key, _ = open_key(resolve_key_source(None, work_dir.root, config.base_url, create=True))
     result = rekey(work_dir, config, key)
@@ -568,7 +600,7 @@ def _filter(sub: argparse._SubParsersAction) -> None:
                    help="refuse a ledger (and drop a status) last checked by NDOP longer ago (default: "
                         "NDOP_STALE_DAYS, 21)")
     p.add_argument("--ledger", default=None, metavar="DIR", help="a ledger folder (default: the work dir's)")
-    _fhir_url_option(p, "refuse a ledger of another FHIR store than this")
+    _fhir_url_option(p, "refuse a ledger of another FHIR store than this", session=False)
     p.set_defaults(handler=_run_filter, beam_args=True)
 
 
@@ -645,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.fhir.config import check_cli_url
 
             check_cli_url(args.fhir_url)
+            if hasattr(args, "fhir_username"):
+                _check_fhir_auth(args)
         if getattr(args, "precheck", None):
             args.precheck(args)  # settings read from the environment: bad input before the work dir is touched
         if getattr(args, "read_only", False):

@@ -20,11 +20,13 @@ from pipeline.fhir.config import FhirClientConfig
 from pipeline.fhir.search import iter_search, search_total
 from pipeline.fhir.sessions import open_session
 from tests.fixtures.fhir import ACCEPTED_TOKENS, SMART_CLIENT_ID, SMART_CLIENT_SECRET
+from tests.fixtures.fhir_proxy import FaultProxy
 from tests.fixtures.http_stub import Reply, StubServer, TokenEndpoint
 
 FHIR_ENV = [
     "FHIR_URL", "FHIR_AUTH", "FHIR_TOKEN", "FHIR_TOKEN_FILE", "FHIR_TOKEN_URL", "FHIR_CLIENT_ID",
     "FHIR_SCOPE", "FHIR_CLIENT_SECRET", "FHIR_CLIENT_SECRET_FILE", "GOOGLE_APPLICATION_CREDENTIALS",
+    "FHIR_USERNAME", "FHIR_PASSWORD", "FHIR_PASSWORD_FILE",
 ]
 
 
@@ -61,7 +63,7 @@ def test_config_from_env_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     "kwargs, message",
     [
         ({"base_url": ""}, "FHIR_URL"),
-        ({"base_url": "http://x/fhir", "auth": "basic"}, "unknown FHIR auth mode 'basic'"),
+        ({"base_url": "http://x/fhir", "auth": "digest"}, "unknown FHIR auth mode 'digest'"),
         ({"base_url": "http://x/fhir", "auth": "client-credentials"}, "FHIR_TOKEN_URL and FHIR_CLIENT_ID"),
     ],
 )
@@ -127,6 +129,73 @@ def test_refused_token_refreshes_once_then_fails_without_the_secret(fhir_auth_se
             session.get(f"{fhir_auth_server.base_url}/Patient")
     assert statuses == [401, 401]  # the request, then once more after the refresh
     assert "wrong-token-value" not in str(info.value)
+
+
+# --- auth: HTTP Basic (a FaultProxy that takes only Basic, in front of the real sekmet) --------------------------
+
+BASIC_USER, BASIC_PASSWORD = "ndop-sync", "Basic-Pa55-\u20ac"  # noqa: S105 (a test value; the euro sign is no latin-1)
+
+
+@pytest.mark.parametrize("kwargs, env, message", [
+    ({}, {"FHIR_PASSWORD": "x"}, "FHIR auth basic needs a user name: set FHIR_USERNAME or --fhir-username"),
+    ({"username": "a:b"}, {"FHIR_PASSWORD": "x"}, "user name cannot hold ':'"),
+    ({"username": "u"}, {}, "needs a password: set FHIR_PASSWORD_FILE .* or FHIR_PASSWORD"),
+    ({"username": "u"}, {"FHIR_PASSWORD": "  "}, "needs a password"),
+    ({"username": "u", "password_file": "/p", "base_url": "http://fhir.example.org/fhir?x=1"}, {},
+     "only over https or to this machine \\(loopback\\), not to http://fhir.example.org/fhir$"),
+    ({"username": "u", "password_file": "/p", "base_url": "http://10.0.0.7:8080/fhir"}, {}, "only over https"),
+])
+def test_basic_config_refusals_are_one_line(monkeypatch, kwargs: dict, env: dict, message: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match=message) as refused:
+        FhirClientConfig(**{"base_url": "https://fhir.example.org/fhir", "auth": "basic", **kwargs})
+    assert "\n" not in str(refused.value)
+
+
+def test_basic_config_is_accepted_over_https_or_loopback_and_holds_no_password(monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_PASSWORD", BASIC_PASSWORD)
+    for url in ("https://fhir.example.org/fhir", "http://127.0.0.1:8080/fhir", "http://localhost/fhir",
+                "http://[::1]:8080/fhir"):
+        config = FhirClientConfig.from_env(env={"FHIR_URL": url, "FHIR_AUTH": "basic", "FHIR_USERNAME": "u"})
+        assert (config.auth, config.username) == ("basic", "u")
+        assert BASIC_PASSWORD not in repr(pickle.loads(pickle.dumps(config)))
+
+
+def test_basic_password_file_must_be_private(fhir_server, tmp_path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(BASIC_PASSWORD + "\n")
+    secret.chmod(0o640)
+    config = FhirClientConfig(fhir_server, auth="basic", username=BASIC_USER, password_file=str(secret))
+    with pytest.raises(InputError, match="FHIR password file must be private \\(chmod 600\\), it is 0o640") as refused:
+        open_session(config)
+    assert BASIC_PASSWORD not in str(refused.value)
+    with pytest.raises(InputError, match="cannot read the FHIR password"):
+        open_session(FhirClientConfig(fhir_server, auth="basic", username=BASIC_USER,
+                                      password_file=str(tmp_path / "missing")))
+
+
+def test_basic_from_a_private_file_read_again_after_a_401(fhir_server, tmp_path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("old-password\n")
+    secret.chmod(0o600)
+    with FaultProxy(fhir_server, require_basic=(BASIC_USER, BASIC_PASSWORD)) as proxy:
+        config = FhirClientConfig(proxy.url, auth="basic", username=BASIC_USER, password_file=str(secret))
+        with open_session(config) as session:
+            secret.write_text(BASIC_PASSWORD + "\n")  # rotated by something else meanwhile
+            assert _patients_ok(session, proxy.url)
+        assert (proxy.refused, proxy.authorized) == (1, 1)
+
+
+def test_basic_wrong_password_refreshes_once_then_fails_without_the_secret(fhir_server, monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_PASSWORD", "wrong-password-value")
+    with FaultProxy(fhir_server, require_basic=(BASIC_USER, BASIC_PASSWORD)) as proxy, \
+            open_session(FhirClientConfig(proxy.url, auth="basic", username=BASIC_USER)) as session:
+        with pytest.raises(FhirAuthError, match="refused the 'basic' credentials.*user name 'ndop-sync'.*"
+                                                "FHIR_PASSWORD$") as info:
+            session.get(f"{proxy.url}/Patient")
+    assert (proxy.refused, proxy.authorized) == (2, 0)  # the request, then once more after the refresh
+    assert "wrong-password-value" not in str(info.value)
 
 
 # --- auth: client credentials ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pipeline.beam.graph import DEAD_LETTERS, SUMMARY, run
 from pipeline.lifecycle.state import PROCESSED, REPLIED, WorkDir
 from tests.helpers import cli, consents_for_patient, force_state
 from tests.helpers import consent_id
+from tests.fixtures.fhir_proxy import FaultProxy
 
 T1 = "2024-11-26T10:15:00Z"
 T2 = "2024-12-17T09:00:00Z"
@@ -229,3 +230,55 @@ def test_fhir_server_down_fails_fast_before_any_write(work_dir):
         "ndop process: error: FHIR server check failed: no answer from the FHIR server")
     assert work_dir.load("X26ABC1-241126-0009")["state"] == REPLIED
     assert not (work_dir.request_dir("X26ABC1-241126-0009") / SUMMARY).exists()
+
+
+# --- FHIR_AUTH=basic: a store that takes only HTTP Basic (FaultProxy require_basic in front of the real sekmet) ---
+
+BASIC_USER, BASIC_PASSWORD = "ndop-basic", "pa55-\u20ac-basic"  # noqa: S105 (a test value)
+
+
+def test_basic_auth_pipeline_writes_consents_through_a_basic_only_store(tmp_path, fhir_server):
+    numbers = _numbers(12, seed=9111)
+    _inputs(tmp_path, numbers, numbers[4:])
+    secret = tmp_path / "fhir.password"
+    secret.write_text(BASIC_PASSWORD + "\n")
+    secret.chmod(0o600)
+    with FaultProxy(fhir_server, require_basic=(BASIC_USER, BASIC_PASSWORD)) as proxy:
+        summary = _run(tmp_path, proxy.url, T1, "--fhir_auth=basic", f"--fhir_username={BASIC_USER}",
+                       f"--fhir_password_file={secret}")
+    assert summary["ok"], summary
+    assert (summary["counts"]["written"], summary["counts"]["opted_out"]) == (12, 4)
+    assert proxy.refused == 0 and proxy.authorized >= 3  # the server check, then Bundles (batches of 7)
+    for number in numbers:  # read back from the store itself, behind the proxy
+        assert [c["status"] for c in _consents_of(fhir_server, number)] == [
+            "active" if number in numbers[:4] else "inactive"], number
+
+
+def test_ndop_process_basic_with_a_wrong_password_fails_fast_in_one_line(work_dir, fhir_server):
+    _replied_request(work_dir, "X26ABC1-241126-0010", _numbers(4, seed=9112), [])
+    with FaultProxy(fhir_server, require_basic=(BASIC_USER, BASIC_PASSWORD)) as proxy:
+        done = _ndop(work_dir, "--request-id", "X26ABC1-241126-0010", "--fhir-url", proxy.url, "--no-ack",
+                     "--fhir-username", BASIC_USER, env={"FHIR_AUTH": "basic", "FHIR_PASSWORD": "wrong-pa55"})
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert errors[0].startswith("ndop process: error: the FHIR server") and "refused the 'basic' credentials (401)" \
+        in errors[0] and f"user name '{BASIC_USER}'" in errors[0]  # the CLI's --fhir-username reached the check
+    assert "wrong-pa55" not in done.stdout + done.stderr
+    assert (proxy.refused, proxy.authorized) == (2, 0)  # the server check and its one retry; no Bundle was sent
+    assert work_dir.load("X26ABC1-241126-0010")["state"] == REPLIED
+
+
+@pytest.mark.parametrize("url, env, message", [
+    ("http://fhir.example.org/fhir", {"FHIR_USERNAME": "u", "FHIR_PASSWORD": "p"},
+     "only over https or to this machine (loopback), not to http://fhir.example.org/fhir"),
+    ("https://fhir.example.org/fhir", {"FHIR_PASSWORD": "p"}, "needs a user name: set FHIR_USERNAME"),
+    ("https://fhir.example.org/fhir", {"FHIR_USERNAME": "u"}, "needs a password: set FHIR_PASSWORD_FILE"),
+])
+def test_ndop_process_refuses_a_basic_setting_in_one_line_exit_2(work_dir, url, env, message):
+    _replied_request(work_dir, "X26ABC1-241126-0011", _numbers(2, seed=9113), [])
+    done = cli("process", "--work-dir", str(work_dir.root), "--request-id", "X26ABC1-241126-0011", "--no-ack",
+               env={"FHIR_URL": url, "FHIR_AUTH": "basic", **env}, drop_fhir=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert work_dir.load("X26ABC1-241126-0011")["state"] == REPLIED
+    assert not (work_dir.request_dir("X26ABC1-241126-0011") / SUMMARY).exists()

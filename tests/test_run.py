@@ -158,3 +158,28 @@ def test_cohort_from_the_fhir_store(tmp_path, work_dir, mesh, fhir_store, fhir_s
         assert refused.status_code == 400 and "HAPI-2498" in refused.text
     else:
         assert all(len(v) == 1 for v in statuses(fhir_server, numbers[1:]).values())
+
+
+def test_ndop_run_with_basic_auth_and_the_fhir_username_option(tmp_path, work_dir, mesh, fhir_server) -> None:
+    """FHIR_AUTH=basic end to end through a store that takes only HTTP Basic (tests/fixtures/fhir_proxy.py): the
+    CLI's --fhir-username reaches the process pipeline and the read-back sample (--verify-sample)."""
+    from tests.fixtures.fhir_proxy import FaultProxy
+
+    numbers = nhs.synthetic_numbers(10, seed=9621).to_pylist()
+    cohort = tmp_path / "cohort.txt"
+    cohort.write_text("\n".join(numbers) + "\n")
+    opted = tmp_path / "opted-out.txt"
+    opted.write_text("\n".join(numbers[:3]) + "\n")
+    mesh.plugin(opted_out_file=str(opted))
+    password = tmp_path / "fhir.password"
+    password.write_text("run-Pa55-basic\n")
+    password.chmod(0o600)
+    with FaultProxy(fhir_server, require_basic=("ndop-run", "run-Pa55-basic")) as proxy:
+        env = {**mesh.env(), "FHIR_URL": proxy.url, "FHIR_AUTH": "basic", "FHIR_PASSWORD_FILE": str(password)}
+        done = ndop_run(work_dir, env, "--cohort", str(cohort), "--fhir-username", "ndop-run", "--verify-sample", "5")
+    assert done.returncode == 0, done.stderr
+    assert proxy.refused == 0 and proxy.authorized >= 3  # the server check, the writes, the read-back
+    assert statuses(fhir_server, numbers) == {n: ["active" if n in numbers[:3] else "inactive"] for n in numbers}
+    record = work_dir.all()[0]
+    assert record["state"] == ACKNOWLEDGED and record["verified"]["checked"] == 5, record
+    assert "run-Pa55-basic" not in done.stdout + done.stderr

@@ -1,5 +1,6 @@
 """Issue 21 items 3 and 4: no credential in a FHIR URL (refused, never stored in ledger.json, never printed), and a
-paging link is followed only on the FHIR base URL's origin (a bearer token never reaches another server)."""
+paging link is followed only on the FHIR base URL's origin (a bearer token, or FHIR_AUTH=basic's Authorization
+header, never reaches another server; nor does a bulk import's job status URL lead elsewhere)."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,15 @@ import requests
 
 from pipeline.ledger import versions as ledger_dirs
 from pipeline.core import nhs
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, NdopError
 from pipeline.fhir.answers import FhirError
+from pipeline.fhir.bulk_import import HapiImport
 from pipeline.fhir.config import FhirClientConfig, origin, same_base_url, without_userinfo
 from pipeline.fhir.search import iter_search
 from pipeline.fhir.sessions import open_session
 from tests.fixtures.fhir import ACCEPTED_TOKENS
 from tests.fixtures.fhir_proxy import FaultProxy, HeaderRecorder
+from tests.fixtures.http_stub import Reply, StubServer
 from tests.helpers import TEST_KEY, cli
 from tests.test_run import ndop_run
 
@@ -41,6 +44,7 @@ def test_a_fhir_url_with_userinfo_is_refused_in_one_line_exit_2(tmp_path, comman
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert PASSWORD not in result.stdout + result.stderr and "ndop:" not in lines[0].split("error:", 1)[1]
     assert "https://fhir.example.org/fhir" in lines[0] and "FHIR_AUTH" in lines[0]
+    assert "FHIR_AUTH=basic with FHIR_USERNAME and FHIR_PASSWORD_FILE" in lines[0]  # the way in for a Basic store
     assert ("--fhir-url" if where == "option" else "FHIR_URL") in lines[0]
     assert not (tmp_path / "work" / "requests").exists()  # refused before anything was built
     audit = (tmp_path / "work" / "audit.jsonl")
@@ -115,18 +119,23 @@ TOKEN = ACCEPTED_TOKENS[4]
 FAMILY = "PagingOrigin21"
 
 
-@pytest.fixture(scope="module")
-def patients(fhir_auth_server) -> list[str]:
-    """25 Patients in the sekmet that wants a bearer token (three pages of 10)."""
-    numbers = nhs.synthetic_numbers(25, seed=2104).to_pylist()
+def _put_patients(base_url: str, family: str, seed: int, headers: dict[str, str] | None = None) -> list[str]:
+    """25 Patients of ``family`` (three pages of 10), put straight into the server at ``base_url``."""
+    numbers = nhs.synthetic_numbers(25, seed=seed).to_pylist()
     for i, number in enumerate(numbers):
         response = requests.put(
-            f"{fhir_auth_server.base_url}/Patient/origin21-{i}", timeout=30,
-            json={"resourceType": "Patient", "id": f"origin21-{i}", "name": [{"family": FAMILY}],
+            f"{base_url}/Patient/{family.lower()}-{i}", timeout=30,
+            json={"resourceType": "Patient", "id": f"{family.lower()}-{i}", "name": [{"family": family}],
                   "identifier": [{"system": nhs.NHS_NUMBER_SYSTEM, "value": number}]},
-            headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {TOKEN}"})
+            headers={"Content-Type": "application/fhir+json", **(headers or {})})
         assert response.status_code in (200, 201), response.text
     return numbers
+
+
+@pytest.fixture(scope="module")
+def patients(fhir_auth_server) -> list[str]:
+    """25 Patients in the sekmet that wants a bearer token."""
+    return _put_patients(fhir_auth_server.base_url, FAMILY, 2104, {"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_origin_is_scheme_host_and_port() -> None:
@@ -174,13 +183,54 @@ def test_ndop_run_cohort_fhir_with_a_foreign_next_link_fails_in_one_line(tmp_pat
     assert not any(work_dir.all())  # no request built from a cohort read only in part
 
 
-def test_a_redirect_to_another_origin_carries_no_token(monkeypatch) -> None:
+BASIC = ("ndop-basic", "Basic-Pa55-21")
+BASIC_FAMILY = "PagingOriginBasic"
+
+
+@pytest.fixture(scope="module")
+def basic_patients(fhir_server) -> list[str]:
+    """25 Patients in the open sekmet, reached through a FaultProxy that takes only HTTP Basic."""
+    return _put_patients(fhir_server, BASIC_FAMILY, 2105)
+
+
+def test_basic_next_links_on_the_base_origin_are_followed_and_a_foreign_one_gets_no_header(
+        fhir_server, basic_patients, monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_PASSWORD", BASIC[1])
+    with FaultProxy(fhir_server, require_basic=BASIC) as proxy, HeaderRecorder() as elsewhere, \
+            open_session(FhirClientConfig(proxy.url, auth="basic", username=BASIC[0])) as session:
+        found = list(iter_search(session, proxy.url, "Patient", {"family": BASIC_FAMILY, "_count": 10}))
+        assert sorted(p["identifier"][0]["value"] for p in found) == sorted(basic_patients)
+        assert (proxy.refused, proxy.authorized) == (0, 3)
+        proxy.link_origin = elsewhere.url
+        with pytest.raises(FhirError) as stopped:
+            list(iter_search(session, proxy.url, "Patient", {"family": BASIC_FAMILY, "_count": 10}))
+    assert elsewhere.requests == []  # the Basic header (the password, base64) never went there
+    assert origin(elsewhere.url) in str(stopped.value) and BASIC[1] not in str(stopped.value)
+
+
+def test_a_bulk_import_status_url_on_another_origin_is_refused_and_gets_no_basic_header(monkeypatch) -> None:
+    """HAPI's $import answers with the job's status URL (Content-Location); one on another origin is refused before
+    it is polled, so the session's Basic header never goes there."""
+    monkeypatch.setenv("FHIR_PASSWORD", BASIC[1])
+    with HeaderRecorder() as elsewhere:
+        with StubServer(lambda i, seen: Reply(202, {}, {"Content-Location": f"{elsewhere.url}/fhir/$import-poll/1"})
+                        ) as store, \
+                open_session(FhirClientConfig(store.url, auth="basic", username=BASIC[0])) as session:
+            with pytest.raises(NdopError, match="job status URL is on http://127.0.0.1:.*not the FHIR base URL"):
+                HapiImport(session, store.url).start({"Consent": ["http://127.0.0.1:1/consent-1.ndjson"]})
+        assert [seen.headers.get("Authorization", "")[:6] for seen in store.seen] == ["Basic "]  # it went to the store
+    assert elsewhere.requests == []
+
+
+@pytest.mark.parametrize("auth", ["token", "basic"])
+def test_a_redirect_to_another_origin_carries_no_token(monkeypatch, auth: str) -> None:
     """The other way a request leaves the origin: requests drops Authorization on a cross-origin redirect (checked
-    here for our token session, whose token is a session header; this held before issue 21 too)."""
+    here for our token and Basic sessions, whose credential is a session header; this held before issue 21 too)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     monkeypatch.setenv("FHIR_TOKEN", TOKEN)
+    monkeypatch.setenv("FHIR_PASSWORD", BASIC[1])
     with HeaderRecorder() as elsewhere:
         class Redirect(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -196,10 +246,12 @@ def test_a_redirect_to_another_origin_carries_no_token(monkeypatch) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             base = f"http://127.0.0.1:{server.server_port}/fhir"
-            with open_session(FhirClientConfig(base, auth="token")) as session:
+            with open_session(FhirClientConfig(base, auth=auth, username=BASIC[0])) as session:
+                assert "Authorization" in session.headers
                 list(iter_search(session, base, "Patient"))
         finally:
             server.shutdown()
             server.server_close()
     assert [path for _m, path, _h in elsewhere.requests] == ["/fhir/Patient?page=2"]
-    assert not any("Authorization" in headers or TOKEN in str(headers) for _m, _p, headers in elsewhere.requests)
+    assert not any("Authorization" in headers or TOKEN in str(headers) or "Basic" in str(headers)
+                   for _m, _p, headers in elsewhere.requests)

@@ -26,10 +26,11 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.core.files import require_private
 
 KEY_FILE_ENV = "NDOP_ID_KEY_FILE"
 KEY_ENV = "NDOP_ID_KEY"
@@ -101,9 +102,7 @@ def read_key_file(path: str | os.PathLike[str]) -> IdKey:
     """A key file: must be private (no group or other access), like every secret file."""
     file = Path(path)
     try:
-        mode = file.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyError_(f"{file}: a Consent id key file must be private (chmod 600), it is {oct(mode & 0o777)}")
+        require_private(file, "Consent id key", KeyError_)
         return parse_key(file.read_text(encoding="ascii"), str(file))
     except OSError as err:
         raise KeyError_(f"{file}: cannot read the Consent id key ({err.strerror})") from None

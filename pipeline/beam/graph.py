@@ -41,7 +41,7 @@ from pipeline.core.faults import FAULT_ENV, fault_point
 from pipeline.core.files import write_json
 from pipeline.beam import bulk_load
 from pipeline.beam.bulk_load import BulkLoad
-from pipeline.beam.options import BulkOptions, LedgerOptions, NdopOptions
+from pipeline.beam.options import BulkOptions, LedgerOptions, NdopOptions, fhir_overrides
 from pipeline.core.clock import isoformat, utcnow
 from transforms.build_consent import BuildConsent, check_checked_at
 from transforms.consent_ids import IdKey, KeySource
@@ -78,17 +78,7 @@ def join_path(folder: str, name: str) -> str:
 
 def fhir_config(opts: NdopOptions) -> Any:
     """The writer's client settings: options where given, the environment otherwise."""
-
-    overrides = {
-        "base_url": opts.fhir_url,
-        "auth": opts.fhir_auth,
-        "token_file": opts.fhir_token_file,
-        "token_url": opts.fhir_token_url,
-        "client_id": opts.fhir_client_id,
-        "scope": opts.fhir_scope,
-        "client_secret_file": opts.fhir_client_secret_file,
-    }
-    return FhirClientConfig.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    return FhirClientConfig.from_env(**fhir_overrides(opts))
 
 
 STAGES = ("join", "consents", "write")

@@ -1,11 +1,11 @@
 """The process pipeline's options, the same on the ``ndop process`` command line and on Dataflow.
 
-Secrets never appear here: the FHIR token and client secret are read from files (or the
+Secrets never appear here: the FHIR token, client secret and Basic password are read from files (or the
 environment) by :class:`pipeline.fhir.config.FhirClientConfig`; only their paths are options.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -38,6 +38,10 @@ class NdopOptions(PipelineOptions):
         parser.add_argument("--fhir_client_id", help="OAuth2 client id")
         parser.add_argument("--fhir_scope", help="OAuth2 scope")
         parser.add_argument("--fhir_client_secret_file", help="file holding the OAuth2 client secret")
+        parser.add_argument("--fhir_username", help="HTTP Basic user name (default: env FHIR_USERNAME)")
+        parser.add_argument("--fhir_password_file",
+                            help="file (0600) holding the HTTP Basic password (default: env FHIR_PASSWORD_FILE, "
+                                 "else FHIR_PASSWORD)")
         parser.add_argument("--batch_size", type=number_option("--batch_size", BATCH), default=DEFAULT_BATCH_SIZE,
                             help="Consents per FHIR Bundle")
         parser.add_argument("--max_writers", "--max-writers", dest="max_writers",
@@ -114,6 +118,23 @@ def check_pipeline_args(args: list[str]) -> None:
     options = PipelineOptions(args)
     for view in (NdopOptions, LedgerOptions, BulkOptions):
         options.view_as(view)
+
+
+def fhir_overrides(opts: NdopOptions) -> dict[str, Any]:
+    """The :class:`~pipeline.fhir.config.FhirClientConfig` fields the ``--fhir_*`` options set (None: not given, the
+    environment's then)."""
+    values = {
+        "base_url": opts.fhir_url,
+        "auth": opts.fhir_auth,
+        "token_file": opts.fhir_token_file,
+        "token_url": opts.fhir_token_url,
+        "client_id": opts.fhir_client_id,
+        "scope": opts.fhir_scope,
+        "client_secret_file": opts.fhir_client_secret_file,
+        "username": opts.fhir_username,
+        "password_file": opts.fhir_password_file,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def id_key_option(args: Sequence[str]) -> str | None:

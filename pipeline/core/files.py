@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -85,6 +86,14 @@ def check_folder(path: str | os.PathLike[str], what: str = "folder") -> Path:
     except OSError as err:
         raise folder_error(path, err, what) from None
     return target
+
+
+def require_private(path: str | os.PathLike[str], what: str, error: type[Exception] = InputError) -> None:
+    """The one check that a secret file is private: no group or other access (0600 or stricter), else ``error``
+    (one line naming the file and its mode, never what it holds). An unreadable path raises :class:`OSError`."""
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise error(f"{path}: a {what} file must be private (chmod 600), it is {oct(mode & 0o777)}")
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:

@@ -1,10 +1,10 @@
 """Where the FHIR store is and how to authenticate: :class:`FhirClientConfig`, the ``FHIR_*`` settings, URLs
 without credentials, and the secrets read only when a session opens.
 
-Secrets (bearer token, client secret) are never fields of :class:`FhirClientConfig`: the config is pickled into
-Beam workers and may be logged, so secrets are read from the environment or a file only when a session opens
-(:func:`bearer_token`, :func:`client_secret`). Credentials never travel in a URL: a URL is stored (ledger.json),
-logged and printed.
+Secrets (bearer token, client secret, HTTP Basic password) are never fields of :class:`FhirClientConfig`: the config
+is pickled into Beam workers and may be logged, so secrets are read from the environment or a file only when a
+session opens (:func:`bearer_token`, :func:`client_secret`, :func:`basic_password`). Credentials never travel in a
+URL: a URL is stored (ledger.json), logged and printed.
 """
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.core.errors import InputError
+from pipeline.core.files import require_private
+from pipeline.core.settings import is_loopback_url
 
 AUTH_NONE = "none"
 AUTH_TOKEN = "token"
 AUTH_CLIENT_CREDENTIALS = "client-credentials"
 AUTH_GOOGLE = "google"
-AUTH_MODES = (AUTH_NONE, AUTH_TOKEN, AUTH_CLIENT_CREDENTIALS, AUTH_GOOGLE)
+AUTH_BASIC = "basic"
+AUTH_MODES = (AUTH_NONE, AUTH_TOKEN, AUTH_CLIENT_CREDENTIALS, AUTH_GOOGLE, AUTH_BASIC)
 
 ENV_URL = "FHIR_URL"
 ENV_AUTH = "FHIR_AUTH"
@@ -32,6 +35,9 @@ ENV_CLIENT_ID = "FHIR_CLIENT_ID"
 ENV_SCOPE = "FHIR_SCOPE"
 ENV_CLIENT_SECRET = "FHIR_CLIENT_SECRET"
 ENV_CLIENT_SECRET_FILE = "FHIR_CLIENT_SECRET_FILE"
+ENV_USERNAME = "FHIR_USERNAME"
+ENV_PASSWORD = "FHIR_PASSWORD"
+ENV_PASSWORD_FILE = "FHIR_PASSWORD_FILE"
 
 # Refresh a client-credentials token this many seconds before it expires (authlib's leeway).
 TOKEN_LEEWAY = 60
@@ -49,6 +55,8 @@ class FhirClientConfig:
     client_id: str | None = None
     scope: str | None = None
     client_secret_file: str | None = None
+    username: str | None = None  # HTTP Basic; its password is read only when a session opens (basic_password)
+    password_file: str | None = None
     timeout: float = 60.0  # seconds, for connect and for each read
     max_retries: int = 5  # for a 429 / 5xx answer
     backoff: float = 0.5  # backoff_seconds' factor: about 0.5, 1, 2, 4 ... seconds between retries
@@ -70,6 +78,8 @@ class FhirClientConfig:
             ]
             if missing:
                 raise InputError(f"FHIR auth client-credentials needs {' and '.join(missing)}")
+        if self.auth == AUTH_BASIC:
+            check_basic(self)
         if self.timeout <= 0 or self.max_retries < 0 or self.connect_retries < 0 or self.backoff < 0:
             raise InputError("FHIR timeout must be > 0, retries and backoff >= 0")
 
@@ -90,6 +100,8 @@ class FhirClientConfig:
             "client_id": env.get(ENV_CLIENT_ID) or None,
             "scope": env.get(ENV_SCOPE) or None,
             "client_secret_file": env.get(ENV_CLIENT_SECRET_FILE) or None,
+            "username": env.get(ENV_USERNAME) or None,
+            "password_file": env.get(ENV_PASSWORD_FILE) or None,
         }
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - known
@@ -120,7 +132,22 @@ def refuse_userinfo(url: str | None, source: str, what: str = "FHIR URL") -> Non
             f"{source}: the {what} {without_userinfo(url)} holds a user name or password (user:password@); "
             f"credentials never go in a URL (it is stored and logged): remove them and set {ENV_AUTH}=token with "
             f"{ENV_TOKEN_FILE} (or {ENV_TOKEN}), or {ENV_AUTH}={AUTH_CLIENT_CREDENTIALS} with {ENV_TOKEN_URL}, "
-            f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}")
+            f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET_FILE}, or {ENV_AUTH}={AUTH_BASIC} with {ENV_USERNAME} and "
+            f"{ENV_PASSWORD_FILE}")
+
+
+def check_basic(config: FhirClientConfig) -> None:
+    """HTTP Basic's settings: a user name (no ``:``, which would end it), a password source, and a URL where the
+    password, sent with every request, cannot be read on the way (https, or this machine). One line, exit 2."""
+    if not config.username:
+        raise InputError(f"FHIR auth basic needs a user name: set {ENV_USERNAME} or --fhir-username")
+    if ":" in config.username:
+        raise InputError(f"{ENV_USERNAME}: an HTTP Basic user name cannot hold ':'")
+    if not config.password_file and not os.environ.get(ENV_PASSWORD, "").strip():
+        raise InputError(f"FHIR auth basic needs a password: set {ENV_PASSWORD_FILE} (a 0600 file) or {ENV_PASSWORD}")
+    if urlsplit(config.base_url).scheme.lower() != "https" and not is_loopback_url(config.base_url):
+        raise InputError(f"FHIR auth basic sends the password with every request, so only over https or to this "
+                         f"machine (loopback), not to {url_without_query(config.base_url)}")
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -160,10 +187,13 @@ def url_for_log(url: str | None) -> str:
     return urlsplit(url or "").path or "?"
 
 
-def read_secret(file_name: str | None, env_name: str, what: str, file_option: str) -> str:
-    """First line of ``file_name`` when given, else ``$env_name``; the error names where, never what."""
+def read_secret(file_name: str | None, env_name: str, what: str, file_option: str, *, private: bool = False) -> str:
+    """First line of ``file_name`` when given, else ``$env_name``; the error names where, never what. ``private``:
+    the file must be 0600 or stricter (:func:`~pipeline.core.files.require_private`)."""
     if file_name:
         try:
+            if private:
+                require_private(file_name, what)
             value = Path(file_name).read_text().strip().splitlines()
         except OSError as exc:
             raise InputError(f"{file_name}: cannot read the {what}: {exc.strerror}") from None
@@ -182,3 +212,7 @@ def bearer_token(config: FhirClientConfig) -> str:
 
 def client_secret(config: FhirClientConfig) -> str:
     return read_secret(config.client_secret_file, ENV_CLIENT_SECRET, "OAuth2 client secret", ENV_CLIENT_SECRET_FILE)
+
+
+def basic_password(config: FhirClientConfig) -> str:
+    return read_secret(config.password_file, ENV_PASSWORD, "FHIR password", ENV_PASSWORD_FILE, private=True)

@@ -1,12 +1,13 @@
 """An authenticated FHIR session: default timeout, FHIR JSON, the retrying adapter, and the auth modes (none, a
-bearer token, OAuth2 client credentials, Google application default credentials).
+bearer token, OAuth2 client credentials, Google application default credentials, HTTP Basic).
 
-A 401 refreshes the credentials once (token re-read, new client-credentials token, or Google refresh) and repeats
-the request; a second 401 raises :class:`~pipeline.fhir.answers.FhirAuthError`, whose text names the auth mode
-and never the secret.
+A 401 refreshes the credentials once (token or password re-read, new client-credentials token, or Google refresh)
+and repeats the request; a second 401 raises :class:`~pipeline.fhir.answers.FhirAuthError`, whose text names the
+auth mode and never the secret.
 """
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -15,16 +16,19 @@ from requests.adapters import HTTPAdapter
 
 from pipeline.fhir.answers import FHIR_JSON, FhirAuthError
 from pipeline.fhir.config import (
+    AUTH_BASIC,
     AUTH_CLIENT_CREDENTIALS,
     AUTH_GOOGLE,
     AUTH_NONE,
     AUTH_TOKEN,
     ENV_AUTH,
     ENV_CLIENT_SECRET,
+    ENV_PASSWORD,
     ENV_TOKEN,
     GOOGLE_SCOPE,
     TOKEN_LEEWAY,
     FhirClientConfig,
+    basic_password,
     bearer_token,
     client_secret,
     url_for_log,
@@ -79,6 +83,8 @@ def _auth_hint(config: FhirClientConfig) -> str:
     if config.auth == AUTH_CLIENT_CREDENTIALS:
         secret = config.client_secret_file or ENV_CLIENT_SECRET
         return f"check the client id, scope and secret ({secret}) at {config.token_url}"
+    if config.auth == AUTH_BASIC:
+        return f"check the user name {config.username!r} and the password in {config.password_file or ENV_PASSWORD}"
     return "check the application default credentials and their IAM role on the FHIR store"
 
 
@@ -90,6 +96,15 @@ class _TokenSession(_FhirSessionMixin, requests.Session):
     def _refresh_credentials(self) -> None:
         # Token files are often rotated by something else (a sidecar, a cron): read it again.
         self.headers["Authorization"] = f"Bearer {bearer_token(self._config)}"
+
+
+class _BasicSession(_FhirSessionMixin, requests.Session):
+    def _refresh_credentials(self) -> None:
+        # A session header, like the token: requests drops it on a redirect to another host, and paging links and
+        # a bulk import's status URL are followed only on the base URL's origin. The password file is read again
+        # (rotated meanwhile). UTF-8, as RFC 7617 asks (requests' own HTTPBasicAuth encodes latin-1).
+        pair = f"{self._config.username}:{basic_password(self._config)}".encode()
+        self.headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
 
 
 def _client_credentials_session(config: FhirClientConfig) -> requests.Session:
@@ -162,8 +177,8 @@ def open_session(config: FhirClientConfig) -> requests.Session:
         return _client_credentials_session(config)
     if config.auth == AUTH_GOOGLE:
         return _google_session(config)
-    if config.auth == AUTH_TOKEN:
-        session = _TokenSession()
+    if config.auth in (AUTH_TOKEN, AUTH_BASIC):
+        session = _TokenSession() if config.auth == AUTH_TOKEN else _BasicSession()
         session._setup_fhir(config)
         session._refresh_credentials()
         return session
