@@ -8,7 +8,7 @@ A 4-slot local Flink session cluster (dev/flink.py) and, per job, a fresh local 
 job writes into an empty store) behind the counting proxy of tests/fixtures/fhir_proxy.py; each job is
 ``python -m pipeline.beam.graph`` (a first load: every Consent created) run by ``.venv-flink`` from this
 checkout and, with ``--baseline``, from that checkout (e.g. main before a change), on fresh numbers each time.
-Jobs: this checkout at each ``--parallelism``; then, for each ``--max-writers N``, this checkout at the
+Jobs: each checkout at each ``--parallelism``; then, for each ``--max-writers N``, each checkout at the
 largest parallelism with ``--max_writers=N`` (``--max-writers`` with no number: none).
 
 Per job: wall time, Consents/s, the most Bundle POSTs in flight at once and their mean over the writes (the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ import requests
 
 from bench.generate import bench_key
 from dev.fhir_server import FhirServer
+from dev.service import exit_on_termination
 from dev.flink import FLINK_PYTHON, FOUR_SLOTS, FlinkCluster, flink_args
 from pipeline.request import datfile
 from pipeline.core import nhs
@@ -47,6 +49,12 @@ from tests.fixtures.fhir_proxy import FaultProxy
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_EVERY = 60.0  # seconds between progress lines on stderr
 SAMPLE_EVERY = 2.0  # seconds between memory samples
+# At 300k the 4-slot TaskManager of dev/flink.py died 10-40 s into the writes (a Task's Error went unreported: "FATAL -
+# exception in resource cleanup", IllegalStateException in Task.notifyFinalState), twice out of three starts; its direct
+# memory is only the network buffers plus 128m of framework off-heap, which Beam's gRPC data plane shares. Task
+# off-heap memory of its own (and a little more heap), as a deployment would give a Beam job:
+BENCH_TASKMANAGER = {**FOUR_SLOTS, "taskmanager.memory.process.size": "3328m",
+                     "taskmanager.memory.task.off-heap.size": "512m"}
 
 
 def inputs(folder: Path, patients: int, seed: int) -> None:
@@ -148,7 +156,11 @@ def job(cluster: FlinkCluster, code: Path, parallelism: int, folder: Path, fhir_
                 process.wait()
     seconds = time.perf_counter() - started
     if process.returncode:
-        raise SystemExit(f"{code} at parallelism {parallelism} failed: {(folder / 'job.log').read_text()[-1500:]}")
+        kept = Path(tempfile.gettempdir()) / f"bench-spread-failed-p{parallelism}.log"
+        kept.write_text((folder / "job.log").read_text())
+        shutil.copytree(cluster.folder / "log", kept.with_suffix(".flink"), dirs_exist_ok=True)
+        raise SystemExit(f"{code} at parallelism {parallelism} failed (its log: {kept}, Flink's in {kept.stem}.flink): "
+                         f"{(folder / 'job.log').read_text()[-1500:]}")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["ok"] and summary["counts"]["written"] == args.patients, summary["counts"]
     return seconds, peaks
@@ -206,16 +218,17 @@ def main() -> None:
     parser.add_argument("--timeline", type=Path, default=None, help="JSON file for every job's Bundle POST times")
     parser.add_argument("--plot", type=Path, default=None, help="SVG/PNG of Bundles in flight over time")
     args = parser.parse_args()
+    exit_on_termination()  # SIGTERM/SIGHUP: the with blocks stop Flink and sekmet
     bench_key()  # the Consent id key every job reads (NDOP_ID_KEY, made fresh unless set)
     codes = {"this": REPO_ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     runs: list[tuple[str, int, list[str]]] = [(name, p, []) for p in args.parallelism for name in codes]
-    runs += [("this", max(args.parallelism), [f"--max_writers={n}"]) for n in args.max_writers]
+    runs += [(name, max(args.parallelism), [f"--max_writers={n}"]) for n in args.max_writers for name in codes]
     rows = []
     title = (f"{args.patients:,} Consents, Flink 1.19 local (4 slots, LOOPBACK), sekmet; "
              f"--batch_size {args.batch_size}, hold {args.hold} s")
     timeline: dict[str, Any] = {"title": title, "jobs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-spread-") as tmp, \
-            FlinkCluster(Path(tmp) / "flink", slots=4, config=FOUR_SLOTS) as cluster:
+            FlinkCluster(Path(tmp) / "flink", slots=4, config=BENCH_TASKMANAGER) as cluster:
         for seed, (name, parallelism, extra) in enumerate(runs, start=7100):
             folder = Path(tmp) / f"{name}-{parallelism}-{len(extra)}"
             inputs(folder, args.patients, seed)
