@@ -31,7 +31,7 @@ from tests.test_runners import _store
 from transforms import ledger_join as ledger
 from transforms import shards
 from transforms.join import MANIFEST, REPLY
-from transforms.write_consents import writer_slot
+from transforms.write_consents import SpreadWrites, writer_slot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOLD = 0.3  # seconds the proxy holds each Bundle POST, so bundles posted in parallel overlap there
@@ -64,6 +64,18 @@ def test_writer_slot_is_stable_and_in_range():
     slots = [writer_slot(chunk, 3)[0] for chunk in chunks]
     assert set(slots) == {0, 1, 2}
     assert slots == [writer_slot(chunk, 3)[0] for chunk in chunks]
+
+
+def test_writer_slots_reach_the_runner_as_varints():
+    """The slot key is grouped in a standard coder the runner reads (``beam:coder:varint:v1``), not as opaque pickled
+    bytes: the runner hashes the key's encoding to place each slot on a worker (bench/bench_spread.py measures it)."""
+    p = beam.Pipeline()
+    _ = p | beam.Create([("active", np.arange(3, dtype=np.int64))]) | SpreadWrites(max_writers=2)
+    components = p.to_runner_api().components
+    grouping = next(t for t in components.transforms.values() if t.unique_name.endswith("GroupByWriterSlot"))
+    kv = components.coders[components.pcollections[next(iter(grouping.inputs.values()))].coder_id]
+    assert kv.spec.urn == "beam:coder:kv:v1"
+    assert components.coders[kv.component_coder_ids[0]].spec.urn == "beam:coder:varint:v1"
 
 
 @pytest.mark.parametrize("value", ["-1", "2.5", "nan", "10001"])

@@ -293,6 +293,10 @@ class SpreadWrites(beam.PTransform):
     number) and grouped by slot, so at most N work items, each posting its slot's chunks one bundle at a time,
     are in flight to the store whatever the runner's parallelism (a FHIR store's write quota).
     (A plain ``GroupByKey``: Prism 2.77 lost and re-posted Consents behind ``GroupIntoBatches`` here.)
+    Where the slots run is the runner's choice, by a hash of the key's encoding: two slots on one worker are posted
+    one after the other, so fewer than N may write at once. The slot key is declared ``int`` (a varint the runner
+    reads, not pickled bytes); on Flink 1.19 that put N=2 and N=3 slots at parallelism 4 on distinct workers, where
+    the pickled key put them on one (docs/distributed.md). A placement, not a promise: N stays an upper bound only.
     """
 
     def __init__(self, max_writers: int = 0) -> None:
@@ -306,7 +310,7 @@ class SpreadWrites(beam.PTransform):
             return chunks | "Redistribute" >> beam.Reshuffle()
         return (
             chunks
-            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers)
+            | "KeyByWriterSlot" >> beam.Map(writer_slot, self._max_writers).with_output_types(tuple[int, Any])
             | "GroupByWriterSlot" >> beam.GroupByKey()
             | "SlotChunks" >> beam.FlatMap(_slot_chunks)
         )
