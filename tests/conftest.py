@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,6 +23,16 @@ os.environ[KEY_FILE_ENV] = str(_KEY_DIR / "id.key")
 
 pytest_plugins = ["tests.fixtures.fhir", "tests.fixtures.hapi", "tests.fixtures.mesh", "tests.fixtures.memfs",
                   "tests.fixtures.flink"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prism_at_the_end() -> Iterator[None]:
+    """Whichever test module started Beam's shared Prism job server, stop it while pytest still captures its log
+    (tests/test_runners.stop_prism_job_server): otherwise Beam stops it at exit, after pytest's summary."""
+    yield
+    from tests.test_runners import stop_prism_job_server
+
+    stop_prism_job_server()
 
 
 @pytest.fixture
