@@ -346,13 +346,14 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     opts = options.view_as(NdopOptions)
     check_inputs(opts)
 
-    check_server(fhir_config(opts))
+    config = fhir_config(opts)  # where Consents go, from the options and the environment, once
+    check_server(config)
     key, source = id_key(opts)
     lopts = options.view_as(LedgerOptions)
-    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, fhir_config(opts).base_url, key.fingerprint,
+    lopts.ledger_in = ledger_dirs.check_ledger(lopts.ledger_in, config.base_url, key.fingerprint,
                                                lopts.full_refresh)
     bulk = bulk_load.plan(opts, options.view_as(BulkOptions), first_load=not lopts.ledger_in or lopts.full_refresh,
-                          fhir_url=fhir_config(opts).base_url)
+                          fhir_url=config.base_url)
     runner = options.view_as(StandardOptions).runner
     local = _is_local(opts.output_dir) and runner in _LOCAL_RUNNERS
     if _is_local(opts.output_dir):
@@ -390,7 +391,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     found = counters(result)
     loaded = None
     if bulk is not None and found is not None and not found.get(Counter.INTEGRITY_ERRORS):
-        loaded = bulk_load.import_staged(bulk, fhir_config(opts), found)  # the written counts: the store's report
+        loaded = bulk_load.import_staged(bulk, config, found)  # the written counts: the store's report
     elif bulk is not None:  # nothing may be imported: the files go
         bulk_load.discard(bulk)
     reasons = file_level_reasons(dead_letters) if found and found.get("integrity_errors") else []
@@ -401,7 +402,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             summary["problems"].insert(0, loaded["problem"])
             summary["ok"] = False
     if summary["ok"] and lopts.ledger_out:  # a ledger is described (valid) only once every Consent is stored
-        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url, key.fingerprint)
+        ledger_dirs.finish(lopts.ledger_out, summary, config.base_url, key.fingerprint)
     elif lopts.ledger_out and only_refused_entries(summary) and (refused := refused_by_the_store(dead_letters)):
         # Every Consent is stored but those the store itself refused, entry by entry, with its reason (a 4xx in its
         # batch-response): the ledger forgets just those patients (the retry set: the next run writes them again)
@@ -410,7 +411,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         summary["retry"] = {"patients": len(refused),
                             "ledger_rows_dropped": ledger_dirs.drop_patients(lopts.ledger_out, refused)}
         summary["counts"]["ledger_rows"] -= summary["retry"]["ledger_rows_dropped"]
-        ledger_dirs.finish(lopts.ledger_out, summary, fhir_config(opts).base_url, key.fingerprint)
+        ledger_dirs.finish(lopts.ledger_out, summary, config.base_url, key.fingerprint)
     summary["summary"] = write_summary(opts.output_dir, summary)
     c = summary["counts"]
     _LOGGER.info(

@@ -39,7 +39,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.core.errors import NdopError
-from pipeline.fhir.answers import FHIR_JSON, outcome_text
+from pipeline.fhir.answers import FHIR_JSON, response_reason
 from pipeline.fhir.config import origin
 
 _LOGGER = logging.getLogger(__name__)
@@ -209,8 +209,7 @@ class HapiImport:
                                       headers={"Content-Type": FHIR_JSON, "Prefer": "respond-async"})
         location = response.headers.get("Content-Location")
         if response.status_code != 202 or not location:
-            raise NdopError(f"$import not accepted: HTTP {response.status_code} "
-                            f"{outcome_text(_json(response)) or response.text[:200]}")
+            raise NdopError(f"$import not accepted ({response.status_code}): {response_reason(response)}")
         location = urljoin(self._base + "/", location)
         if origin(location) != origin(self._base):  # our credentials go only to the store's own origin
             raise NdopError(f"$import: the store's job status URL is on {origin(location)}, not the FHIR base "
@@ -226,18 +225,20 @@ class HapiImport:
             if response.status_code == 200:
                 return hapi_import_complete(response.text, expected)
             if response.status_code != 202:
-                return ImportResult({}, f"the import job failed: HTTP {response.status_code} "
-                                        f"{outcome_text(_json(response)) or response.text[:300]}", response.text)
+                return ImportResult({}, f"the import job failed ({response.status_code}): {response_reason(response)}",
+                                    response.text[:2000])
             if time.monotonic() > deadline:
                 return ImportResult({}, f"the import job did not end within {self._timeout:.0f} s", "")
             time.sleep(self._poll)
 
 
-def _json(response: requests.Response) -> Any:
+def _json(response: requests.Response) -> dict[str, Any] | None:
+    """The answer's JSON object, or None (not JSON, or JSON but not an object)."""
     try:
-        return response.json()
+        body = response.json()
     except ValueError:
         return None
+    return body if isinstance(body, dict) else None
 
 
 GOOGLE_API_ROOT = "https://healthcare.googleapis.com/v1"
